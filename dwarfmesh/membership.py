@@ -1,0 +1,104 @@
+"""Who is in the mesh, and who leads which session: pure state, no I/O, no clock of its own.
+
+`Membership` is a small reducer: the transport feeds it events (a Hello arrived, a
+heartbeat arrived, time passed) with an explicit `now`, and asks who is alive. The
+election is a pure function of (session id, live members): rendezvous hashing, so every
+node that sees the same membership computes the same leader without talking to anyone,
+and sessions spread evenly over the mesh.
+
+Same-vocabulary sessions fuse token ids, so only members whose tokenizer fingerprint
+matches can join one; `fusion_group` picks that group and says why others are left out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import dataclass, field, replace
+
+from dwarfmesh.config import HEARTBEAT_INTERVAL_S, LIVENESS
+
+
+@dataclass(frozen=True)
+class Member:
+    node_id: str
+    name: str
+    model: str
+    fingerprint: str
+    vocab_size: int
+    address: str
+    weight: float = 1.0
+    leading: tuple[str, ...] = ()
+    last_seen: float = 0.0
+
+
+@dataclass
+class Membership:
+    """The live peers as seen by one node (itself included, never expired)."""
+
+    me: Member
+    peers: dict[str, Member] = field(default_factory=dict)
+    liveness_s: float = HEARTBEAT_INTERVAL_S * LIVENESS
+
+    def peer_up(self, member: Member, now: float) -> bool:
+        """Record a (re)introduced peer; True if it is new."""
+        new = member.node_id not in self.peers
+        self.peers[member.node_id] = replace(member, last_seen=now)
+        return new
+
+    def heard_from(self, node_id: str, now: float, leading: list[str] | None = None) -> None:
+        m = self.peers.get(node_id)
+        if m is not None:
+            lead = tuple(leading) if leading is not None else m.leading
+            self.peers[node_id] = replace(m, last_seen=now, leading=lead)
+
+    def peer_down(self, node_id: str) -> Member | None:
+        return self.peers.pop(node_id, None)
+
+    def expire(self, now: float) -> list[Member]:
+        """Drop peers silent for longer than the liveness window; return them."""
+        dead = [m for m in self.peers.values() if now - m.last_seen > self.liveness_s]
+        for m in dead:
+            del self.peers[m.node_id]
+        return dead
+
+    def alive(self) -> list[Member]:
+        """Every live member, this node included, in node-id order."""
+        return sorted([self.me, *self.peers.values()], key=lambda m: m.node_id)
+
+
+def rendezvous_score(session: str, node_id: str) -> int:
+    digest = hashlib.blake2b(f"{session}\x00{node_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+def rank_for_session(session: str, members: list[Member]) -> list[Member]:
+    """Members in leadership order for `session`: the first leads, the next takes over."""
+    return sorted(members, key=lambda m: (rendezvous_score(session, m.node_id), m.node_id),
+                  reverse=True)
+
+
+def elect_leader(session: str, members: list[Member]) -> Member:
+    if not members:
+        raise ValueError("no members to elect a leader from")
+    return rank_for_session(session, members)[0]
+
+
+def fusion_group(members: list[Member]) -> tuple[list[Member], list[tuple[Member, str]]]:
+    """The largest set of members sharing one tokenizer, and the others with the reason.
+
+    Ties between equally large groups go to the smallest fingerprint, so every node
+    picks the same group.
+    """
+    if not members:
+        return [], []
+    counts = Counter(m.fingerprint for m in members)
+    best = min(counts, key=lambda fp: (-counts[fp], fp))
+    group = [m for m in members if m.fingerprint == best]
+    ref = group[0]
+    left_out = [
+        (m, f"{m.name} ({m.model}) has a different tokenizer than {ref.model} "
+            f"(fingerprint {m.fingerprint[:8]} vs {best[:8]}); id-level fusion needs one vocabulary")
+        for m in members if m.fingerprint != best
+    ]
+    return group, left_out

@@ -1,0 +1,220 @@
+"""ZeroMQ transport: one ROUTER a node binds, one DEALER per peer it talks to.
+
+The rule that keeps this simple: a node-to-node message always travels on the sender's
+DEALER to the receiver's ROUTER. The ROUTER's only replies go to the socket a message came
+in on: answering a Hello (or refusing it) and answering clients (`peers`, `generate`,
+`chat`), which connect a DEALER and never bind.
+
+Everything that arrives is decoded and validated by `protocol.decode` on the way in; a
+malformed message is dropped, counted by reason, logged (rate-limited) and never reaches
+the node. Sends never block the event loop: DEALERs use ZMQ_IMMEDIATE and non-blocking
+sends, so a message to a peer that is not connected is dropped and counted, not queued
+forever. Byte counters are kept at this layer, where "bytes on the wire" is honest.
+
+The transport knows nothing about sessions, election or models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+import zmq
+import zmq.asyncio
+
+from dwarfmesh import protocol
+from dwarfmesh.config import MAX_MESSAGE_BYTES, RECONNECT_IVL_MAX_MS, RECONNECT_IVL_MS
+
+log = logging.getLogger(__name__)
+
+SNDHWM = 10_000                 # messages queued per connected peer before sends drop
+DROP_LOG_INTERVAL_S = 5.0       # at most one log line per drop reason per interval
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where an incoming message came from."""
+
+    via: str                    # "router" (a peer's DEALER or a client) or "dealer" (a reply)
+    identity: bytes | None      # ROUTER routing id, to answer on the same connection
+    peer_ip: str                # source IP as libzmq saw it ("" if unknown)
+    address: str | None         # for "dealer": the peer address this DEALER is connected to
+    size: int                   # bytes of the whole message
+
+
+Handler = Callable[[Any, Origin], Awaitable[None] | None]
+
+
+def _apply_common(sock: zmq.Socket) -> None:
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+    sock.setsockopt(zmq.SNDHWM, SNDHWM)
+    sock.setsockopt(zmq.RCVHWM, SNDHWM)
+
+
+class Transport:
+    def __init__(self, *, host: str, port: int, handler: Handler,
+                 ctx: zmq.asyncio.Context | None = None) -> None:
+        self.host = host
+        self.port = port
+        self._handler = handler
+        self._ctx = ctx or zmq.asyncio.Context.instance()
+        self._router: zmq.asyncio.Socket | None = None
+        self._dealers: dict[str, zmq.asyncio.Socket] = {}
+        # Synchronous shadows of the same sockets: a non-blocking send must raise zmq.Again
+        # here and now, not inside a future nobody awaits.
+        self._sync: dict[int, zmq.Socket] = {}
+        self._tasks: dict[str, asyncio.Task] = {}
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.messages_received = 0
+        self.dropped: Counter[str] = Counter()      # inbound messages rejected, by reason
+        self.send_failures = 0
+        self._last_drop_log: dict[str, float] = {}
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> int:
+        """Bind the ROUTER (port 0 picks a free one); return the bound port."""
+        router = self._ctx.socket(zmq.ROUTER)
+        _apply_common(router)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        bind_host = "*" if self.host in ("", "0.0.0.0") else self.host
+        if self.port:
+            router.bind(f"tcp://{bind_host}:{self.port}")
+        else:
+            self.port = router.bind_to_random_port(f"tcp://{bind_host}")
+        self._router = router
+        self._tasks["router"] = asyncio.create_task(self._recv_loop(router, None), name="router")
+        return self.port
+
+    async def close(self) -> None:
+        for task in self._tasks.values():
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        self._tasks.clear()
+        for sock in self._dealers.values():
+            sock.close(linger=0)
+        self._dealers.clear()
+        self._sync.clear()
+        if self._router is not None:
+            self._router.close(linger=0)
+            self._router = None
+
+    # --- peers --------------------------------------------------------------------------
+
+    def connect(self, address: str) -> None:
+        """Open (once) a DEALER to a peer's ROUTER at host:port."""
+        if address in self._dealers:
+            return
+        sock = self._ctx.socket(zmq.DEALER)
+        _apply_common(sock)
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
+        sock.connect(f"tcp://{address}")
+        self._dealers[address] = sock
+        self._tasks[f"dealer:{address}"] = asyncio.create_task(
+            self._recv_loop(sock, address), name=f"dealer:{address}")
+
+    def disconnect(self, address: str) -> None:
+        sock = self._dealers.pop(address, None)
+        task = self._tasks.pop(f"dealer:{address}", None)
+        if task is not None:
+            task.cancel()
+        if sock is not None:
+            self._sync.pop(id(sock), None)
+            sock.close(linger=0)
+
+    def connected(self, address: str) -> bool:
+        return address in self._dealers
+
+    def send(self, address: str, msg: Any) -> int:
+        """Send on the DEALER to `address`; return bytes sent (0 if dropped)."""
+        sock = self._dealers.get(address)
+        if sock is None:
+            self.send_failures += 1
+            return 0
+        return self._send(sock, protocol.encode(msg), address)
+
+    def reply(self, identity: bytes, msg: Any) -> int:
+        """Answer on the ROUTER, to the connection that `identity` names."""
+        if self._router is None:
+            return 0
+        return self._send(self._router, [identity, *protocol.encode(msg)], "router")
+
+    def _send(self, sock: zmq.asyncio.Socket, parts: list[bytes], where: str) -> int:
+        sync = self._sync.get(id(sock))
+        if sync is None:
+            sync = self._sync[id(sock)] = zmq.Socket.shadow(sock.underlying)
+        try:
+            sync.send_multipart(parts, flags=zmq.NOBLOCK, copy=True)
+        except zmq.ZMQError:
+            # zmq.Again: peer not connected (ZMQ_IMMEDIATE) or its queue is full;
+            # EHOSTUNREACH: a client that went away. Either way the message is not sent.
+            self.send_failures += 1
+            return 0
+        size = sum(len(p) for p in parts)
+        self.bytes_sent += size
+        return size
+
+    # --- receiving ----------------------------------------------------------------------
+
+    async def _recv_loop(self, sock: zmq.asyncio.Socket, address: str | None) -> None:
+        is_router = address is None
+        while True:
+            try:
+                frames = await sock.recv_multipart(copy=False)
+            except asyncio.CancelledError:
+                raise
+            except zmq.ZMQError as exc:
+                if exc.errno in (zmq.ENOTSOCK, zmq.ETERM):
+                    return
+                self._drop(f"recv: {exc.strerror}", address or "router")
+                continue
+            size = sum(len(f) for f in frames)
+            self.bytes_received += size
+            identity = frames[0].bytes if is_router else None
+            body = frames[1:] if is_router else frames
+            if not body:
+                self._drop("empty message", address or "router")
+                continue
+            try:
+                peer_ip = body[0].get("Peer-Address") or ""
+            except (zmq.ZMQError, AttributeError):
+                peer_ip = ""
+            try:
+                msg = protocol.decode([f.buffer for f in body])
+            except protocol.ProtocolError as exc:
+                self._drop(f"malformed: {str(exc)[:60]}", peer_ip or address or "?")
+                continue
+            self.messages_received += 1
+            origin = Origin("router" if is_router else "dealer", identity, peer_ip, address, size)
+            try:
+                result = self._handler(msg, origin)
+                if asyncio.iscoroutine(result):
+                    await result
+            except Exception:  # noqa: BLE001 - a handler bug must not kill the receive loop
+                log.exception("handler failed on %s from %s", type(msg).__name__, peer_ip)
+                self.dropped["handler error"] += 1
+
+    def _drop(self, reason: str, where: str) -> None:
+        self.dropped[reason.split(":")[0] if reason.startswith("malformed") else reason] += 1
+        now = time.monotonic()
+        if now - self._last_drop_log.get(reason, 0.0) > DROP_LOG_INTERVAL_S:
+            self._last_drop_log[reason] = now
+            log.warning("dropped a message (%s) [%s]; %d dropped so far",
+                        reason, where, sum(self.dropped.values()))
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "messages_received": self.messages_received,
+            "dropped": dict(self.dropped),
+            "send_failures": self.send_failures,
+        }
