@@ -191,10 +191,9 @@ class Engine:
             messages = [{"role": "user", "content": text}]
             out = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
             return list(out["input_ids"] if isinstance(out, dict) else out)
-        ids = tok.encode(text, add_special_tokens=False)
-        bos = getattr(tok, "bos_token_id", None)
-        if bos is not None and getattr(tok, "add_bos_token", False):
-            ids = [bos, *ids]
+        # Exactly as mlx-lm's stream_generate does, so a one-model mesh matches mlx-lm.
+        bos = getattr(tok, "bos_token", None)
+        ids = tok.encode(text, add_special_tokens=bos is None or not text.startswith(bos))
         return list(ids)
 
     def detokenizer(self) -> Any:

@@ -131,7 +131,8 @@ class Node:
     def _hello(self) -> P.Hello:
         me = self.me
         return P.Hello(me.node_id, me.name, me.model, me.fingerprint, me.vocab_size,
-                       PROTOCOL_VERSION, me.address, me.weight, sorted(self._leading))
+                       PROTOCOL_VERSION, me.address, me.weight, sorted(self._leading),
+                       sorted(m.address for m in self.membership.peers.values()))
 
     def _dial(self, address: str) -> None:
         self.transport.connect(address)
@@ -187,6 +188,11 @@ class Node:
             log.info("peer %s joined: %s at %s", hello.name, hello.model, address)
             if origin.identity is not None:
                 self.transport.reply(origin.identity, self._hello())
+        # Gossip: a peer's peers are dialed too, so `--peer` on one node builds a full mesh.
+        for addr in hello.peers:
+            if addr.rpartition(":")[0] and addr not in self._targets and addr != self.me.address:
+                self._targets[addr] = "learned"
+                self._dial(addr)
         old = self._addr_of.get(hello.node_id)
         if old is None or not self.transport.connected(old):
             self._addr_of[hello.node_id] = address

@@ -95,6 +95,7 @@ class Hello:
     address: str               # host:port of this node's ROUTER (":port" = use my source IP)
     weight: float              # static weight (--weight)
     leading: list[str]         # sessions this node leads right now
+    peers: list[str]           # addresses of the peers this node sees alive (gossip)
 
 
 @dataclass(frozen=True)

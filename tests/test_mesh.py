@@ -1,0 +1,120 @@
+"""The mesh end to end: real node processes, real ZeroMQ sockets on 127.0.0.1, real mlx-lm
+models (tiny random-weight llama models sharing one tokenizer)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import zmq
+
+import dwarfmesh  # noqa: F401
+import mlx.core as mx
+from dwarfmesh import fusion
+from meshutil import generate_cli, mesh, peers_of
+from mlx_lm import load, stream_generate
+from mlx_lm.models.cache import make_prompt_cache
+
+PROMPT = "def quicksort(xs):"
+
+
+def direct_topk_frames(model, ids: list[int], k: int):
+    """Each step's top-k (float16) and rest mass straight from the model, with a KV cache."""
+    cache = make_prompt_cache(model)
+    arr = mx.array(ids, dtype=mx.int32)
+    if len(ids) > 1:
+        model(arr[None, :-1], cache=cache)
+    logits = model(arr[None, -1:], cache=cache)[0, -1].astype(mx.float32)
+
+    def frame(logits):
+        lp = np.array(logits - mx.logsumexp(logits), dtype=np.float32)
+        top = np.argsort(-lp, kind="stable")[:k]
+        rest = max(1.0 - float(np.exp(lp[top].astype(np.float64)).sum()), 0.0)
+        return top, lp[top].astype(np.float16), rest
+
+    def step(tok):
+        out = model(mx.array([[tok]], dtype=mx.int32), cache=cache)[0, -1].astype(mx.float32)
+        return frame(out)
+
+    return frame(logits), step
+
+
+@pytest.mark.timeout(300)
+def test_three_different_models_fuse_exactly_as_computed_directly(tiny_models, tmp_path):
+    k, n_tokens = 16, 24
+    with mesh(tiny_models, tmp_path) as (addrs, _procs):
+        out = generate_cli(addrs[1], PROMPT, "--max-tokens", str(n_tokens), "--weights", "equal",
+                           "--top-k", str(k), cache=tmp_path)
+    # The same computation, without the mesh: each model's top-k, pooled with equal weights.
+    models = [load(str(p))[0] for p in tiny_models]
+    tok = load(str(tiny_models[0]))[1]
+    ids = tok.encode(PROMPT)
+    steppers, frames = [], []
+    for m in models:
+        first, step = direct_topk_frames(m, ids, k)
+        frames.append(first)
+        steppers.append(step)
+    expected = []
+    for _ in range(n_tokens):
+        fused = fusion.fuse([f[0] for f in frames], [f[1] for f in frames],
+                            [f[2] for f in frames], np.ones(3), 320, "linear")
+        t = fusion.choose(fused, temperature=0, top_p=1, rng=None)
+        expected.append(t)
+        if t in tok.eos_token_ids:
+            break
+        frames = [s(t) for s in steppers]
+    assert out["token_ids"] == expected
+    assert sorted(out["members"]) == ["node0", "node1", "node2"]
+    assert out["leader"] in out["members"]
+    assert out["steps"] == len(expected)
+    for key in ("text", "tokens_per_s", "wire_bytes_per_token", "disagreement_rate"):
+        assert key in out
+    assert 0.0 <= out["disagreement_rate"] <= 1.0
+    # different random models disagree somewhere; the fused token is not always one model's
+    assert out["disagreement_rate"] > 0
+    assert 0 < out["frame_bytes_per_member_per_token"] <= 512
+
+
+@pytest.mark.timeout(300)
+def test_copies_of_one_model_reproduce_its_own_greedy_output(tiny_models, tmp_path):
+    model, tok = load(str(tiny_models[0]))
+    own = [r.token for r in stream_generate(model, tok, PROMPT, max_tokens=30)]
+    with mesh([tiny_models[0]] * 3, tmp_path) as (addrs, _procs):
+        out = generate_cli(addrs[2], PROMPT, "--max-tokens", "30", cache=tmp_path)
+        out_loglinear = generate_cli(addrs[0], PROMPT, "--max-tokens", "30", "--fuse",
+                                     "loglinear", cache=tmp_path)
+    assert out["token_ids"] == own[: len(out["token_ids"])]
+    assert len(out["token_ids"]) == len(own) or out["finish_reason"] == "eos"
+    assert out_loglinear["token_ids"] == out["token_ids"]
+    assert out["disagreement_rate"] == 0.0
+
+
+@pytest.mark.timeout(300)
+def test_malformed_messages_are_counted_and_the_node_keeps_serving(tiny_models, tmp_path):
+    with mesh(tiny_models[:2], tmp_path) as (addrs, _procs):
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 2000)     # deliver everything before close
+        sock.connect(f"tcp://{addrs[0]}")
+        garbage = [[b"hello"], [b"DWM1", b"\x06", b"\xc1"], [b"DWM1", b"\x06", b"\x90", b"x", b"y"],
+                   [b"DWM1", b"\xff", b"\x90"], [b"DWM2", b"\x01", b"\x90"], [b""]]
+        for parts in garbage:
+            sock.send_multipart(parts)
+        sock.close()
+        ctx.term()
+        asyncio.run(asyncio.sleep(0.5))
+        me = next(n for n in peers_of(addrs[0]) if n["self"])
+        assert sum(me["stats"]["dropped"].values()) >= len(garbage)
+        out = generate_cli(addrs[0], PROMPT, "--max-tokens", "5", cache=tmp_path)
+        assert out["steps"] == 5 and len(out["members"]) == 2
+
+
+@pytest.mark.timeout(120)
+def test_peers_json_lists_every_node_with_leader_of(tiny_models, tmp_path):
+    with mesh(tiny_models[:2], tmp_path) as (addrs, _procs):
+        nodes = peers_of(addrs[1])
+    assert sorted(n["name"] for n in nodes) == ["node0", "node1"]
+    for n in nodes:
+        assert {"name", "model", "address", "leader_of"} <= set(n)
+        assert n["address"].startswith("127.0.0.1:")
