@@ -32,6 +32,13 @@ class CliError(Exception):
     """An expected failure: printed as one line, exit code 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line (plus where to look), not a usage dump."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see: {self.prog} --help)\n")
+
+
 def _address(text: str) -> str:
     from dwarfmesh.client import parse_address
     try:
@@ -53,14 +60,15 @@ def _ranged(kind, lo, hi, name):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="dwarfmesh", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Turn the machines on a LAN into one LLM ensemble: every node runs its own "
                     "model, and each token is chosen from all of their next-token distributions.",
         epilog=EXAMPLES)
     p.add_argument("--version", action="version", version=f"dwarfmesh {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                           parser_class=_Parser)
 
     n = sub.add_parser("node", help="run a node: load a model and join the mesh",
                        description="Load a model and serve it to the mesh until Ctrl-C.")

@@ -95,6 +95,7 @@ class MeshClient:
                        on_text: Callable[[str], None] | None = None,
                        cancel: asyncio.Event | None = None) -> GenerateResult:
         """Run one answer; call on_text for each piece; return the text and the summary."""
+        await self.peers()          # fails fast, with a clear message, if nobody answers
         req = uuid.uuid4().hex[:12]
         await self._sock.send_multipart(P.encode(P.Generate(req, prompt, params)))
         pieces: list[str] = []

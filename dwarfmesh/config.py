@@ -46,6 +46,12 @@ def cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "dwarfmesh"
 
 
+def state_dir() -> Path:
+    """Where a node keeps its identity ($DWARFMESH_STATE, else the cache directory)."""
+    env = os.environ.get("DWARFMESH_STATE")
+    return Path(env) if env else cache_dir()
+
+
 def default_node_name() -> str:
     return socket.gethostname().split(".")[0] or "node"
 
@@ -54,9 +60,9 @@ def node_id_for(name: str) -> str:
     """The persistent id of the node called `name` on this host; created on first use.
 
     Ids are random (not derived from the hostname, which may leak or collide), kept in
-    ``cache_dir()/node_ids.json`` keyed by node name, so restarting a node keeps its id.
+    ``state_dir()/node_ids.json`` keyed by node name, so restarting a node keeps its id.
     """
-    path = cache_dir() / "node_ids.json"
+    path = state_dir() / "node_ids.json"
     try:
         ids = json.loads(path.read_text())
         if not isinstance(ids, dict):

@@ -26,7 +26,7 @@ def free_port() -> int:
 
 def node_env(cache: Path) -> dict[str, str]:
     env = dict(os.environ)
-    env["DWARFMESH_CACHE"] = str(cache)
+    env["DWARFMESH_STATE"] = str(cache)     # node ids per test; models from the real cache
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
