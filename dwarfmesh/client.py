@@ -93,11 +93,21 @@ class MeshClient:
 
     async def generate(self, prompt: str, params: P.GenParams,
                        on_text: Callable[[str], None] | None = None,
-                       cancel: asyncio.Event | None = None) -> GenerateResult:
-        """Run one answer; call on_text for each piece; return the text and the summary."""
+                       cancel: asyncio.Event | None = None, *,
+                       messages: list[dict[str, str]] | None = None,
+                       conversation: str = "") -> GenerateResult:
+        """Run one answer; call on_text for each piece; return the text and the summary.
+
+        With `messages` (chat turns: role, content) each member applies its own chat
+        template. With a `conversation` id, members keep their KV caches between calls, so
+        the next turn (the same messages plus the reply and a new user turn) prefills only
+        the new tokens. Set `cancel` to stop the answer early (it ends with reason
+        "cancelled" and the text so far).
+        """
         await self.peers()          # fails fast, with a clear message, if nobody answers
         req = uuid.uuid4().hex[:12]
-        await self._sock.send_multipart(P.encode(P.Generate(req, prompt, params)))
+        await self._sock.send_multipart(P.encode(
+            P.Generate(req, prompt, params, list(messages or []), conversation)))
         pieces: list[str] = []
         cancelled = False
         loop = asyncio.get_running_loop()

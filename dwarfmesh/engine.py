@@ -28,12 +28,18 @@ import numpy as np
 import dwarfmesh  # noqa: F401  (OpenBLAS preload must precede the mlx import)
 import mlx.core as mx
 from mlx_lm import load as mlx_load
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 
 log = logging.getLogger(__name__)
 
 PREFILL_STEP = 512          # prompt tokens per forward during prefill (bounds logits memory)
 LOGP_FLOOR = -1e4           # exact log p reported for a token of probability 0
+MAX_SESSIONS = 16           # KV caches one engine holds at once (idle ones are evicted first)
+SESSION_IDLE_S = 900.0      # a kept conversation cache idle this long is freed
+
+
+class EngineBusy(RuntimeError):
+    """Every session slot is taken by an active session."""
 
 
 @dataclass(frozen=True)
@@ -44,16 +50,19 @@ class StepOut:
     logprobs: np.ndarray         # float16 [k]
     rest_mass: float             # 1 - sum(p(top-k))
     prev_logp: float | None      # exact log p of the token just appended (None after prefill)
-    prompt_nll: float | None     # mean NLL per prompt token after prefill
+    prompt_nll: float | None     # mean NLL per newly prefilled prompt token
     forward_ms: float
     position: int                # tokens in the cache after this step
+    reused: int = 0              # prompt tokens whose KV cache was reused from the last turn
 
 
 @dataclass
 class _Session:
     cache: list[Any]
     logprobs: Any                # mx.array [V] float32: distribution of the next token
-    position: int
+    tokens: list[int]            # ids whose keys/values are in the cache
+    active: bool = True          # False: kept between turns, may be evicted
+    last_used: float = 0.0
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -93,8 +102,11 @@ class Engine:
     async def step(self, session: str, token_id: int, k: int) -> StepOut:
         return await self._run(self.step_sync, session, token_id, k)
 
-    async def close(self, session: str) -> None:
-        await self._run(self.close_sync, session)
+    async def close(self, session: str, keep: bool = False) -> None:
+        await self._run(self.close_sync, session, keep)
+
+    async def sweep(self, idle_s: float = SESSION_IDLE_S) -> list[str]:
+        return await self._run(self.sweep_sync, idle_s)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -128,14 +140,29 @@ class Engine:
         return ids, lps.astype(np.float16), rest
 
     def open_sync(self, session: str, prompt_ids: list[int] | np.ndarray, k: int) -> StepOut:
-        """Prefill the prompt into a new cache; return the first frame and the prompt NLL."""
+        """Prefill the prompt; return the first frame and the prompt NLL.
+
+        If this session's cache is still held from an earlier turn (a conversation), only
+        the ids after the longest common prefix are computed: the cache is trimmed back to
+        that prefix and the rest is prefilled.
+        """
         t0 = time.perf_counter()
-        ids = mx.array(np.asarray(prompt_ids, dtype=np.int64).astype(np.int32))
-        n = int(ids.shape[0])
+        new_ids = [int(t) for t in np.asarray(prompt_ids).reshape(-1)]
+        n = len(new_ids)
         if n == 0:
             raise ValueError("empty prompt")
-        cache = make_prompt_cache(self.model)
-        nll_sum, done = 0.0, 0
+        s = self._sessions.get(session)
+        reuse = 0
+        if s is not None and can_trim_prompt_cache(s.cache):
+            reuse = _common_prefix(s.tokens, new_ids)
+            reuse = min(reuse, n - 1)          # at least one token must produce logits
+            trim_prompt_cache(s.cache, len(s.tokens) - reuse)
+            cache = s.cache
+        else:
+            self._make_room(session)
+            cache = make_prompt_cache(self.model)
+        ids = mx.array(np.asarray(new_ids, dtype=np.int32))
+        nll_sum, done = 0.0, reuse
         # Like mlx-lm's generate_step: all but the last token in chunks, then the last one,
         # so a one-member mesh computes exactly what mlx-lm computes.
         while n - done > 1:
@@ -151,10 +178,22 @@ class Engine:
         logits = self.model(ids[done:][None], cache=cache)[0, -1].astype(mx.float32)
         logprobs = logits - mx.logsumexp(logits)
         mx.eval(logprobs)
-        self._sessions[session] = _Session(cache=cache, logprobs=logprobs, position=n)
+        self._sessions[session] = _Session(cache, logprobs, new_ids, True, time.monotonic())
         top_ids, top_lp, rest = self._topk(logprobs, k)
-        return StepOut(top_ids, top_lp, rest, None, nll_sum / (n - 1) if n > 1 else None,
-                       (time.perf_counter() - t0) * 1000.0, n)
+        scored = n - 1 - reuse
+        return StepOut(top_ids, top_lp, rest, None, nll_sum / scored if scored > 0 else None,
+                       (time.perf_counter() - t0) * 1000.0, n, reuse)
+
+    def _make_room(self, session: str) -> None:
+        if len(self._sessions) < MAX_SESSIONS:
+            return
+        idle = [(v.last_used, key) for key, v in self._sessions.items() if not v.active]
+        if not idle:
+            raise EngineBusy(f"{self.model_name} holds {MAX_SESSIONS} active sessions; "
+                             "try again when one ends")
+        _, oldest = min(idle)
+        log.info("evicting idle conversation %s to make room for %s", oldest, session)
+        del self._sessions[oldest]
 
     def step_sync(self, session: str, token_id: int, k: int) -> StepOut:
         """Append the committed token; return its exact log p and the next frame."""
@@ -165,18 +204,37 @@ class Engine:
         if not 0 <= token_id < s.logprobs.shape[-1]:
             raise ValueError(f"token id {token_id} outside the vocabulary")
         prev_logp = max(float(s.logprobs[token_id]), LOGP_FLOOR)
+        s.tokens.append(token_id)
         logits = self.model(mx.array([[token_id]], dtype=mx.int32), cache=s.cache)[0, -1]
         logits = logits.astype(mx.float32)
         s.logprobs = logits - mx.logsumexp(logits)
         mx.eval(s.logprobs)
-        s.position += 1
+        s.last_used = time.monotonic()
         top_ids, top_lp, rest = self._topk(s.logprobs, k)
         return StepOut(top_ids, top_lp, rest, prev_logp, None,
-                       (time.perf_counter() - t0) * 1000.0, s.position)
+                       (time.perf_counter() - t0) * 1000.0, len(s.tokens))
 
-    def close_sync(self, session: str) -> None:
-        if self._sessions.pop(session, None) is not None and not self._sessions:
+    def close_sync(self, session: str, keep: bool = False) -> None:
+        """End a session's turn: free its cache, or keep it (idle) for the next turn."""
+        s = self._sessions.get(session)
+        if s is None:
+            return
+        if keep:
+            s.active, s.last_used = False, time.monotonic()
+            return
+        del self._sessions[session]
+        if not self._sessions:
             mx.clear_cache()
+
+    def sweep_sync(self, idle_s: float = SESSION_IDLE_S) -> list[str]:
+        """Free kept conversation caches idle for longer than idle_s; return their ids."""
+        now = time.monotonic()
+        old = [k for k, v in self._sessions.items() if not v.active and now - v.last_used > idle_s]
+        for key in old:
+            del self._sessions[key]
+        if old and not self._sessions:
+            mx.clear_cache()
+        return old
 
     @property
     def open_sessions(self) -> int:
@@ -184,13 +242,20 @@ class Engine:
 
     # --- text (thread-safe: the HF fast tokenizer is Rust and does not touch mlx) -----------
 
+    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Token ids of a conversation in this model's chat template, ready for the reply."""
+        tok = self.tokenizer
+        if not getattr(tok, "chat_template", None):
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+            return self.encode(text)
+        out = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(out["input_ids"] if isinstance(out, dict) else out)
+
     def encode(self, text: str, *, chat: bool = False) -> list[int]:
         """Token ids of `text`; with chat=True, wrapped in the model's chat template."""
         tok = self.tokenizer
-        if chat and getattr(tok, "chat_template", None):
-            messages = [{"role": "user", "content": text}]
-            out = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            return list(out["input_ids"] if isinstance(out, dict) else out)
+        if chat:
+            return self.encode_chat([{"role": "user", "content": text}])
         # Exactly as mlx-lm's stream_generate does, so a one-model mesh matches mlx-lm.
         bos = getattr(tok, "bos_token", None)
         ids = tok.encode(text, add_special_tokens=bos is None or not text.startswith(bos))
@@ -199,3 +264,11 @@ class Engine:
     def detokenizer(self) -> Any:
         """A fresh streaming detokenizer (mlx-lm's) for one answer."""
         return self.tokenizer.detokenizer
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

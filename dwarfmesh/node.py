@@ -32,6 +32,7 @@ from dwarfmesh.transport import Origin, Transport
 log = logging.getLogger(__name__)
 
 _LOCAL = Origin("local", None, "", None, 0)
+SWEEP_EVERY_BEATS = 30          # look for idle conversation caches every 30 heartbeats
 
 
 @dataclass
@@ -139,11 +140,16 @@ class Node:
         self.transport.send(address, self._hello())
 
     async def _heartbeat_loop(self) -> None:
+        beats = 0
         while True:
             for address in list(self._targets):
                 self._dial(address)
             for dead in self.membership.expire(time.monotonic()):
                 self._peer_gone(dead.node_id, "silent past the liveness window")
+            beats += 1
+            if beats % SWEEP_EVERY_BEATS == 0:
+                for conv in await self.engine.sweep():
+                    log.info("freed idle conversation %s", conv)
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
 
     def _peer_gone(self, node_id: str, why: str) -> None:
@@ -217,6 +223,11 @@ class Node:
             session = self._leading.get(msg.session)
             if session is not None:
                 session.on_frame(msg, origin.size)
+        elif isinstance(msg, P.Leave):
+            session = self._leading.get(msg.session)
+            if session is not None:
+                log.warning("session %s: %s left: %s", msg.session, msg.sender, msg.reason)
+                session.member_lost(msg.sender)
         else:
             self._spawn(self._handle(msg, origin))
 
@@ -227,7 +238,8 @@ class Node:
             await self._lead(msg)
         elif isinstance(msg, P.Open):
             member = MemberSession(session=msg.session, leader=msg.leader, me=self.node_id,
-                                   engine=self.engine, send=self.send_to, top_k=msg.top_k)
+                                   engine=self.engine, send=self.send_to, top_k=msg.top_k,
+                                   keep=msg.keep)
             self._member_of[msg.session] = member
             await member.open(msg.prompt_ids)
         elif isinstance(msg, (P.Token, P.End)):
@@ -258,7 +270,11 @@ class Node:
     # --- sessions -------------------------------------------------------------------------
 
     def _start_for_client(self, req: P.Generate, identity: bytes) -> None:
-        session = uuid.uuid4().hex[:16]
+        session = req.conversation or uuid.uuid4().hex[:16]
+        if session in self._clients:
+            self.transport.reply(identity, P.Error(
+                req.request, f"conversation {session} is already answering; wait for it"))
+            return
         group, excluded = fusion_group(self.membership.alive())
         if not group:
             self.transport.reply(identity, P.Error(req.request, "no members in the mesh"))
@@ -270,7 +286,8 @@ class Node:
                  ", ".join(m.name for m in group))
         self._clients[session] = _ClientStream(identity, req.request, session, leader.node_id,
                                                time.monotonic())
-        self.send_to(leader.node_id, P.Start(session, self.node_id, req.prompt, req.params))
+        self.send_to(leader.node_id, P.Start(session, self.node_id, req.prompt, req.params,
+                                             req.messages, bool(req.conversation)))
         self._spawn(self._watch_client(session))
 
     async def _watch_client(self, session: str) -> None:
@@ -294,9 +311,13 @@ class Node:
         kwargs = {}
         if self.opts.step_timeout_s:
             kwargs["step_timeout_s"] = self.opts.step_timeout_s
+        if start.session in self._leading:
+            self.send_to(start.origin, P.End(start.session, "error: session already running", {}))
+            return
         leader = LeaderSession(session=start.session, origin=start.origin, prompt=start.prompt,
                                params=start.params, members=group, me=self.me,
-                               engine=self.engine, send=self.send_to, excluded=excluded, **kwargs)
+                               engine=self.engine, send=self.send_to, messages=start.messages,
+                               keep=start.keep, excluded=excluded, **kwargs)
         self._leading[start.session] = leader
         try:
             await leader.run()

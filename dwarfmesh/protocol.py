@@ -114,6 +114,8 @@ class Start:
     origin: str                # node id that talks to the client; gets every Token
     prompt: str
     params: GenParams
+    messages: list[dict[str, Any]]   # chat turns (role, content); used instead of prompt
+    keep: bool                 # a conversation: members keep the KV cache for the next turn
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,7 @@ class Open:
     session: str
     leader: str
     top_k: int
+    keep: bool                 # keep the KV cache after End (multi-turn); else free it
     prompt_ids: np.ndarray = _array("<u4", MAX_PROMPT_TOKENS)
 
 
@@ -167,6 +170,16 @@ class End:
     summary: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class Leave:
+    """Member -> leader: I cannot go on with this session (busy, diverged, failed)."""
+
+    TAG: ClassVar[int] = 9
+    session: str
+    sender: str
+    reason: str
+
+
 # --- client <-> node ----------------------------------------------------------------------
 
 
@@ -191,6 +204,8 @@ class Generate:
     request: str
     prompt: str
     params: GenParams
+    messages: list[dict[str, Any]]   # chat turns; when given, prompt is ignored
+    conversation: str          # "" = one-shot; else reuse this conversation's KV caches
 
 
 @dataclass(frozen=True)
@@ -207,7 +222,7 @@ class Error:
 
 
 MESSAGES: tuple[type, ...] = (
-    Hello, Refuse, Start, Open, Frame, Token, End,
+    Hello, Refuse, Start, Open, Frame, Token, End, Leave,
     PeersRequest, PeersReply, Generate, Cancel, Error,
 )
 _BY_TAG: dict[int, type] = {cls.TAG: cls for cls in MESSAGES}
@@ -352,6 +367,9 @@ def _check_semantics(msg: Any) -> None:
             raise ProtocolError("Frame: rest_mass or step out of range")
     elif isinstance(msg, (Start, Generate)):
         msg.params.check()
+        for turn in msg.messages:
+            if not isinstance(turn.get("role"), str) or not isinstance(turn.get("content"), str):
+                raise ProtocolError("messages: each turn needs str role and content")
     elif isinstance(msg, Hello) and msg.vocab_size <= 0:
         raise ProtocolError("Hello: vocab_size must be positive")
     elif isinstance(msg, Token) and (msg.token_id < 0 or msg.step < 0):

@@ -31,7 +31,8 @@ from dwarfmesh import fusion
 from dwarfmesh.config import (ONLINE_ALPHA, ONLINE_ETA, PERPLEXITY_TAU, PREFILL_TIMEOUT_S,
                               STEP_TIMEOUT_S)
 from dwarfmesh.membership import Member
-from dwarfmesh.protocol import End, Frame, GenParams, Open, Token, extend_hash, prefix_hash
+from dwarfmesh.protocol import (End, Frame, GenParams, Leave, Open, Token, extend_hash,
+                                prefix_hash)
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +51,11 @@ class LeaderSession:
 
     def __init__(self, *, session: str, origin: str, prompt: str, params: GenParams,
                  members: list[Member], me: Member, engine: Any, send: Send,
+                 messages: list[dict[str, Any]] | None = None, keep: bool = False,
                  excluded: list[tuple[Member, str]] | None = None,
                  step_timeout_s: float = STEP_TIMEOUT_S) -> None:
         self.session, self.origin, self.prompt, self.params = session, origin, prompt, params
+        self.messages, self.keep = messages or [], keep
         self.members = list(members)
         self.me, self.engine, self.send = me, engine, send
         self.excluded = excluded or []
@@ -137,13 +140,16 @@ class LeaderSession:
         """Decode until EOS, a stop string, max_tokens or cancellation; return the summary."""
         p, t_start = self.params, time.perf_counter()
         local_member = any(m.node_id == self.me.node_id for m in self.members)
-        prompt_ids = self.engine.encode(self.prompt, chat=p.chat)
+        prompt_ids = (self.engine.encode_chat(self.messages) if self.messages
+                      else self.engine.encode(self.prompt, chat=p.chat))
         self._hash = prefix_hash(prompt_ids)
-        open_msg = Open(self.session, self.me.node_id, p.top_k,
+        open_msg = Open(self.session, self.me.node_id, p.top_k, self.keep,
                         np.asarray(prompt_ids, dtype=np.uint32))
         local = self.engine.open(self.session, prompt_ids, p.top_k) if local_member else None
         frames = await self._gather(0, lambda: self._broadcast_open(open_msg), local)
         t_first = time.perf_counter()
+        local_first = frames.get(self.me.node_id)
+        self.prompt_reused = getattr(local_first, "reused", 0)
         order = [m.node_id for m in self.members]
         names = {m.node_id: m.name for m in self.members}
         weights = self._initial_weights(frames)
@@ -204,7 +210,7 @@ class LeaderSession:
                 order = [m for m in order if m in self._pending_ids()]
         finally:
             if local_member:
-                await self.engine.close(self.session)
+                await self.engine.close(self.session, keep=self.keep)
         t_end = time.perf_counter()
         n = len(tokens)
         decode_s = t_end - t_first
@@ -219,6 +225,7 @@ class LeaderSession:
                        for m in order},
             "excluded": [{"name": m.name, "reason": why} for m, why in self.excluded],
             "prompt_tokens": len(prompt_ids),
+            "prompt_tokens_reused": self.prompt_reused,   # the leader's own KV cache reuse
             "steps": n,
             "ttft_ms": (t_first - t_start) * 1000.0,
             "tokens_per_s": (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
@@ -273,9 +280,9 @@ class MemberSession:
     """A member's side: prefill on Open, one step per Token, free on End."""
 
     def __init__(self, *, session: str, leader: str, me: str, engine: Any, send: Send,
-                 top_k: int) -> None:
+                 top_k: int, keep: bool = False) -> None:
         self.session, self.leader, self.me = session, leader, me
-        self.engine, self.send, self.top_k = engine, send, top_k
+        self.engine, self.send, self.top_k, self.keep = engine, send, top_k, keep
         self._hash = 0
         self._lock = asyncio.Lock()
         self.closed = False
@@ -287,8 +294,17 @@ class MemberSession:
     async def open(self, prompt_ids: np.ndarray) -> None:
         async with self._lock:
             self._hash = prefix_hash(prompt_ids)
-            out = await self.engine.open(self.session, prompt_ids, self.top_k)
+            try:
+                out = await self.engine.open(self.session, prompt_ids, self.top_k)
+            except (RuntimeError, ValueError) as exc:   # EngineBusy, a bad prompt
+                self._leave(str(exc))
+                return
             self.send(self.leader, self._frame(0, out))
+
+    def _leave(self, reason: str) -> None:
+        log.warning("session %s: leaving: %s", self.session, reason)
+        self.closed = True
+        self.send(self.leader, Leave(self.session, self.me, reason))
 
     async def token(self, msg: Token) -> None:
         async with self._lock:
@@ -296,9 +312,9 @@ class MemberSession:
                 return
             expected = extend_hash(self._hash, msg.token_id)
             if msg.prefix_hash != expected:
-                log.warning("session %s: committed prefix diverged at step %d; leaving",
-                            self.session, msg.step)
+                self.keep = False
                 await self._close()
+                self._leave(f"committed prefix diverged at step {msg.step}")
                 return
             self._hash = expected
             if msg.final:
@@ -314,4 +330,4 @@ class MemberSession:
     async def _close(self) -> None:
         if not self.closed:
             self.closed = True
-            await self.engine.close(self.session)
+            await self.engine.close(self.session, keep=self.keep)

@@ -118,3 +118,30 @@ def test_peers_json_lists_every_node_with_leader_of(tiny_models, tmp_path):
     for n in nodes:
         assert {"name", "model", "address", "leader_of"} <= set(n)
         assert n["address"].startswith("127.0.0.1:")
+
+
+@pytest.mark.timeout(300)
+def test_conversation_turns_reuse_the_kv_cache(tiny_models, tmp_path):
+    from dwarfmesh.client import MeshClient
+    from dwarfmesh.protocol import GenParams
+
+    params = GenParams(max_tokens=12, weights="equal")
+    turn1 = [{"role": "user", "content": "def quicksort(xs): " * 8}]
+
+    async def talk(address):
+        async with MeshClient(address) as c:
+            first = await c.generate("", params, messages=turn1, conversation="conv-1")
+            turn2 = [*turn1, {"role": "assistant", "content": first.text},
+                     {"role": "user", "content": "The quick brown fox"}]
+            second = await c.generate("", params, messages=turn2, conversation="conv-1")
+            fresh = await c.generate("", params, messages=turn2)     # no conversation id
+            return first.summary, second.summary, fresh.summary
+
+    with mesh(tiny_models[:2], tmp_path) as (addrs, _procs):
+        first, second, fresh = asyncio.run(talk(addrs[0]))
+    assert first["prompt_tokens_reused"] == 0
+    # the second turn re-uses (at least) the whole first prompt from the cache
+    assert second["prompt_tokens_reused"] >= first["prompt_tokens"]
+    assert fresh["prompt_tokens_reused"] == 0
+    assert second["prompt_tokens"] == fresh["prompt_tokens"]
+    assert second["token_ids"][:4] == fresh["token_ids"][:4]

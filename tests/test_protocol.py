@@ -25,14 +25,16 @@ SAMPLES = [
     P.Hello("n1", "mac-1", "qwen2.5-coder-1.5b", "abcd", 151936, 1, "10.0.0.2:5757", 1.0, ["s"],
             ["10.0.0.3:5757"]),
     P.Refuse("n1", "version mismatch"),
-    P.Start("s1", "n2", "def f(x):", P.GenParams(max_tokens=5, stop=["\n\n"], seed=3)),
-    P.Open("s1", "n1", 64, np.array([1, 2, 3], dtype=np.uint32)),
+    P.Start("s1", "n2", "def f(x):", P.GenParams(max_tokens=5, stop=["\n\n"], seed=3),
+            [{"role": "user", "content": "hi"}], True),
+    P.Open("s1", "n1", 64, True, np.array([1, 2, 3], dtype=np.uint32)),
     frame(),
     P.Token("s1", 4, 17, 123456789, "lo", False),
     P.End("s1", "eos", {"text": "hi", "steps": 2, "nested": {"a": [1, 2]}}),
+    P.Leave("s1", "n3", "busy"),
     P.PeersRequest("r1"),
     P.PeersReply("r1", [{"name": "a", "leader_of": []}]),
-    P.Generate("r1", "hello", P.GenParams()),
+    P.Generate("r1", "hello", P.GenParams(), [], ""),
     P.Cancel("r1"),
     P.Error("r1", "no members"),
 ]
@@ -105,7 +107,7 @@ def test_wrong_types_are_rejected():
             P.decode([parts[0], parts[1], msgpack.packb(h), parts[3], parts[4]])
     with pytest.raises(P.ProtocolError):
         P.decode([parts[0], parts[1], msgpack.packb({"a": 1}), parts[3], parts[4]])
-    gen = parts_of(P.Generate("r", "p", P.GenParams()))
+    gen = parts_of(P.Generate("r", "p", P.GenParams(), [], ""))
     h = msgpack.unpackb(gen[2])
     h[2][0] = -5                    # max_tokens
     with pytest.raises(P.ProtocolError, match="max_tokens"):
