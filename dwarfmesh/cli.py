@@ -90,7 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="this node's static weight (used with --weights static)")
     n.add_argument("--step-timeout", type=_ranged(float, 0.01, 3600, "--step-timeout"),
                    default=None, metavar="S",
-                   help="as leader, drop a member whose frame is later than this (seconds)")
+                   help="as leader, drop a member whose frame is later than this (seconds; "
+                        "default 60)")
+    n.add_argument("--step-deadline", type=_ranged(float, 1, 3_600_000, "--step-deadline"),
+                   default=None, metavar="MS",
+                   help="as leader, fuse the frames that arrived within MS milliseconds of "
+                        "each step (at least one); late members catch up instead of stalling")
 
     pe = sub.add_parser("peers", help="list the nodes in the mesh")
     pe.add_argument("--connect", type=_address, metavar="HOST:PORT",
@@ -152,7 +157,8 @@ async def _run_node(args: argparse.Namespace) -> None:
         raise CliError(f"could not load model {args.model!r}: {str(exc).splitlines()[0]}") from None
     opts = NodeOptions(model=args.model, name=args.name, host=args.host, port=args.port,
                        peers=args.peer, mdns=not args.no_mdns, interfaces=args.interface,
-                       weight=args.weight, step_timeout_s=args.step_timeout)
+                       weight=args.weight, step_timeout_s=args.step_timeout,
+                       step_deadline_s=args.step_deadline / 1000.0 if args.step_deadline else None)
     node = Node(opts, engine)
     try:
         await node.start()

@@ -16,10 +16,11 @@ import zmq
 import zmq.asyncio
 
 from dwarfmesh import protocol as P
-from dwarfmesh.config import CLIENT_TIMEOUT_S, MAX_MESSAGE_BYTES, MESH_SETTLE_S, PREFILL_TIMEOUT_S
+from dwarfmesh.config import CLIENT_TIMEOUT_S, MAX_MESSAGE_BYTES, MESH_SETTLE_S
 
 REPLY_TIMEOUT_S = 10.0
 POLL_TICK_S = 0.2
+PROBE_AFTER_S = 3.0        # silent this long: check the node is alive; twice: attach elsewhere
 
 
 class MeshError(RuntimeError):
@@ -102,32 +103,39 @@ class MeshClient:
         template. With a `conversation` id, members keep their KV caches between calls, so
         the next turn (the same messages plus the reply and a new user turn) prefills only
         the new tokens. Set `cancel` to stop the answer early (it ends with reason
-        "cancelled" and the text so far).
+        "cancelled" and the text so far). If the node this client talks to dies mid-answer,
+        the client attaches to another node of the mesh and the stream goes on from the
+        next token: no token is lost or repeated.
         """
-        await self.peers()          # fails fast, with a clear message, if nobody answers
-        req = uuid.uuid4().hex[:12]
+        alternates = [n["address"] for n in await self.peers() if not n.get("self")]
+        session = conversation or uuid.uuid4().hex[:16]
         await self._sock.send_multipart(P.encode(
-            P.Generate(req, prompt, params, list(messages or []), conversation)))
+            P.Generate(session, prompt, params, list(messages or []), conversation)))
         pieces: list[str] = []
         cancelled = False
         loop = asyncio.get_running_loop()
         deadline = loop.time() + CLIENT_TIMEOUT_S
-        silent_since = loop.time()
+        heard = probe_sent = loop.time()
         while True:
             if cancel is not None and cancel.is_set() and not cancelled:
                 cancelled = True
-                await self._sock.send_multipart(P.encode(P.Cancel(req)))
+                await self._sock.send_multipart(P.encode(P.Cancel(session)))
             now = loop.time()
             if now > deadline:
                 raise MeshError(f"the answer took longer than {CLIENT_TIMEOUT_S:.0f}s")
-            if now - silent_since > PREFILL_TIMEOUT_S:
-                raise MeshError(f"no answer from {self.address} within {PREFILL_TIMEOUT_S:.0f}s")
+            if now - heard > PROBE_AFTER_S and now - probe_sent > PROBE_AFTER_S:
+                if probe_sent > heard:           # the last probe got no answer: node is gone
+                    await self._attach_elsewhere(alternates, session, len(pieces))
+                    heard = loop.time()
+                else:
+                    await self._sock.send_multipart(P.encode(P.PeersRequest("probe")))
+                probe_sent = loop.time()
             # Short polls, so a cancel request is noticed promptly.
             if not await self._sock.poll(int(POLL_TICK_S * 1000)):
                 continue
-            silent_since = loop.time()
+            heard = loop.time()
             msg = P.decode(await self._sock.recv_multipart())
-            if getattr(msg, "session", getattr(msg, "request", None)) != req:
+            if getattr(msg, "session", getattr(msg, "request", None)) != session:
                 continue
             if isinstance(msg, P.Token):
                 pieces.append(msg.text)
@@ -140,3 +148,15 @@ class MeshClient:
                 return GenerateResult(summary.get("text", "".join(pieces)), summary)
             elif isinstance(msg, P.Error):
                 raise MeshError(msg.message)
+
+    async def _attach_elsewhere(self, alternates: list[str], session: str, next_step: int) -> None:
+        for address in alternates:
+            if address == self.address:
+                continue
+            self.close()
+            self.__init__(address)
+            await self._sock.send_multipart(P.encode(P.Attach(session, "", next_step)))
+            if await self._sock.poll(int(PROBE_AFTER_S * 1000)):
+                return
+        raise MeshError(f"the node {self.address} stopped answering and no other node "
+                        "could take the stream over")

@@ -31,6 +31,7 @@ RECONNECT_IVL_MAX_MS = 4000     # ... to this
 
 PREFILL_TIMEOUT_S = 600.0       # slow CPUs prefill long prompts slowly
 STEP_TIMEOUT_S = 60.0           # leader waits this long for a member's frame before dropping it
+FAILOVER_GRACE_S = 10.0         # an origin waits this long for a new leader after one dies
 CLIENT_TIMEOUT_S = 900.0        # a client waits this long for the whole answer
 MESH_SETTLE_S = 3.0             # `generate` without --connect browses mDNS this long
 

@@ -99,8 +99,8 @@ class Engine:
     async def open(self, session: str, prompt_ids: list[int] | np.ndarray, k: int) -> StepOut:
         return await self._run(self.open_sync, session, prompt_ids, k)
 
-    async def step(self, session: str, token_id: int, k: int) -> StepOut:
-        return await self._run(self.step_sync, session, token_id, k)
+    async def step(self, session: str, token_ids: int | list[int], k: int) -> StepOut:
+        return await self._run(self.step_sync, session, token_ids, k)
 
     async def close(self, session: str, keep: bool = False) -> None:
         await self._run(self.close_sync, session, keep)
@@ -195,23 +195,33 @@ class Engine:
         log.info("evicting idle conversation %s to make room for %s", oldest, session)
         del self._sessions[oldest]
 
-    def step_sync(self, session: str, token_id: int, k: int) -> StepOut:
-        """Append the committed token; return its exact log p and the next frame."""
+    def step_sync(self, session: str, token_ids: int | list[int], k: int) -> StepOut:
+        """Append committed token(s); return the last one's exact log p and the next frame.
+
+        Several tokens at once is how a member that fell behind catches up: one forward
+        over all of them, one frame for the newest step.
+        """
         t0 = time.perf_counter()
         s = self._sessions.get(session)
         if s is None:
             raise KeyError(f"unknown session {session}")
-        if not 0 <= token_id < s.logprobs.shape[-1]:
-            raise ValueError(f"token id {token_id} outside the vocabulary")
-        prev_logp = max(float(s.logprobs[token_id]), LOGP_FLOOR)
-        s.tokens.append(token_id)
-        logits = self.model(mx.array([[token_id]], dtype=mx.int32), cache=s.cache)[0, -1]
+        toks = [token_ids] if isinstance(token_ids, int) else [int(t) for t in token_ids]
+        vocab = s.logprobs.shape[-1]
+        if not toks or not all(0 <= t < vocab for t in toks):
+            raise ValueError(f"token ids {toks} outside the vocabulary")
+        if len(toks) == 1:
+            prev_logp = float(s.logprobs[toks[0]])
+        logits = self.model(mx.array([toks], dtype=mx.int32), cache=s.cache)[0]
         logits = logits.astype(mx.float32)
-        s.logprobs = logits - mx.logsumexp(logits)
+        if len(toks) > 1:
+            before = logits[-2] - mx.logsumexp(logits[-2])
+            prev_logp = float(before[toks[-1]])
+        s.tokens.extend(toks)
+        s.logprobs = logits[-1] - mx.logsumexp(logits[-1])
         mx.eval(s.logprobs)
         s.last_used = time.monotonic()
         top_ids, top_lp, rest = self._topk(s.logprobs, k)
-        return StepOut(top_ids, top_lp, rest, prev_logp, None,
+        return StepOut(top_ids, top_lp, rest, max(prev_logp, LOGP_FLOOR), None,
                        (time.perf_counter() - t0) * 1000.0, len(s.tokens))
 
     def close_sync(self, session: str, keep: bool = False) -> None:

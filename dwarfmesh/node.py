@@ -18,15 +18,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from dwarfmesh import protocol as P
-from dwarfmesh.config import (DEFAULT_PORT, HEARTBEAT_INTERVAL_S, PREFILL_TIMEOUT_S,
-                              PROTOCOL_VERSION, default_node_name, node_id_for)
-from dwarfmesh.membership import Member, Membership, elect_leader, fusion_group
-from dwarfmesh.session import LeaderSession, MemberSession
+from dwarfmesh.config import (DEFAULT_PORT, HEARTBEAT_INTERVAL_S, PROTOCOL_VERSION,
+                              default_node_name, node_id_for)
+from dwarfmesh.membership import Member, Membership
+from dwarfmesh.roles import SessionRoles
 from dwarfmesh.transport import Origin, Transport
 
 log = logging.getLogger(__name__)
@@ -46,15 +45,7 @@ class NodeOptions:
     interfaces: list[str] | None = None
     weight: float = 1.0
     step_timeout_s: float | None = None
-
-
-@dataclass
-class _ClientStream:
-    identity: bytes
-    request: str
-    session: str
-    leader: str
-    last_heard: float
+    step_deadline_s: float | None = None
 
 
 class Node:
@@ -67,9 +58,7 @@ class Node:
         self.discovery: Any = None
         self._targets: dict[str, str] = {}            # address -> "static" | "mdns" | "learned"
         self._addr_of: dict[str, str] = {}            # node_id -> address we dial it on
-        self._leading: dict[str, LeaderSession] = {}
-        self._member_of: dict[str, MemberSession] = {}
-        self._clients: dict[str, _ClientStream] = {}   # session -> client stream
+        self.roles = SessionRoles(self)
         self._tasks: set[asyncio.Task] = set()
         self._stopped = asyncio.Event()
 
@@ -89,7 +78,7 @@ class Node:
             self._targets[addr] = "static"
         if self.opts.mdns:
             await self._start_discovery(port)
-        self._spawn(self._heartbeat_loop())
+        self.spawn(self._heartbeat_loop())
         log.info("node %s (%s) serving %s on port %d%s", self.opts.name, self.node_id,
                  self.engine.model_name, port, "" if self.opts.mdns else " (mDNS off)")
 
@@ -116,7 +105,13 @@ class Node:
     async def serve_forever(self) -> None:
         await self._stopped.wait()
 
-    def _spawn(self, coro) -> asyncio.Task:
+    def session_timeouts(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"step_deadline_s": self.opts.step_deadline_s}
+        if self.opts.step_timeout_s:
+            out["step_timeout_s"] = self.opts.step_timeout_s
+        return out
+
+    def spawn(self, coro) -> asyncio.Task:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
@@ -132,7 +127,7 @@ class Node:
     def _hello(self) -> P.Hello:
         me = self.me
         return P.Hello(me.node_id, me.name, me.model, me.fingerprint, me.vocab_size,
-                       PROTOCOL_VERSION, me.address, me.weight, sorted(self._leading),
+                       PROTOCOL_VERSION, me.address, me.weight, sorted(self.roles.leading),
                        sorted(m.address for m in self.membership.peers.values()))
 
     def _dial(self, address: str) -> None:
@@ -160,8 +155,7 @@ class Node:
         if address is not None and self._targets.get(address) == "learned":
             del self._targets[address]
             self.transport.disconnect(address)
-        for session in self._leading.values():
-            session.member_lost(node_id)
+        self.roles.peer_gone(node_id)
 
     def _on_mdns_up(self, record: Any) -> None:
         address = record.address()
@@ -209,7 +203,7 @@ class Node:
     def send_to(self, node_id: str, msg: Any) -> int:
         """Send to a node by id; a message to this node itself is dispatched locally."""
         if node_id == self.node_id:
-            self._spawn(self._handle(msg, _LOCAL))
+            self.spawn(self._handle(msg, _LOCAL))
             return 0
         address = self._addr_of.get(node_id)
         return self.transport.send(address, msg) if address else 0
@@ -217,127 +211,38 @@ class Node:
     # --- dispatch -------------------------------------------------------------------------
 
     def _dispatch(self, msg: Any, origin: Origin) -> None:
+        """Cheap messages are handled inline; anything that may wait runs in a task."""
         if isinstance(msg, P.Hello):
             self._on_hello(msg, origin)
         elif isinstance(msg, P.Frame):
-            session = self._leading.get(msg.session)
-            if session is not None:
-                session.on_frame(msg, origin.size)
+            self.roles.frame(msg, origin.size)
         elif isinstance(msg, P.Leave):
-            session = self._leading.get(msg.session)
-            if session is not None:
-                log.warning("session %s: %s left: %s", msg.session, msg.sender, msg.reason)
-                session.member_lost(msg.sender)
+            self.roles.leave(msg)
         else:
-            self._spawn(self._handle(msg, origin))
+            self.spawn(self._handle(msg, origin))
 
     async def _handle(self, msg: Any, origin: Origin) -> None:
+        roles, client = self.roles, origin.identity
         if isinstance(msg, P.Refuse):
             log.error("peer %s refused us: %s", msg.node_id, msg.reason)
         elif isinstance(msg, P.Start):
-            await self._lead(msg)
+            await roles.lead(msg)
         elif isinstance(msg, P.Open):
-            member = MemberSession(session=msg.session, leader=msg.leader, me=self.node_id,
-                                   engine=self.engine, send=self.send_to, top_k=msg.top_k,
-                                   keep=msg.keep)
-            self._member_of[msg.session] = member
-            await member.open(msg.prompt_ids)
-        elif isinstance(msg, (P.Token, P.End)):
-            await self._on_session_message(msg)
+            await roles.open(msg)
+        elif isinstance(msg, (P.Token, P.End, P.Resume)):
+            await roles.session_message(msg)
         elif isinstance(msg, P.Cancel):
-            self._cancel(msg.request)
-        elif isinstance(msg, P.PeersRequest) and origin.identity is not None:
-            self.transport.reply(origin.identity, P.PeersReply(msg.request, self.peer_list()))
-        elif isinstance(msg, P.Generate) and origin.identity is not None:
-            self._start_for_client(msg, origin.identity)
-
-    async def _on_session_message(self, msg: P.Token | P.End) -> None:
-        client = self._clients.get(msg.session)
-        if client is not None:
-            client.last_heard = time.monotonic()
-            self.transport.reply(client.identity, replace(msg, session=client.request))
-            if isinstance(msg, P.End):
-                del self._clients[msg.session]
-        member = self._member_of.get(msg.session)
-        if member is not None:
-            if isinstance(msg, P.Token):
-                await member.token(msg)
-            else:
-                await member.end()
-            if member.closed:
-                self._member_of.pop(msg.session, None)
-
-    # --- sessions -------------------------------------------------------------------------
-
-    def _start_for_client(self, req: P.Generate, identity: bytes) -> None:
-        session = req.conversation or uuid.uuid4().hex[:16]
-        if session in self._clients:
-            self.transport.reply(identity, P.Error(
-                req.request, f"conversation {session} is already answering; wait for it"))
-            return
-        group, excluded = fusion_group(self.membership.alive())
-        if not group:
-            self.transport.reply(identity, P.Error(req.request, "no members in the mesh"))
-            return
-        leader = elect_leader(session, group)
-        for member, why in excluded:
-            log.warning("session %s: leaving out %s", session, why)
-        log.info("session %s: leader %s, members %s", session, leader.name,
-                 ", ".join(m.name for m in group))
-        self._clients[session] = _ClientStream(identity, req.request, session, leader.node_id,
-                                               time.monotonic())
-        self.send_to(leader.node_id, P.Start(session, self.node_id, req.prompt, req.params,
-                                             req.messages, bool(req.conversation)))
-        self._spawn(self._watch_client(session))
-
-    async def _watch_client(self, session: str) -> None:
-        """Tell the client if its leader goes silent, rather than letting it hang."""
-        while session in self._clients:
-            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
-            client = self._clients.get(session)
-            if client is None:
-                return
-            leader_alive = (client.leader == self.node_id
-                            or client.leader in self.membership.peers)
-            if not leader_alive or time.monotonic() - client.last_heard > PREFILL_TIMEOUT_S:
-                del self._clients[session]
-                self.transport.reply(client.identity, P.Error(
-                    client.request, "the session's leader stopped answering"))
-
-    async def _lead(self, start: P.Start) -> None:
-        group, excluded = fusion_group(self.membership.alive())
-        if all(m.node_id != self.node_id for m in group):
-            group, excluded = [self.me], excluded
-        kwargs = {}
-        if self.opts.step_timeout_s:
-            kwargs["step_timeout_s"] = self.opts.step_timeout_s
-        if start.session in self._leading:
-            self.send_to(start.origin, P.End(start.session, "error: session already running", {}))
-            return
-        leader = LeaderSession(session=start.session, origin=start.origin, prompt=start.prompt,
-                               params=start.params, members=group, me=self.me,
-                               engine=self.engine, send=self.send_to, messages=start.messages,
-                               keep=start.keep, excluded=excluded, **kwargs)
-        self._leading[start.session] = leader
-        try:
-            await leader.run()
-        except Exception as exc:  # noqa: BLE001 - report any failure to the client, then log it
-            log.exception("session %s failed", start.session)
-            self.send_to(start.origin, P.End(start.session, f"error: {exc}", {}))
-            for m in group:
-                if m.node_id != self.node_id:
-                    self.send_to(m.node_id, P.End(start.session, "error", {}))
-        finally:
-            self._leading.pop(start.session, None)
-
-    def _cancel(self, request_or_session: str) -> None:
-        for session, client in self._clients.items():
-            if client.request == request_or_session:
-                self.send_to(client.leader, P.Cancel(session))
-                return
-        leader = self._leading.get(request_or_session)
-        if leader is not None:
-            leader.cancel()
+            roles.cancel(msg.request)
+        elif isinstance(msg, P.Attach) and msg.origin:
+            roles.leader_attach(msg)
+        elif client is None:
+            return                                   # client requests need a reply address
+        elif isinstance(msg, P.Attach):
+            roles.attach(msg, client)
+        elif isinstance(msg, P.PeersRequest):
+            self.transport.reply(client, P.PeersReply(msg.request, self.peer_list()))
+        elif isinstance(msg, P.Generate):
+            roles.generate(msg, client)
 
     # --- introspection --------------------------------------------------------------------
 
@@ -349,11 +254,12 @@ class Node:
                 "node_id": m.node_id, "name": m.name, "model": m.model,
                 "address": m.address,   # ":port" = the address the client reached
                 "fingerprint": m.fingerprint, "vocab_size": m.vocab_size, "weight": m.weight,
-                "leader_of": sorted(self._leading) if me else list(m.leading),
+                "leader_of": sorted(self.roles.leading) if me else list(m.leading),
                 "self": me,
             }
             if me:
-                entry["stats"] = {**self.transport.stats(), "sessions_led": len(self._leading),
-                                  "sessions_member": len(self._member_of)}
+                entry["stats"] = {**self.transport.stats(),
+                                  "sessions_led": len(self.roles.leading),
+                                  "sessions_member": len(self.roles.member_of)}
             out.append(entry)
         return out

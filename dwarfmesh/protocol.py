@@ -120,12 +120,18 @@ class Start:
 
 @dataclass(frozen=True)
 class Open:
-    """Leader -> member: prefill these ids and send the first frame."""
+    """Leader -> member: prefill these ids and send the first frame.
+
+    It carries everything a member needs to take over as leader if this one dies: the
+    origin to stream to, the session's members (for the rendezvous rank), the params.
+    """
 
     TAG: ClassVar[int] = 5
     session: str
     leader: str
-    top_k: int
+    origin: str
+    members: list[str]
+    params: GenParams
     keep: bool                 # keep the KV cache after End (multi-turn); else free it
     prompt_ids: np.ndarray = _array("<u4", MAX_PROMPT_TOKENS)
 
@@ -141,6 +147,7 @@ class Frame:
     prefix_hash: int           # rolling hash of the committed ids this frame was computed on
     rest_mass: float           # probability mass outside the top-k
     prev_logp: float | None    # exact log p of the token committed at step-1 (None at step 0)
+    last_token: int            # id of the token committed at step-1 (-1 at step 0)
     prompt_nll: float | None   # mean NLL per prompt token (step 0 only)
     forward_ms: float          # the member's own compute time for this frame
     ids: np.ndarray = _array("<u4", MAX_TOP_K)
@@ -178,6 +185,33 @@ class Leave:
     session: str
     sender: str
     reason: str
+
+
+@dataclass(frozen=True)
+class Resume:
+    """New leader -> members and origin: I lead `session` now, from `step` committed tokens.
+
+    Members answer with their latest frame (which may be one step ahead, if they got a
+    token the dead leader sent to only some); the origin streams from the new leader.
+    """
+
+    TAG: ClassVar[int] = 10
+    session: str
+    leader: str
+    step: int
+
+
+@dataclass(frozen=True)
+class Attach:
+    """Client -> node, or node -> leader: stream `session` to me from token `next_step`.
+
+    A client whose node died attaches to another node; that node becomes the origin.
+    """
+
+    TAG: ClassVar[int] = 11
+    session: str
+    origin: str                # node id of the new origin ("" from a client)
+    next_step: int
 
 
 # --- client <-> node ----------------------------------------------------------------------
@@ -222,7 +256,7 @@ class Error:
 
 
 MESSAGES: tuple[type, ...] = (
-    Hello, Refuse, Start, Open, Frame, Token, End, Leave,
+    Hello, Refuse, Start, Open, Frame, Token, End, Leave, Resume, Attach,
     PeersRequest, PeersReply, Generate, Cancel, Error,
 )
 _BY_TAG: dict[int, type] = {cls.TAG: cls for cls in MESSAGES}

@@ -16,7 +16,8 @@ def frame(k=64, **kw):
     ids = np.arange(k, dtype=np.uint32) * 7
     lps = np.linspace(-0.1, -9.0, k).astype(np.float16)
     fields = dict(session="s1", step=3, sender="n1", prefix_hash=2**64 - 5, rest_mass=0.12,
-                  prev_logp=-1.5, prompt_nll=None, forward_ms=12.5, ids=ids, logprobs=lps)
+                  prev_logp=-1.5, last_token=9, prompt_nll=None, forward_ms=12.5, ids=ids,
+                  logprobs=lps)
     fields.update(kw)
     return P.Frame(**fields)
 
@@ -27,7 +28,10 @@ SAMPLES = [
     P.Refuse("n1", "version mismatch"),
     P.Start("s1", "n2", "def f(x):", P.GenParams(max_tokens=5, stop=["\n\n"], seed=3),
             [{"role": "user", "content": "hi"}], True),
-    P.Open("s1", "n1", 64, True, np.array([1, 2, 3], dtype=np.uint32)),
+    P.Open("s1", "n1", "n2", ["n1", "n2"], P.GenParams(), True,
+           np.array([1, 2, 3], dtype=np.uint32)),
+    P.Resume("s1", "n2", 7),
+    P.Attach("s1", "n3", 5),
     frame(),
     P.Token("s1", 4, 17, 123456789, "lo", False),
     P.End("s1", "eos", {"text": "hi", "steps": 2, "nested": {"a": [1, 2]}}),
@@ -100,7 +104,7 @@ def test_wrong_version_and_unknown_tag_and_protocol_id():
 def test_wrong_types_are_rejected():
     parts = parts_of(frame())
     header = msgpack.unpackb(parts[2])
-    for i, bad_value in [(0, 5), (1, "three"), (4, "x"), (7, None), (1, True)]:
+    for i, bad_value in [(0, 5), (1, "three"), (4, "x"), (8, None), (1, True)]:
         h = list(header)
         h[i] = bad_value
         with pytest.raises(P.ProtocolError):
@@ -121,9 +125,9 @@ def test_nan_and_inf_are_rejected():
     with pytest.raises(P.ProtocolError, match="finite"):
         P.decode([*parts[:4], lps.tobytes()])
     header = msgpack.unpackb(parts[2])
-    for i in (4, 5, 7):             # rest_mass, prev_logp, forward_ms
+    for i in (4, 5, 8):             # rest_mass, prev_logp, forward_ms
         h = list(header)
-        h[i] = float("nan") if i != 7 else float("inf")
+        h[i] = float("nan") if i != 8 else float("inf")
         with pytest.raises(P.ProtocolError):
             P.decode([parts[0], parts[1], msgpack.packb(h), parts[3], parts[4]])
     lps = np.frombuffer(parts[4], dtype=np.float16).copy()

@@ -1,0 +1,135 @@
+"""A member's side of one session: prefill on Open, a frame per committed token, free on End.
+
+Besides computing frames, a member keeps everything needed to carry the session on when
+its leader dies: the prompt ids, the committed tokens, the params, the origin and the
+session's member list (for the rendezvous rank), and the last frame it computed. The
+node decides *whether* this member takes over (`membership.rank_for_session`);
+`session.LeaderSession.resume` does the taking over from this state.
+
+Tokens are queued and drained together: a member that fell behind (a straggler under
+`--step-deadline`) feeds every queued token through the model in one forward and sends
+one frame for the newest step, so it catches up instead of stalling the session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Callable
+
+import numpy as np
+
+from dwarfmesh.protocol import Frame, GenParams, Leave, Open, Token, extend_hash, prefix_hash
+
+log = logging.getLogger(__name__)
+
+Send = Callable[[str, Any], int]
+
+
+class MemberSession:
+    def __init__(self, open_msg: Open, *, me: str, engine: Any, send: Send) -> None:
+        self.session = open_msg.session
+        self.leader = open_msg.leader
+        self.origin = open_msg.origin
+        self.members = list(open_msg.members)
+        self.params: GenParams = open_msg.params
+        self.keep = open_msg.keep
+        self.prompt_ids = [int(t) for t in open_msg.prompt_ids]
+        self.me, self.engine, self.send = me, engine, send
+        self.committed: list[int] = []
+        self.hash = prefix_hash(self.prompt_ids)
+        self.last_frame: Frame | None = None
+        self.closed = False
+        self.taken_over = False        # this node now leads the session
+        self._queue: list[Token] = []
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task] = set()
+
+    def _frame(self, out: Any) -> Frame:
+        last = self.committed[-1] if self.committed else -1
+        return Frame(self.session, len(self.committed), self.me, self.hash, out.rest_mass,
+                     out.prev_logp, last, out.prompt_nll, out.forward_ms, out.ids, out.logprobs)
+
+    def _send_frame(self) -> None:
+        if self.last_frame is not None and not self.taken_over:
+            self.send(self.leader, self.last_frame)
+
+    async def open(self) -> None:
+        async with self._lock:
+            try:
+                out = await self.engine.open(self.session, self.prompt_ids, self.params.top_k)
+            except (RuntimeError, ValueError) as exc:   # EngineBusy, a bad prompt
+                self._leave(str(exc))
+                return
+            self.last_frame = self._frame(out)
+            self._send_frame()
+
+    def token(self, msg: Token) -> None:
+        """Queue a committed token; the drain task applies it (with any that follow)."""
+        self._queue.append(msg)
+        task = asyncio.get_running_loop().create_task(self._drain())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _drain(self) -> None:
+        async with self._lock:
+            if self.closed or not self._queue:
+                return
+            batch, self._queue = self._queue, []
+            new: list[int] = []
+            final = False
+            for msg in sorted(batch, key=lambda m: m.step):
+                step = len(self.committed) + len(new)
+                if msg.step < step:          # a duplicate (e.g. re-sent after a failover)
+                    known = (self.committed + new)[msg.step]
+                    if known != msg.token_id:
+                        return await self._diverged(msg.step)
+                    continue
+                if msg.step > step:
+                    return await self._diverged(msg.step, "a token is missing")
+                expected = extend_hash(self.hash, msg.token_id)
+                if msg.prefix_hash != expected:
+                    return await self._diverged(msg.step)
+                self.hash = expected
+                new.append(msg.token_id)
+                final = final or msg.final
+            if not new:
+                self._send_frame()           # a leader that lost our frame gets it again
+                return
+            if final:
+                self.committed.extend(new)
+                await self._close()
+                return
+            out = await self.engine.step(self.session, new, self.params.top_k)
+            self.committed.extend(new)
+            self.last_frame = self._frame(out)
+            self._send_frame()
+
+    def resume(self, new_leader: str) -> None:
+        """A new leader took over: send it our latest frame."""
+        self.leader = new_leader
+        self._send_frame()
+
+    async def end(self) -> None:
+        async with self._lock:
+            await self._close()
+
+    async def _diverged(self, step: int, why: str = "committed prefix diverged") -> None:
+        self.keep = False
+        await self._close()
+        self._leave(f"{why} at step {step}")
+
+    def _leave(self, reason: str) -> None:
+        log.warning("session %s: leaving: %s", self.session, reason)
+        self.closed = True
+        self.send(self.leader, Leave(self.session, self.me, reason))
+
+    async def _close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            await self.engine.close(self.session, keep=self.keep)
+
+    def state(self) -> dict[str, Any]:
+        """What a takeover needs (see session.LeaderSession.resume)."""
+        return {"prompt_ids": np.asarray(self.prompt_ids), "committed": list(self.committed),
+                "hash": self.hash, "last_frame": self.last_frame}

@@ -1,0 +1,101 @@
+"""What a leader measures about one session, and the summary it sends with `End`.
+
+Pure bookkeeping, no I/O: per-step timings (the slowest member's forward, the whole step,
+fusion), wire bytes, agreement between each member's own top token and the fused one,
+late frames per member. `summary()` is the dict that `generate --json` prints.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+
+class SessionStats:
+    def __init__(self, names: dict[str, str]) -> None:
+        self.names = dict(names)
+        self.step_ms: list[float] = []
+        self.slowest_forward_ms: list[float] = []
+        self.fusion_ms: list[float] = []
+        self.agree: Counter[str] = Counter()
+        self.seen: Counter[str] = Counter()
+        self.late_frames: Counter[str] = Counter()
+        self.stale_frames = 0
+        self.disagree_steps = 0
+        self.steps = 0
+        self.wire_bytes = 0
+        self.frame_bytes = 0
+        self.prompt_reused = 0
+        self.t_start = self.t_first = time.perf_counter()
+
+    def mark_first_token(self, t_start: float) -> None:
+        self.t_start, self.t_first = t_start, time.perf_counter()
+
+    def late(self, sender: str, was_late: bool) -> None:
+        """A frame that came after its step was fused (or from a stranger)."""
+        if was_late and sender in self.names:
+            self.late_frames[sender] += 1
+        else:
+            self.stale_frames += 1
+
+    def fused(self, order: list[str], member_top: np.ndarray, token: int, dt: float) -> None:
+        self.fusion_ms.append(dt * 1000.0)
+        self.steps += 1
+        for node_id, top in zip(order, member_top):
+            self.seen[node_id] += 1
+            self.agree[node_id] += int(top == token)
+        self.disagree_steps += int(np.any(member_top != token))
+
+    def stepped(self, dt: float, frames: dict[str, Any]) -> None:
+        self.step_ms.append(dt * 1000.0)
+        if frames:
+            self.slowest_forward_ms.append(max(f.forward_ms for f in frames.values()))
+
+    def timing(self) -> dict[str, float]:
+        def pct(xs: list[float], q: float) -> float:
+            return float(np.percentile(xs, q)) if xs else 0.0
+        n = min(len(self.step_ms), len(self.slowest_forward_ms))
+        over = np.array(self.step_ms[:n]) - np.array(self.slowest_forward_ms[:n])
+        slow = float(np.median(self.slowest_forward_ms)) if self.slowest_forward_ms else 0.0
+        return {
+            "step_p50": pct(self.step_ms, 50),
+            "step_p95": pct(self.step_ms, 95),
+            "slowest_forward_p50": slow,
+            "fusion_p50": pct(self.fusion_ms, 50),
+            "overhead_p50": float(np.median(over)) if n else 0.0,
+            "overhead_share": float(np.median(over)) / slow if n and slow > 0 else 0.0,
+        }
+
+    def summary(self, *, text: str, tokens: list[int], reason: str, leader: str,
+                members: list[Any], excluded: list[tuple[Any, str]], prompt_tokens: int,
+                weights: dict[str, float]) -> dict[str, Any]:
+        n = len(tokens)
+        decode_s = time.perf_counter() - self.t_first
+        remote = max(len(members) - 1, 1)
+        names = self.names
+        return {
+            "text": text,
+            "token_ids": tokens,
+            "finish_reason": reason,
+            "leader": leader,
+            "members": [m.name for m in members],
+            "models": {m.name: m.model for m in members},
+            "excluded": [{"name": m.name, "reason": why} for m, why in excluded],
+            "prompt_tokens": prompt_tokens,
+            "prompt_tokens_reused": self.prompt_reused,
+            "steps": n,
+            "ttft_ms": (self.t_first - self.t_start) * 1000.0,
+            "tokens_per_s": (self.steps - 1) / decode_s if self.steps > 1 and decode_s > 0
+            else 0.0,
+            "wire_bytes_per_token": self.wire_bytes / max(self.steps, 1),
+            "frame_bytes_per_member_per_token": self.frame_bytes / max(self.steps, 1) / remote,
+            "disagreement_rate": self.disagree_steps / max(self.steps, 1),
+            "agreement": {names[k]: self.agree[k] / self.seen[k] for k in self.seen},
+            "weights": {names[k]: float(v) for k, v in weights.items()
+                        if any(m.node_id == k for m in members)},
+            "late_frames": {names[k]: v for k, v in self.late_frames.items()},
+            "timing_ms": self.timing(),
+        }
