@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--no-mdns", action="store_true", help="do not advertise or browse by mDNS")
     n.add_argument("--interface", action="append", default=None, metavar="IP",
                    help="only use this interface address for mDNS (repeatable)")
+    _key_arg(n)
     n.add_argument("--weight", type=_ranged(float, 0.0, 1e6, "--weight"), default=1.0,
                    help="this node's static weight (used with --weights static)")
     n.add_argument("--step-timeout", type=_ranged(float, 0.01, 3600, "--step-timeout"),
@@ -106,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--connect", type=_address, metavar="HOST:PORT",
                     help="ask this node (default: find one by mDNS)")
     pe.add_argument("--json", action="store_true", help="print JSON: one object per node")
+    _key_arg(pe)
 
     g = sub.add_parser("generate", help="generate text with the whole ensemble")
     g.add_argument("--connect", type=_address, metavar="HOST:PORT",
@@ -126,6 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object with the result")
+    _key_arg(g)
+
+    k = sub.add_parser("key", help="make a mesh key (authenticates and encrypts the mesh)",
+                       description="Write a new random mesh key. Copy the file to every machine "
+                                   "of the mesh and start each node (and client) with "
+                                   "--mesh-key FILE, or put it at the default path, where it is "
+                                   "used automatically.")
+    k.add_argument("--out", default=None, metavar="FILE",
+                   help="where to write it (default ~/.config/dwarfmesh/mesh.key)")
+    k.add_argument("--force", action="store_true", help="replace an existing key file")
 
     c = sub.add_parser("chat", help="chat with the mesh in the terminal",
                        description="Interactive chat: answers stream token by token, a panel "
@@ -159,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _key_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mesh-key", default=None, metavar="FILE",
+                        help="the mesh key file (default: $DWARFMESH_MESH_KEY, else "
+                             "~/.config/dwarfmesh/mesh.key if it exists, else an open mesh)")
+
+
 def _setup_logging(verbose: bool) -> None:
     level = logging.DEBUG if verbose else logging.INFO
     if sys.stderr.isatty():
@@ -178,6 +196,9 @@ async def _run_node(args: argparse.Namespace) -> None:
     from dwarfmesh.models import resolve_model
     from dwarfmesh.node import Node, NodeOptions
 
+    from dwarfmesh.security import resolve_key
+
+    key = resolve_key(args.mesh_key)
     path = resolve_model(args.model, pull=True, progress=True)
     engine = Engine(path, model_name=args.model if "/" not in args.model else None)
     log.info("loading %s ...", engine.model_name)
@@ -189,7 +210,8 @@ async def _run_node(args: argparse.Namespace) -> None:
     opts = NodeOptions(model=args.model, name=args.name, host=args.host, port=args.port,
                        peers=args.peer, mdns=not args.no_mdns, interfaces=args.interface,
                        weight=args.weight, step_timeout_s=args.step_timeout,
-                       step_deadline_s=args.step_deadline / 1000.0 if args.step_deadline else None)
+                       step_deadline_s=args.step_deadline / 1000.0 if args.step_deadline else None,
+                       key=key)
     node = Node(opts, engine)
     try:
         await node.start()
@@ -224,6 +246,25 @@ async def _run_node(args: argparse.Namespace) -> None:
         await node.stop()
 
 
+def _client_key(args: argparse.Namespace):
+    from dwarfmesh.security import resolve_key
+    return resolve_key(getattr(args, "mesh_key", None))
+
+
+def _run_key(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from dwarfmesh.security import default_key_path, load_key, make_key_file
+
+    path = make_key_file(Path(args.out) if args.out else default_key_path(), force=args.force)
+    key = load_key(path)
+    print(f"wrote mesh key {key.key_id} to {path} (mode 600).")
+    print("Copy it to every machine of the mesh, e.g.:")
+    print(f"  scp {path} OTHER-HOST:.config/dwarfmesh/mesh.key")
+    print("and start nodes and clients with --mesh-key FILE (the default path is used "
+          "automatically). Nodes without it cannot join; their attempts are counted.")
+
+
 async def _connect(args: argparse.Namespace) -> str:
     from dwarfmesh.client import find_node
     return args.connect or await find_node()
@@ -232,7 +273,7 @@ async def _connect(args: argparse.Namespace) -> str:
 async def _run_peers(args: argparse.Namespace) -> None:
     from dwarfmesh.client import MeshClient
 
-    async with MeshClient(await _connect(args)) as client:
+    async with MeshClient(await _connect(args), _client_key(args)) as client:
         nodes = await client.peers()
     if args.json:
         print(json.dumps(nodes, indent=2))
@@ -261,7 +302,7 @@ async def _run_generate(args: argparse.Namespace) -> dict[str, Any]:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    async with MeshClient(await _connect(args)) as client:
+    async with MeshClient(await _connect(args), _client_key(args)) as client:
         result = await client.generate(args.prompt, params, on_text=None if args.json else show)
     if args.json:
         print(json.dumps(result.summary, indent=2))
@@ -313,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     from dwarfmesh.client import MeshError
     from dwarfmesh.models import ModelError
+    from dwarfmesh.security import KeyFileError
 
     try:
         if args.command == "node":
@@ -330,7 +372,9 @@ def main(argv: list[str] | None = None) -> int:
             _run_pull(args)
         elif args.command == "models":
             _run_models(args)
-    except (CliError, MeshError, ModelError) as exc:
+        elif args.command == "key":
+            _run_key(args)
+    except (CliError, MeshError, ModelError, KeyFileError) as exc:
         print(f"dwarfmesh: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -17,6 +17,7 @@ import zmq.asyncio
 
 from dwarfmesh import protocol as P
 from dwarfmesh.config import CLIENT_TIMEOUT_S, MAX_MESSAGE_BYTES, MESH_SETTLE_S
+from dwarfmesh.security import MeshKey, apply_client
 
 REPLY_TIMEOUT_S = 10.0
 POLL_TICK_S = 0.2
@@ -54,12 +55,16 @@ class GenerateResult:
 
 
 class MeshClient:
-    def __init__(self, address: str) -> None:
+    """One DEALER to one node. `key`: the mesh key (security.resolve_key), None = open mesh."""
+
+    def __init__(self, address: str, key: MeshKey | None = None) -> None:
         self.address = address
+        self.key = key
         self._ctx = zmq.asyncio.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        apply_client(self._sock, key)
         self._sock.connect(f"tcp://{address}")
 
     def close(self) -> None:
@@ -154,7 +159,7 @@ class MeshClient:
             if address == self.address:
                 continue
             self.close()
-            self.__init__(address)
+            self.__init__(address, self.key)
             await self._sock.send_multipart(P.encode(P.Attach(session, "", next_step)))
             if await self._sock.poll(int(PROBE_AFTER_S * 1000)):
                 return

@@ -46,6 +46,7 @@ class NodeOptions:
     weight: float = 1.0
     step_timeout_s: float | None = None
     step_deadline_s: float | None = None
+    key: Any = None                 # security.MeshKey; None = an open mesh
 
 
 class Node:
@@ -53,7 +54,8 @@ class Node:
         self.opts = options
         self.engine = engine
         self.node_id = node_id_for(options.name)
-        self.transport = Transport(host=options.host, port=options.port, handler=self._dispatch)
+        self.transport = Transport(host=options.host, port=options.port, handler=self._dispatch,
+                                   key=options.key)
         self.membership: Membership | None = None
         self.discovery: Any = None
         self._targets: dict[str, str] = {}            # address -> "static" | "mdns" | "learned"
@@ -81,6 +83,13 @@ class Node:
         self.spawn(self._heartbeat_loop())
         log.info("node %s (%s) serving %s on port %d%s", self.opts.name, self.node_id,
                  self.engine.model_name, port, "" if self.opts.mdns else " (mDNS off)")
+        if self.opts.key is None:
+            log.warning("this mesh is OPEN: anyone who can reach port %d can join it and read "
+                        "its text. Make a key with `dwarfmesh key` and give it to every node "
+                        "(--mesh-key FILE)", port)
+        else:
+            log.info("mesh key %s: traffic is authenticated and encrypted (CURVE)",
+                     self.opts.key.key_id)
 
     async def _start_discovery(self, port: int) -> None:
         from dwarfmesh.discovery import Discovery, PeerRecord

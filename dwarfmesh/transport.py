@@ -26,7 +26,9 @@ from typing import Any, Awaitable, Callable
 import zmq
 import zmq.asyncio
 
-from dwarfmesh import protocol
+from zmq.utils.monitor import parse_monitor_message
+
+from dwarfmesh import protocol, security
 from dwarfmesh.config import MAX_MESSAGE_BYTES, RECONNECT_IVL_MAX_MS, RECONNECT_IVL_MS
 
 log = logging.getLogger(__name__)
@@ -58,9 +60,12 @@ def _apply_common(sock: zmq.Socket) -> None:
 
 class Transport:
     def __init__(self, *, host: str, port: int, handler: Handler,
+                 key: security.MeshKey | None = None,
                  ctx: zmq.asyncio.Context | None = None) -> None:
         self.host = host
         self.port = port
+        self.key = key
+        self._auth: Any = None
         self._handler = handler
         self._ctx = ctx or zmq.asyncio.Context.instance()
         self._router: zmq.asyncio.Socket | None = None
@@ -83,6 +88,13 @@ class Transport:
         router = self._ctx.socket(zmq.ROUTER)
         _apply_common(router)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        if self.key is not None:
+            await self._start_auth()
+            security.apply_server(router, self.key)
+            monitor = router.get_monitor_socket(
+                zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+            self._tasks["monitor"] = asyncio.create_task(self._monitor_loop(monitor))
         bind_host = "*" if self.host in ("", "0.0.0.0") else self.host
         if self.port:
             router.bind(f"tcp://{bind_host}:{self.port}")
@@ -91,6 +103,33 @@ class Transport:
         self._router = router
         self._tasks["router"] = asyncio.create_task(self._recv_loop(router, None), name="router")
         return self.port
+
+    async def _start_auth(self) -> None:
+        """ZAP handler: admit only peers that hold the mesh's key pair; count the others."""
+        from zmq.auth.asyncio import AsyncioAuthenticator
+
+        transport = self
+
+        class MeshKeyOnly:
+            def callback(self, domain: str, client_key: bytes) -> bool:
+                ok = client_key == transport.key.public
+                if not ok:
+                    transport._drop("refused: wrong mesh key", "zap")
+                return ok
+
+        self._auth = AsyncioAuthenticator(self._ctx)
+        self._auth.start()
+        self._auth.configure_curve_callback("dwarfmesh", credentials_provider=MeshKeyOnly())
+
+    async def _monitor_loop(self, monitor: zmq.asyncio.Socket) -> None:
+        try:
+            while True:
+                event = parse_monitor_message(await monitor.recv_multipart())
+                if event["event"] != zmq.EVENT_HANDSHAKE_FAILED_AUTH:   # ZAP counted those
+                    self._drop("refused: handshake failed (no or another mesh key?)",
+                               str(event.get("endpoint", b""), "utf-8", "replace"))
+        finally:
+            monitor.close(linger=0)
 
     async def close(self) -> None:
         for task in self._tasks.values():
@@ -104,6 +143,9 @@ class Transport:
         if self._router is not None:
             self._router.close(linger=0)
             self._router = None
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
 
     # --- peers --------------------------------------------------------------------------
 
@@ -116,6 +158,7 @@ class Transport:
         sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
+        security.apply_client(sock, self.key)
         sock.connect(f"tcp://{address}")
         self._dealers[address] = sock
         self._tasks[f"dealer:{address}"] = asyncio.create_task(
@@ -203,10 +246,11 @@ class Transport:
                 self.dropped["handler error"] += 1
 
     def _drop(self, reason: str, where: str) -> None:
-        self.dropped[reason.split(":")[0] if reason.startswith("malformed") else reason] += 1
+        key = reason.split(":")[0] if reason.startswith("malformed") else reason
+        self.dropped[key] += 1
         now = time.monotonic()
-        if now - self._last_drop_log.get(reason, 0.0) > DROP_LOG_INTERVAL_S:
-            self._last_drop_log[reason] = now
+        if now - self._last_drop_log.get(key, 0.0) > DROP_LOG_INTERVAL_S:
+            self._last_drop_log[key] = now
             log.warning("dropped a message (%s) [%s]; %d dropped so far",
                         reason, where, sum(self.dropped.values()))
 

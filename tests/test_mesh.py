@@ -101,11 +101,24 @@ def test_malformed_messages_are_counted_and_the_node_keeps_serving(tiny_models, 
                    [b"DWM1", b"\xff", b"\x90"], [b"DWM2", b"\x01", b"\x90"], [b""]]
         for parts in garbage:
             sock.send_multipart(parts)
+        # a peer that speaks another protocol version gets a Refuse that says why
+        from dwarfmesh import protocol as P
+        sock.send_multipart(P.encode(P.Hello("x1", "old", "m", "f", 10, 99, ":1", 1.0, [], [])))
+        assert sock.poll(5000), "no answer to a wrong-version Hello"
+        refusal = P.decode(sock.recv_multipart())
+        assert isinstance(refusal, P.Refuse) and "version mismatch" in refusal.reason
         sock.close()
+        # an oversized message: libzmq drops the connection (MAXMSGSIZE), the node lives on
+        big = ctx.socket(zmq.DEALER)
+        big.setsockopt(zmq.LINGER, 2000)
+        big.connect(f"tcp://{addrs[0]}")
+        big.send_multipart([b"DWM1", b"\x06", b"x" * (5 << 20)])
+        big.close()
         ctx.term()
         asyncio.run(asyncio.sleep(0.5))
         me = next(n for n in peers_of(addrs[0]) if n["self"])
-        assert sum(me["stats"]["dropped"].values()) >= len(garbage)
+        assert sum(me["stats"]["dropped"].values()) >= len(garbage) + 1
+        assert me["stats"]["dropped"].get("refused: version") == 1
         out = generate_cli(addrs[0], PROMPT, "--max-tokens", "5", cache=tmp_path)
         assert out["steps"] == 5 and len(out["members"]) == 2
 
