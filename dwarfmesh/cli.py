@@ -195,7 +195,6 @@ async def _run_node(args: argparse.Namespace) -> None:
     from dwarfmesh.engine import Engine
     from dwarfmesh.models import resolve_model
     from dwarfmesh.node import Node, NodeOptions
-
     from dwarfmesh.security import resolve_key
 
     key = resolve_key(args.mesh_key)
@@ -339,13 +338,13 @@ def _run_pull(args: argparse.Namespace) -> None:
 
 
 def _run_models(_args: argparse.Namespace) -> None:
-    from dwarfmesh.models import SHORT_NAMES, resolve_model, ModelError
+    from dwarfmesh.models import SHORT_NAMES, ModelError, resolve_model
     for name in SHORT_NAMES:
         try:
             path = resolve_model(name, pull=False, progress=False)
             state = f"pulled ({path})"
         except ModelError:
-            state = "not pulled (dwarfmesh pull %s)" % name
+            state = f"not pulled (dwarfmesh pull {name})"
         print(f"{name:24s} {state}")
 
 

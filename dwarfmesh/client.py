@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -70,7 +71,7 @@ class MeshClient:
     def close(self) -> None:
         self._sock.close(linger=0)
 
-    async def __aenter__(self) -> "MeshClient":
+    async def __aenter__(self) -> MeshClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -23,12 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-import dwarfmesh  # noqa: F401  (OpenBLAS preload must precede the mlx import)
 import mlx.core as mx
+import numpy as np
 from mlx_lm import load as mlx_load
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+
+import dwarfmesh  # noqa: F401  (OpenBLAS preload must precede the mlx import)
 
 log = logging.getLogger(__name__)
 

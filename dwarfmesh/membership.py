@@ -98,7 +98,8 @@ def fusion_group(members: list[Member]) -> tuple[list[Member], list[tuple[Member
     ref = group[0]
     left_out = [
         (m, f"{m.name} ({m.model}) has a different tokenizer than {ref.model} "
-            f"(fingerprint {m.fingerprint[:8]} vs {best[:8]}); id-level fusion needs one vocabulary")
+            f"(fingerprint {m.fingerprint[:8]} vs {best[:8]}); "
+            "id-level fusion needs one vocabulary")
         for m in members if m.fingerprint != best
     ]
     return group, left_out

@@ -22,8 +22,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dwarfmesh import protocol as P
-from dwarfmesh.config import (DEFAULT_PORT, HEARTBEAT_INTERVAL_S, PROTOCOL_VERSION,
-                              default_node_name, node_id_for)
+from dwarfmesh.config import (
+    DEFAULT_PORT,
+    HEARTBEAT_INTERVAL_S,
+    PROTOCOL_VERSION,
+    default_node_name,
+    node_id_for,
+)
 from dwarfmesh.membership import Member, Membership
 from dwarfmesh.roles import SessionRoles
 from dwarfmesh.transport import Origin, Transport

@@ -1,4 +1,4 @@
-"""The wire protocol: one frozen dataclass per message, and strict encode/decode.
+"""The wire protocol: strict encode/decode of the messages declared in `messages.py`.
 
 A message travels as a ZeroMQ multipart message::
 
@@ -21,246 +21,29 @@ import dataclasses
 import math
 import types
 import typing
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Union
+from typing import Any, Union
 
 import msgpack
 import numpy as np
 
-from dwarfmesh.config import MAX_PROMPT_TOKENS, MAX_TOP_K, PROTOCOL_ID, PROTOCOL_VERSION
+from dwarfmesh.config import PROTOCOL_ID, PROTOCOL_VERSION
+from dwarfmesh.messages import *  # noqa: F403 - the protocol's public names are its messages
+from dwarfmesh.messages import (
+    MESSAGES,
+    Frame,
+    Generate,
+    GenParams,
+    Hello,
+    ProtocolError,
+    Start,
+    Token,
+)
 
 MAX_TEXT_CHARS = 1 << 20
 MAX_LIST_ITEMS = 4096
-
-
-class ProtocolError(ValueError):
-    """A message that does not follow the protocol; it is dropped and counted."""
-
-
-def _array(dtype: str, max_len: int) -> Any:
-    return field(metadata={"dtype": np.dtype(dtype), "max_len": max_len})
-
-
-# --- generation parameters (nested in requests) -------------------------------------------
-
-
-@dataclass(frozen=True)
-class GenParams:
-    """How one answer is generated. Validated on arrival like any header."""
-
-    max_tokens: int = 128
-    temperature: float = 0.0          # 0 = greedy
-    top_p: float = 1.0
-    seed: int | None = None
-    top_k: int = 64                   # entries per member frame
-    fuse: str = "linear"              # linear | loglinear
-    weights: str = "online"           # online | equal | perplexity | static
-    stop: list[str] = field(default_factory=list)
-    chat: bool = False                # apply each member's chat template to the prompt
-
-    def check(self) -> None:
-        if not 1 <= self.max_tokens <= 1 << 20:
-            raise ProtocolError(f"max_tokens out of range: {self.max_tokens}")
-        if not 0.0 <= self.temperature <= 100.0:
-            raise ProtocolError(f"temperature out of range: {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ProtocolError(f"top_p out of range: {self.top_p}")
-        if not 1 <= self.top_k <= MAX_TOP_K:
-            raise ProtocolError(f"top_k out of range: {self.top_k}")
-        if self.fuse not in ("linear", "loglinear"):
-            raise ProtocolError(f"unknown fuse {self.fuse!r}")
-        if self.weights not in ("online", "equal", "perplexity", "static"):
-            raise ProtocolError(f"unknown weights {self.weights!r}")
-
-
-# --- node <-> node ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Hello:
-    """Introduction and heartbeat in one: sent to every peer every heartbeat interval.
-
-    A Hello from a node this node does not know yet is answered with its own Hello (or a
-    Refuse); any Hello refreshes the sender's liveness, so there is no separate heartbeat
-    and no state where one side knows the other but not the reverse.
-    """
-
-    TAG: ClassVar[int] = 1
-    node_id: str
-    name: str
-    model: str
-    fingerprint: str           # tokenizer fingerprint: equal => same vocabulary, fuse by id
-    vocab_size: int
-    version: int
-    address: str               # host:port of this node's ROUTER (":port" = use my source IP)
-    weight: float              # static weight (--weight)
-    leading: list[str]         # sessions this node leads right now
-    peers: list[str]           # addresses of the peers this node sees alive (gossip)
-
-
-@dataclass(frozen=True)
-class Refuse:
-    TAG: ClassVar[int] = 2
-    node_id: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class Start:
-    """Entry node -> elected leader: run this request as session `session`."""
-
-    TAG: ClassVar[int] = 4
-    session: str
-    origin: str                # node id that talks to the client; gets every Token
-    prompt: str
-    params: GenParams
-    messages: list[dict[str, Any]]   # chat turns (role, content); used instead of prompt
-    keep: bool                 # a conversation: members keep the KV cache for the next turn
-
-
-@dataclass(frozen=True)
-class Open:
-    """Leader -> member: prefill these ids and send the first frame.
-
-    It carries everything a member needs to take over as leader if this one dies: the
-    origin to stream to, the session's members (for the rendezvous rank), the params.
-    """
-
-    TAG: ClassVar[int] = 5
-    session: str
-    leader: str
-    origin: str
-    members: list[str]
-    params: GenParams
-    keep: bool                 # keep the KV cache after End (multi-turn); else free it
-    prompt_ids: np.ndarray = _array("<u4", MAX_PROMPT_TOKENS)
-
-
-@dataclass(frozen=True)
-class Frame:
-    """Member -> leader: top-k of the next token's log-probabilities at `step`."""
-
-    TAG: ClassVar[int] = 6
-    session: str
-    step: int
-    sender: str
-    prefix_hash: int           # rolling hash of the committed ids this frame was computed on
-    rest_mass: float           # probability mass outside the top-k
-    prev_logp: float | None    # exact log p of the token committed at step-1 (None at step 0)
-    last_token: int            # id of the token committed at step-1 (-1 at step 0)
-    prompt_nll: float | None   # mean NLL per prompt token (step 0 only)
-    forward_ms: float          # the member's own compute time for this frame
-    ids: np.ndarray = _array("<u4", MAX_TOP_K)
-    logprobs: np.ndarray = _array("<f2", MAX_TOP_K)
-
-
-@dataclass(frozen=True)
-class Token:
-    """Leader -> members and origin: the token committed at `step`."""
-
-    TAG: ClassVar[int] = 7
-    session: str
-    step: int
-    token_id: int
-    prefix_hash: int           # hash of the committed ids including this token
-    text: str                  # the text this token adds (leader's detokenizer)
-    final: bool                # no frame is wanted after this token; an End follows
-
-
-@dataclass(frozen=True)
-class End:
-    """Leader -> members and origin: the session is over; free its state."""
-
-    TAG: ClassVar[int] = 8
-    session: str
-    reason: str                # eos | length | stop | error:... | cancelled
-    summary: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Leave:
-    """Member -> leader: I cannot go on with this session (busy, diverged, failed)."""
-
-    TAG: ClassVar[int] = 9
-    session: str
-    sender: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class Resume:
-    """New leader -> members and origin: I lead `session` now, from `step` committed tokens.
-
-    Members answer with their latest frame (which may be one step ahead, if they got a
-    token the dead leader sent to only some); the origin streams from the new leader.
-    """
-
-    TAG: ClassVar[int] = 10
-    session: str
-    leader: str
-    step: int
-
-
-@dataclass(frozen=True)
-class Attach:
-    """Client -> node, or node -> leader: stream `session` to me from token `next_step`.
-
-    A client whose node died attaches to another node; that node becomes the origin.
-    """
-
-    TAG: ClassVar[int] = 11
-    session: str
-    origin: str                # node id of the new origin ("" from a client)
-    next_step: int
-
-
-# --- client <-> node ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PeersRequest:
-    TAG: ClassVar[int] = 20
-    request: str
-
-
-@dataclass(frozen=True)
-class PeersReply:
-    TAG: ClassVar[int] = 21
-    request: str
-    nodes: list[dict[str, Any]]
-
-
-@dataclass(frozen=True)
-class Generate:
-    """Client -> any node: generate an answer; Tokens stream back, then an End."""
-
-    TAG: ClassVar[int] = 22
-    request: str
-    prompt: str
-    params: GenParams
-    messages: list[dict[str, Any]]   # chat turns; when given, prompt is ignored
-    conversation: str          # "" = one-shot; else reuse this conversation's KV caches
-
-
-@dataclass(frozen=True)
-class Cancel:
-    TAG: ClassVar[int] = 23
-    request: str
-
-
-@dataclass(frozen=True)
-class Error:
-    TAG: ClassVar[int] = 24
-    request: str
-    message: str
-
-
-MESSAGES: tuple[type, ...] = (
-    Hello, Refuse, Start, Open, Frame, Token, End, Leave, Resume, Attach,
-    PeersRequest, PeersReply, Generate, Cancel, Error,
-)
 _BY_TAG: dict[int, type] = {cls.TAG: cls for cls in MESSAGES}
 assert len(_BY_TAG) == len(MESSAGES), "duplicate message tag"
+
 
 # --- field checkers, built once from the type hints ---------------------------------------
 

@@ -114,12 +114,14 @@ class SessionRoles:
             if client is None:
                 return
             now = time.monotonic()
-            alive = client.leader == self.node.node_id or client.leader in self.node.membership.peers
+            alive = (client.leader == self.node.node_id
+                     or client.leader in self.node.membership.peers)
             if alive:
                 client.leader_lost_at = None
             elif client.leader_lost_at is None:
                 client.leader_lost_at = now      # give the members time to fail over
-            lost = client.leader_lost_at is not None and now - client.leader_lost_at > FAILOVER_GRACE_S
+            lost = (client.leader_lost_at is not None
+                    and now - client.leader_lost_at > FAILOVER_GRACE_S)
             if lost or now - client.last_heard > PREFILL_TIMEOUT_S:
                 del self.clients[session]
                 self.node.transport.reply(client.identity, P.Error(

@@ -25,13 +25,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from dwarfmesh import fusion
-from dwarfmesh.config import (ONLINE_ALPHA, ONLINE_ETA, PERPLEXITY_TAU, PREFILL_TIMEOUT_S,
-                              STEP_TIMEOUT_S)
+from dwarfmesh.config import (
+    ONLINE_ALPHA,
+    ONLINE_ETA,
+    PERPLEXITY_TAU,
+    PREFILL_TIMEOUT_S,
+    STEP_TIMEOUT_S,
+)
 from dwarfmesh.membership import Member
 from dwarfmesh.protocol import End, Frame, GenParams, Open, Resume, Token, extend_hash, prefix_hash
 from dwarfmesh.session_stats import SessionStats
@@ -237,7 +243,7 @@ class LeaderSession:
                 return reason, text
             t_step = time.perf_counter()
             local = self.engine.step(self.session, tok, p.top_k)
-            frames = await self._gather(step + 1, lambda: self._broadcast(token_msg), local)
+            frames = await self._gather(step + 1, lambda m=token_msg: self._broadcast(m), local)
             self.stats.stepped(time.perf_counter() - t_step, frames)
             self._learn(frames)
         return "length", text

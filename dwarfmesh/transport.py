@@ -20,12 +20,12 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import zmq
 import zmq.asyncio
-
 from zmq.utils.monitor import parse_monitor_message
 
 from dwarfmesh import protocol, security
