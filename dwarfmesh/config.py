@@ -27,7 +27,8 @@ HEARTBEAT_INTERVAL_S = 1.0      # every node pings every peer this often (Parano
 LIVENESS = 3                    # peer is dead after LIVENESS intervals of silence
 HANDSHAKE_TIMEOUT_S = 5.0
 RECONNECT_IVL_MS = 250          # libzmq reconnect backoff, from ...
-RECONNECT_IVL_MAX_MS = 4000     # ... to this
+RECONNECT_IVL_MAX_MS = 1000     # ... to this
+OPEN_RESEND_S = 3.0             # Start/Open not acknowledged this long are sent again
 
 PREFILL_TIMEOUT_S = 600.0       # slow CPUs prefill long prompts slowly
 STEP_TIMEOUT_S = 60.0           # leader waits this long for a member's frame before dropping it

@@ -34,6 +34,7 @@ from dwarfmesh import fusion
 from dwarfmesh.config import (
     ONLINE_ALPHA,
     ONLINE_ETA,
+    OPEN_RESEND_S,
     PERPLEXITY_TAU,
     PREFILL_TIMEOUT_S,
     STEP_TIMEOUT_S,
@@ -139,7 +140,10 @@ class LeaderSession:
         limit = PREFILL_TIMEOUT_S if first else self.step_timeout_s
         deadline = None if first else self.step_deadline_s
         try:
-            await asyncio.wait_for(asyncio.shield(self._waiter), deadline or limit)
+            if first:
+                await self._await_first_frames(send_first, limit)
+            else:
+                await asyncio.wait_for(asyncio.shield(self._waiter), deadline or limit)
         except asyncio.TimeoutError:
             if deadline is not None and self._frames:
                 pass                                 # fuse what arrived; the rest are late
@@ -151,6 +155,22 @@ class LeaderSession:
                         self.member_lost(m.node_id)
         self._expect = set()
         return dict(self._frames)
+
+    async def _await_first_frames(self, send_open: Callable[[], None], limit: float) -> None:
+        """Wait for every member's first frame, re-sending the Open every few seconds to
+        members not heard from (an Open can be lost to a peer that just restarted; a
+        member that already has it ignores the copy)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + limit
+        while True:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._waiter),
+                                       min(OPEN_RESEND_S, max(end - loop.time(), 0.0)))
+                return
+            except asyncio.TimeoutError:
+                if loop.time() >= end:
+                    raise
+                send_open()
 
     def _own(self, step: int, out: Any) -> Frame:
         return Frame(self.session, step, self.me.node_id, self._hash, out.rest_mass,
@@ -184,7 +204,8 @@ class LeaderSession:
                             [m.node_id for m in self.members], p, self.keep,
                             np.asarray(prompt_ids, dtype=np.uint32))
             local = self.engine.open(self.session, prompt_ids, p.top_k)
-            frames = await self._gather(0, lambda: self._broadcast(open_msg), local)
+            frames = await self._gather(0, lambda: self._broadcast(
+                open_msg, only={m.node_id for m in self.members} - set(self._frames)), local)
             self.stats.prompt_reused = getattr(self.own_out, "reused", 0)
         self.stats.mark_first_token(t_start)
         try:

@@ -7,9 +7,9 @@ in on: answering a Hello (or refusing it) and answering clients (`peers`, `gener
 
 Everything that arrives is decoded and validated by `protocol.decode` on the way in; a
 malformed message is dropped, counted by reason, logged (rate-limited) and never reaches
-the node. Sends never block the event loop: DEALERs use ZMQ_IMMEDIATE and non-blocking
-sends, so a message to a peer that is not connected is dropped and counted, not queued
-forever. Byte counters are kept at this layer, where "bytes on the wire" is honest.
+the node. Sends never block the event loop: they are non-blocking; a message to a peer
+whose connection is (re)establishing is queued by libzmq and delivered on connect, and
+past the high-water mark (a peer long gone) it is dropped and counted. Byte counters are kept at this layer, where "bytes on the wire" is honest.
 
 The transport knows nothing about sessions, election or models.
 """
@@ -155,7 +155,6 @@ class Transport:
             return
         sock = self._ctx.socket(zmq.DEALER)
         _apply_common(sock)
-        sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
         security.apply_client(sock, self.key)
@@ -197,7 +196,7 @@ class Transport:
         try:
             sync.send_multipart(parts, flags=zmq.NOBLOCK, copy=True)
         except zmq.ZMQError:
-            # zmq.Again: peer not connected (ZMQ_IMMEDIATE) or its queue is full;
+            # zmq.Again: the peer's queue is full (it has been gone a while);
             # EHOSTUNREACH: a client that went away. Either way the message is not sent.
             self.send_failures += 1
             return 0

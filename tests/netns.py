@@ -5,6 +5,8 @@
 - `bridged_netns(n)`: n namespaces ("hosts"), each with `lo` and an `eth0` veth into a
   bridge that lives in its own switch namespace; host i is 10.199.0.(i+1)/24 by default.
   Nothing is created in the root namespace, so no address or route can clash with the host.
+- `bridged_netns_with_switch(n)`: the same, also yielding the switch namespace, where host
+  i's bridge port is `veth{i}`; `set_host_link(switch, i, up)` takes that link down / up.
 - `Namespace.run` / `popen` / `python`: run a command (or Python) inside it
   (`ip netns exec`); processes started through `popen` are killed on cleanup.
 - Fixtures `lo_netns` and `bridged_netns_factory`; tests skip when not root or when
@@ -152,6 +154,14 @@ def loopback_netns() -> Iterator[Namespace]:
 @contextlib.contextmanager
 def bridged_netns(count: int, subnet: str = DEFAULT_SUBNET) -> Iterator[list[Namespace]]:
     """`count` hosts on one private L2 segment; host i has the i+1-th address of `subnet`."""
+    with bridged_netns_with_switch(count, subnet) as (_switch, hosts):
+        yield hosts
+
+
+@contextlib.contextmanager
+def bridged_netns_with_switch(count: int, subnet: str = DEFAULT_SUBNET
+                              ) -> Iterator[tuple[Namespace, list[Namespace]]]:
+    """`bridged_netns`, yielding (switch, hosts): host i's port on the bridge is `veth{i}`."""
     network = ipaddress.ip_network(subnet)
     if count < 1 or count >= network.num_addresses - 2:
         raise ValueError(f"cannot fit {count} hosts in {subnet}")
@@ -171,7 +181,12 @@ def bridged_netns(count: int, subnet: str = DEFAULT_SUBNET) -> Iterator[list[Nam
             _ip("-n", host.name, "link", "set", "eth0", "multicast", "on", "up")
             _ip("-n", host.name, "route", "add", "224.0.0.0/4", "dev", "eth0")
             hosts.append(host)
-        yield hosts
+        yield switch, hosts
+
+
+def set_host_link(switch: Namespace, index: int, up: bool) -> None:
+    """Take host `index`'s link to the bridge down (a pulled cable) or bring it back up."""
+    _ip("-n", switch.name, "link", "set", f"veth{index}", "up" if up else "down")
 
 
 def _skip_if_unavailable() -> None:
