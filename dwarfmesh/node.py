@@ -154,7 +154,9 @@ class Node:
             for address in list(self._targets):
                 self._dial(address)
             for dead in self.membership.expire(time.monotonic()):
-                self._peer_gone(dead.node_id, "silent past the liveness window")
+                log.warning("peer %s (%s) left: silent past the liveness window", dead.name,
+                            dead.node_id)
+                self._peer_gone(dead.node_id, "")
             beats += 1
             if beats % SWEEP_EVERY_BEATS == 0:
                 for conv in await self.engine.sweep():
@@ -164,7 +166,7 @@ class Node:
     def _peer_gone(self, node_id: str, why: str) -> None:
         member = self.membership.peer_down(node_id)
         address = self._addr_of.pop(node_id, None)
-        if member is not None:
+        if member is not None and why:
             log.warning("peer %s (%s) left: %s", member.name, node_id, why)
         if address is not None and self._targets.get(address) == "learned":
             del self._targets[address]
@@ -202,6 +204,12 @@ class Node:
             log.info("peer %s joined: %s at %s", hello.name, hello.model, address)
             if origin.identity is not None:
                 self.transport.reply(origin.identity, self._hello())
+            # A peer that (re)joined gets a fresh DEALER: the old one may sit in libzmq's
+            # reconnect backoff, and the first Start/Open to it must not wait for that.
+            old = self._addr_of.pop(hello.node_id, None)
+            for stale in {old, address} - {None}:
+                if self.transport.connected(stale):
+                    self.transport.disconnect(stale)
         # Gossip: a peer's peers are dialed too, so `--peer` on one node builds a full mesh.
         for addr in hello.peers:
             if addr.rpartition(":")[0] and addr not in self._targets and addr != self.me.address:
@@ -232,6 +240,8 @@ class Node:
             self.roles.frame(msg, origin.size)
         elif isinstance(msg, P.Leave):
             self.roles.leave(msg)
+        elif isinstance(msg, (P.Proposal, P.Scores, P.TextFrame)):   # issue 6: text replies
+            self.roles.text.reply(msg, origin.size)
         else:
             self.spawn(self._handle(msg, origin))
 
@@ -245,6 +255,10 @@ class Node:
             await roles.open(msg)
         elif isinstance(msg, (P.Token, P.End, P.Resume)):
             await roles.session_message(msg)
+        elif isinstance(msg, (P.Proposal, P.Scores, P.TextFrame)):   # issue 6: local replies
+            roles.text.reply(msg, 0)
+        elif isinstance(msg, (P.TextOpen, P.Candidates, P.Commit)):  # issue 6: text members
+            await roles.text.handle(msg)
         elif isinstance(msg, P.Cancel):
             roles.cancel(msg.request)
         elif isinstance(msg, P.Attach) and msg.origin:

@@ -22,9 +22,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from dwarfmesh import protocol as P
-from dwarfmesh.config import FAILOVER_GRACE_S, HEARTBEAT_INTERVAL_S, PREFILL_TIMEOUT_S
+from dwarfmesh.config import (FAILOVER_GRACE_S, HEARTBEAT_INTERVAL_S, OPEN_RESEND_S,
+                              PREFILL_TIMEOUT_S)
 from dwarfmesh.member import MemberSession
-from dwarfmesh.membership import elect_leader, fusion_group, rank_for_session
+from dwarfmesh.membership import elect_leader, rank_for_session
+from dwarfmesh.rank import plan_session  # issue 6: text-level sessions
+from dwarfmesh.rank_member import TextSessions  # issue 6
 from dwarfmesh.session import LeaderSession
 
 log = logging.getLogger(__name__)
@@ -41,6 +44,8 @@ class ClientStream:
     next_step: int
     last_heard: float
     leader_lost_at: float | None = None
+    start: Any = None              # the Start message, re-sent until the leader acknowledges
+    acked: bool = False
 
 
 class SessionRoles:
@@ -53,6 +58,7 @@ class SessionRoles:
         # answer: as leader, what was streamed; as member, who led.
         self.finished: dict[str, tuple[float, list[Any]]] = {}
         self.led_by: dict[str, str] = {}
+        self.text = TextSessions(node)   # issue 6: sessions across tokenizers
 
     # --- origin -----------------------------------------------------------------------
 
@@ -63,16 +69,18 @@ class SessionRoles:
             node.transport.reply(identity, P.Error(
                 session, f"session {session} is already answering; wait for it"))
             return
-        group, excluded = fusion_group(node.membership.alive())
+        plan = plan_session(req.params, node.membership.alive())   # issue 6: mode
+        group, excluded = plan.group, plan.excluded
         leader = elect_leader(session, group)
         for _member, why in excluded:
             log.warning("session %s: leaving out %s", session, why)
         log.info("session %s: leader %s, members %s", session, leader.name,
                  ", ".join(m.name for m in group))
+        start = P.Start(session, node.node_id, req.prompt, req.params, req.messages,
+                        bool(req.conversation))
         self.clients[session] = ClientStream(identity, session, leader.node_id, 0,
-                                             time.monotonic())
-        node.send_to(leader.node_id, P.Start(session, node.node_id, req.prompt, req.params,
-                                             req.messages, bool(req.conversation)))
+                                             time.monotonic(), start=start)
+        node.send_to(leader.node_id, start)
         node.spawn(self._watch_client(session))
 
     def attach(self, msg: P.Attach, identity: bytes) -> None:
@@ -95,6 +103,7 @@ class SessionRoles:
         if client is None:
             return
         client.last_heard = time.monotonic()
+        client.acked = True
         if isinstance(msg, P.Resume):
             client.leader, client.leader_lost_at = msg.leader, None
             return
@@ -102,6 +111,8 @@ class SessionRoles:
             if msg.step != client.next_step:
                 return                   # a token already streamed (resent by a new leader)
             client.next_step += 1
+        if isinstance(msg, P.End):
+            msg.summary.setdefault("mode", "fuse-ids")   # issue 6: text sessions set theirs
         self.node.transport.reply(client.identity, msg)
         if isinstance(msg, P.End):
             del self.clients[msg.session]
@@ -114,6 +125,10 @@ class SessionRoles:
             if client is None:
                 return
             now = time.monotonic()
+            if not client.acked and now - client.last_heard > OPEN_RESEND_S:
+                # The Start may have been lost (e.g. the leader had just restarted): again.
+                client.last_heard = now
+                self.node.send_to(client.leader, client.start)
             alive = (client.leader == self.node.node_id
                      or client.leader in self.node.membership.peers)
             if alive:
@@ -131,10 +146,16 @@ class SessionRoles:
 
     async def lead(self, start: P.Start) -> None:
         node = self.node
-        if start.session in self.leading:
-            node.send_to(start.origin, P.End(start.session, "error: session already running", {}))
-            return
-        group, excluded = fusion_group(node.membership.alive())
+        # Acknowledge (the origin re-sends an unacknowledged Start): "I lead it from step 0".
+        node.send_to(start.origin, P.Resume(start.session, node.node_id, 0))
+        if start.session in self.leading or start.session in self.text_leading():
+            return                                   # a re-sent Start: already running
+        plan = plan_session(start.params, node.membership.alive())  # issue 6: mode
+        log.info("session %s: %s (%s)", start.session, plan.kind, plan.why)  # issue 6
+        if plan.kind != "fuse-ids":                                   # issue 6
+            await self.text.lead(start, plan)                         # issue 6
+            return                                                    # issue 6
+        group, excluded = plan.group, plan.excluded
         if all(m.node_id != node.node_id for m in group):
             group = [node.me]
         await self._run_leader(start.session, LeaderSession(
@@ -142,6 +163,10 @@ class SessionRoles:
             params=start.params, members=group, me=node.me, engine=node.engine,
             send=node.send_to, messages=start.messages, keep=start.keep, excluded=excluded,
             **node.session_timeouts()))
+
+    def text_leading(self) -> dict[str, Any]:
+        """Sessions this node leads on the text path (issue 6), if that path exists."""
+        return getattr(getattr(self, "text", None), "leading", {}) or {}
 
     async def _run_leader(self, session: str, leader: LeaderSession) -> None:
         self.leading[session] = leader
@@ -168,6 +193,7 @@ class SessionRoles:
             leader.on_frame(msg, size)
 
     def leave(self, msg: P.Leave) -> None:
+        self.text.leave(msg.session, msg.sender, msg.reason)   # issue 6
         leader = self.leading.get(msg.session)
         if leader is not None:
             log.warning("session %s: %s left: %s", msg.session, msg.sender, msg.reason)
@@ -191,10 +217,14 @@ class SessionRoles:
         leader = self.leading.get(session)
         if leader is not None:
             leader.cancel()
+        self.text.cancel(session)   # issue 6
 
     # --- member -----------------------------------------------------------------------
 
     async def open(self, msg: P.Open) -> None:
+        current = self.member_of.get(msg.session)
+        if current is not None and not current.closed and current.leader == msg.leader:
+            return                                   # a re-sent Open: already prefilling
         member = MemberSession(msg, me=self.node.node_id, engine=self.node.engine,
                                send=self.node.send_to)
         self.member_of[msg.session] = member
@@ -202,6 +232,8 @@ class SessionRoles:
 
     async def session_message(self, msg: P.Token | P.End | P.Resume) -> None:
         self.to_client(msg)
+        if isinstance(msg, P.End):
+            await self.text.end(msg)   # issue 6: a text member frees its state
         member = self.member_of.get(msg.session)
         if member is None or member.taken_over:
             return
@@ -221,6 +253,7 @@ class SessionRoles:
 
     def peer_gone(self, node_id: str) -> None:
         node = self.node
+        self.text.peer_gone(node_id)   # issue 6
         for leader in self.leading.values():
             leader.member_lost(node_id)
         alive = {m.node_id for m in node.membership.alive()}
@@ -230,6 +263,12 @@ class SessionRoles:
             ranked = [m.node_id for m in rank_for_session(session, _stubs(member.members))
                       if m.node_id in alive]
             if not ranked:
+                continue
+            if len(member.members) > 2 and 2 * len(ranked) < len(member.members):
+                # We see less than half of the session: we are probably the ones cut off,
+                # and taking over would make a second leader. Leave it to the majority.
+                log.warning("session %s: leader %s unreachable but so is most of the "
+                            "session; not taking over", session, node_id)
                 continue
             if ranked[0] == node.node_id:
                 self._take_over(member, alive)

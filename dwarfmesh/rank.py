@@ -1,0 +1,386 @@
+"""Text-level sessions on the leader (issue 6): ensembles across different tokenizers.
+
+Owns two things:
+
+- `plan_session`: how a session runs. Id-level fusion (`session.LeaderSession`, the
+  original path, unchanged) when every live member shares one tokenizer; otherwise a
+  text-level session over EVERY live member: mode "rank" (the default for mixed meshes
+  in auto mode: its scores are exact, and a sequence-level mixture of exactly this kind
+  is what beat the best member in ../shared/notes/EVAL.md) or, with `--mode fuse`,
+  string-aligned fusion. `--mode rank` asks for ranking even with one tokenizer.
+- `TextLeaderSession`: the leader's loop for one text session. The committed state is
+  text; the leader sends `TextOpen`, then per step:
+  rank: Proposal from each member -> `Candidates` -> Scores -> choose by weighted NLL per
+  byte (textfuse.choose_candidate) -> `Commit`; fuse: TextFrame from each member ->
+  textfuse.fuse_texts -> `Commit`. Members re-sync to each Commit and answer for the
+  next step. A member that does not answer within the step timeout, that leaves, or
+  that dies is dropped; the session goes on with the others. No leader takeover.
+
+The leader itself takes part as an ordinary member through a local
+`rank_member.TextMemberSession` (messages to itself are dispatched locally), so its own
+work overlaps the others'. This node's table of text sessions is
+`rank_member.TextSessions`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from dwarfmesh import fusion, textfuse
+from dwarfmesh.config import (
+    ONLINE_ALPHA,
+    ONLINE_ETA,
+    PERPLEXITY_TAU,
+    PREFILL_TIMEOUT_S,
+    STEP_TIMEOUT_S,
+)
+from dwarfmesh.membership import Member, fusion_group
+from dwarfmesh.protocol import (
+    Candidates,
+    Commit,
+    End,
+    GenParams,
+    Proposal,
+    Scores,
+    TextFrame,
+    TextOpen,
+)
+
+log = logging.getLogger(__name__)
+
+RANK_CHUNK_TOKENS = 12      # most tokens a member proposes per round (before the cut)
+TRACE_STEPS = 32            # steps of per-member detail kept in the summary's "trace"
+AUTO_MIXED_MODE = "rank"    # what auto mode runs when members' tokenizers differ
+
+Send = Callable[[str, Any], int]
+
+
+@dataclass(frozen=True)
+class SessionPlan:
+    kind: str                                  # fuse-ids | fuse-text | rank
+    group: list[Member]
+    excluded: list[tuple[Member, str]]
+    why: str
+
+
+def plan_session(params: GenParams, alive: list[Member]) -> SessionPlan:
+    """Which path a session takes, with whom, and why (pure)."""
+    tokenizers = len({m.fingerprint for m in alive})
+    if params.mode == "rank":
+        return SessionPlan("rank", list(alive), [], "rank mode requested")
+    if tokenizers <= 1:
+        group, excluded = fusion_group(alive)
+        return SessionPlan("fuse-ids", group, excluded, "one tokenizer: fusing token ids")
+    kind = "fuse-text" if params.mode == "fuse" else AUTO_MIXED_MODE
+    return SessionPlan(kind, list(alive), [],
+                       f"{tokenizers} tokenizers among {len(alive)} members: {kind} by text")
+
+
+class TextLeaderSession:
+    """Runs one answer as leader of a text-level session over `members` (this node too)."""
+
+    def __init__(self, *, session: str, origin: str, params: GenParams, kind: str,
+                 members: list[Member], me: Member, engine: Any, send: Send, prompt: str = "",
+                 messages: list[dict[str, Any]] | None = None, keep: bool = False,
+                 excluded: list[tuple[Member, str]] | None = None,
+                 step_timeout_s: float = STEP_TIMEOUT_S, **_ignored: Any) -> None:
+        self.session, self.origin, self.params, self.kind = session, origin, params, kind
+        self.prompt, self.messages, self.keep = prompt, messages or [], keep
+        self.members, self.dropped = list(members), []
+        self.me, self.engine, self.send = me, engine, send
+        self.excluded = excluded or []
+        self.step_timeout_s = step_timeout_s
+        self.names = {m.node_id: m.name for m in members}
+        self.text, self.weights = "", {}
+        self._hash = textfuse.TEXT_HASH_START
+        self._want: tuple[type, int] | None = None
+        self._replies: dict[str, Any] = {}
+        self._waiter: asyncio.Future | None = None
+        self._cancelled = False
+        self.steps = self.wire_bytes = self.late = self.disagree = 0
+        self.step_ms: list[float] = []
+        self.phase_ms: dict[str, list[float]] = {"propose": [], "score": [], "frame": []}
+        self.slowest_ms: list[float] = []
+        self.agree: Counter[str] = Counter()
+        self.trace: list[dict[str, Any]] = []
+        self.prompt_tokens = self.first_bytes = self._n_candidates = 0
+        self.t_start = self.t_first = self.t_last = time.perf_counter()
+
+    # --- inputs from the node -------------------------------------------------------------
+
+    def on_reply(self, msg: Proposal | Scores | TextFrame, size: int) -> None:
+        ids = {m.node_id for m in self.members}
+        if (self._want is None or type(msg) is not self._want[0] or msg.step != self._want[1]
+                or msg.sender not in ids):
+            self.late += 1
+            return
+        problem = ("its text diverged" if msg.text_hash != self._hash
+                   else _malformed(msg, self._n_candidates))
+        if problem:
+            log.warning("session %s: %s: %s; leaving it out", self.session,
+                        self.names.get(msg.sender), problem)
+            self.member_lost(msg.sender)
+            return
+        self.wire_bytes += size
+        self._replies[msg.sender] = msg
+        self._maybe_done()
+
+    def member_lost(self, node_id: str) -> None:
+        gone = [m for m in self.members if m.node_id == node_id]
+        if gone:
+            self.members.remove(gone[0])
+            self.dropped.append(gone[0])
+            log.warning("session %s: member %s dropped; %d remain", self.session,
+                        gone[0].name, len(self.members))
+            self._maybe_done()
+
+    def cancel(self) -> None:
+        self._cancelled = True
+
+    def _maybe_done(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            if {m.node_id for m in self.members} <= set(self._replies):
+                self._waiter.set_result(None)
+
+    # --- talking to members ---------------------------------------------------------------
+
+    def _to_members(self, msg: Any, *, origin_too: bool = False,
+                    dropped_too: bool = False) -> None:
+        targets = [m.node_id for m in self.members + (self.dropped if dropped_too else [])]
+        for node_id in targets:
+            self.wire_bytes += self.send(node_id, msg)
+        if origin_too and self.origin not in targets:
+            self.send(self.origin, msg)
+
+    async def _gather(self, kind: type, step: int, send: Callable[[], None],
+                      phase: str) -> dict[str, Any]:
+        """Expect `kind` replies for `step`, send what triggers them, wait for all members
+        (or the timeout, after which the silent ones are dropped)."""
+        t0 = time.perf_counter()
+        self._want, self._replies = (kind, step), {}
+        self._waiter = asyncio.get_running_loop().create_future()
+        send()
+        self._maybe_done()
+        limit = PREFILL_TIMEOUT_S if step == 0 and kind is not Scores else self.step_timeout_s
+        try:
+            await asyncio.wait_for(asyncio.shield(self._waiter), limit)
+        except asyncio.TimeoutError:
+            for m in [m for m in self.members if m.node_id not in self._replies]:
+                log.warning("session %s: %s sent no %s for step %d in %.1fs; leaving it out",
+                            self.session, m.name, kind.__name__, step, limit)
+                self.member_lost(m.node_id)
+        self._want = None
+        self.phase_ms[phase].append((time.perf_counter() - t0) * 1000.0)
+        replies = dict(self._replies)
+        if replies:
+            self.slowest_ms.append(max(r.forward_ms for r in replies.values()))
+        return replies
+
+    # --- the session ----------------------------------------------------------------------
+
+    async def run(self) -> dict[str, Any]:
+        """Decode until EOS, a stop string, max_tokens or cancellation; return the summary."""
+        p = self.params
+        log.info("session %s: %s over %s", self.session, self.kind,
+                 ", ".join(f"{m.name} ({m.model})" for m in self.members))
+        prompt, templated = self.engine.render_prompt(self.prompt, self.messages, p.chat)
+        self.prompt_tokens = len(self.engine.tokenizer.encode(
+            prompt, add_special_tokens=not templated))
+        open_msg = TextOpen(self.session, self.me.node_id, self.origin,
+                            [m.node_id for m in self.members], p, self.keep,
+                            "rank" if self.kind == "rank" else "fuse", self.prompt,
+                            self.messages, RANK_CHUNK_TOKENS)
+        loop = self._rank if self.kind == "rank" else self._fuse
+        reason = await loop(lambda: self._to_members(open_msg))
+        summary = self._summary(reason)
+        self._to_members(End(self.session, reason, summary), origin_too=True, dropped_too=True)
+        return summary
+
+    async def _rank(self, send_open: Callable[[], None]) -> str:
+        p = self.params
+        proposals = await self._gather(Proposal, 0, send_open, "propose")
+        self.weights = self._initial_weights(proposals)
+        for step in range(p.max_tokens):
+            order = [m.node_id for m in self.members if m.node_id in proposals]
+            if any(proposals[m].answer_tokens >= p.max_tokens for m in order):
+                return "length"
+            cands, index = textfuse.unique_candidates(
+                [(proposals[m].text, proposals[m].eos) for m in order])
+            if not cands:
+                return "error: no member proposed a continuation" if order else \
+                    "error: no member answered"
+            ask = Candidates(self.session, step, [t for t, _ in cands], [e for _, e in cands])
+            self._n_candidates = len(cands)
+            scores = await self._gather(Scores, step, lambda a=ask: self._to_members(a),
+                                        "score")
+            scorers = [m.node_id for m in self.members if m.node_id in scores]
+            if not scorers:
+                return "error: no member scored the candidates"
+            nll = np.array([scores[m].nll for m in scorers], dtype=np.float64)
+            w = np.array([self.weights[m] for m in scorers])
+            best, per_unit = textfuse.choose_candidate(nll, w, cands)
+            for m, i in zip(order, index):
+                self.agree[m] += int(i == best)
+            self.disagree += int(any(i != best for i in index))
+            self._record(step, proposals={self.names[m]: [proposals[m].text, proposals[m].eos]
+                                          for m in order},
+                         candidates=[list(c) for c in cands],
+                         nll={self.names[m]: list(nll[j]) for j, m in enumerate(scorers)},
+                         weights={self.names[m]: float(x) for m, x in zip(scorers, w / w.sum())},
+                         per_byte=[float(x) for x in per_unit], chosen=best)
+            self._learn(scorers, -nll[:, best])
+            text, eos = cands[best]
+            commit, reason = self._commit(step, text, eos)
+            if commit.final:
+                self._to_members(commit, origin_too=True)
+                return reason
+            proposals = await self._gather(Proposal, step + 1,
+                                           lambda c=commit: self._to_members(c, origin_too=True),
+                                           "propose")
+        return "length"
+
+    async def _fuse(self, send_open: Callable[[], None]) -> str:
+        p = self.params
+        frames = await self._gather(TextFrame, 0, send_open, "frame")
+        self.weights = self._initial_weights(frames)
+        for step in range(p.max_tokens):
+            order = [m.node_id for m in self.members if m.node_id in frames]
+            if not order:
+                return "error: no member frames"
+            fused = textfuse.fuse_texts(
+                [textfuse.TextTopK(frames[m].texts, frames[m].logprobs, frames[m].eos_logp,
+                                   frames[m].rest_mass, self._vocab(m)) for m in order],
+                np.array([self.weights[m] for m in order]), p.fuse)
+            rng = np.random.default_rng([p.seed or 0, step]) if p.temperature > 0 else None
+            best = fusion.choose(fusion.Fused(np.arange(len(fused.candidates)), fused.probs,
+                                              fused.member_top),
+                                 temperature=p.temperature, top_p=p.top_p, rng=rng)
+            for m, top in zip(order, fused.member_top):
+                self.agree[m] += int(top == best)
+            self.disagree += int(np.any(fused.member_top != best))
+            text, eos = fused.candidates[best]
+            self._record(step, top={self.names[m]: [[t, float(lp)] for t, lp in
+                                                    zip(frames[m].texts[:4], frames[m].logprobs)]
+                                    for m in order},
+                         eos_logp={self.names[m]: frames[m].eos_logp for m in order},
+                         weights={self.names[m]: self.weights[m] for m in order},
+                         piece=text, eos=eos)
+            commit, reason = self._commit(step, text, eos, steps_left=p.max_tokens - step - 1)
+            if commit.final:
+                self._to_members(commit, origin_too=True)
+                return reason
+            frames = await self._gather(TextFrame, step + 1,
+                                        lambda c=commit: self._to_members(c, origin_too=True),
+                                        "frame")
+            present = [m for m in frames if frames[m].prev_logp is not None]
+            self._learn(present, np.array([frames[m].prev_logp for m in present]))
+        return "length"
+
+    def _commit(self, step: int, piece: str, eos: bool,
+                steps_left: int | None = None) -> tuple[Commit, str]:
+        """Append the chosen piece (cut at a stop string); decide whether it is the last."""
+        p = self.params
+        text = self.text + piece
+        final, reason = eos, "eos"
+        hit = next((s for s in p.stop if s and s in text), None)
+        if hit is not None:
+            cut = text.index(hit)
+            piece = piece[:max(len(piece) - (len(text) - cut), 0)]
+            text, final, reason = text[:cut], True, "stop"
+        if not final and steps_left is not None and steps_left <= 0:     # fuse: steps
+            final, reason = True, "length"
+        if self._cancelled and not final:
+            final, reason = True, "cancelled"
+        self.text, self._hash = text, textfuse.text_hash(self._hash, piece)
+        self.steps += 1
+        now = time.perf_counter()
+        if step == 0:
+            self.t_first, self.first_bytes = now, textfuse.utf8_len(text)
+        else:
+            self.step_ms.append((now - self.t_last) * 1000.0)
+        self.t_last = now
+        return Commit(self.session, step, piece, self._hash, final, RANK_CHUNK_TOKENS), reason
+
+    def _vocab(self, node_id: str) -> int:
+        return next(m.vocab_size for m in self.members if m.node_id == node_id)
+
+    def _record(self, step: int, **detail: Any) -> None:
+        if step < TRACE_STEPS:
+            self.trace.append({"step": step, **detail})
+
+    def _learn(self, order: list[str], logp: np.ndarray) -> None:
+        if self.params.weights != "online" or not order:
+            return
+        ow = fusion.OnlineWeights(np.array([self.weights[m] for m in order]),
+                                  eta=ONLINE_ETA, alpha=ONLINE_ALPHA)
+        self.weights.update(zip(order, map(float, ow.update(logp))))
+
+    def _initial_weights(self, replies: dict[str, Any]) -> dict[str, float]:
+        """As the id path, but from prompt NLL per BYTE (comparable across tokenizers)."""
+        ids, mode = [m.node_id for m in self.members], self.params.weights
+        if mode == "static":
+            w = np.array([m.weight for m in self.members], dtype=np.float64)
+        elif mode in ("perplexity", "online"):
+            w = fusion.perplexity_weights(
+                [getattr(replies.get(i), "prompt_nll", None) for i in ids], PERPLEXITY_TAU)
+        else:
+            w = np.ones(len(ids))
+        return dict(zip(ids, map(float, w / w.sum())))
+
+    def _summary(self, reason: str) -> dict[str, Any]:
+        everyone = self.members + self.dropped
+        decode_s = self.t_last - self.t_first          # first commit to last commit
+        nbytes = textfuse.utf8_len(self.text)
+        later_bytes = nbytes - self.first_bytes
+
+        def pct(xs: list[float], q: float) -> float:
+            return float(np.percentile(xs, q)) if xs else 0.0
+        answer_ids = (self.engine.tokenizer.encode(self.text, add_special_tokens=False)
+                      if self.text else [])
+        return {
+            "text": self.text, "mode": self.kind, "finish_reason": reason,
+            "token_ids": list(answer_ids),      # the leader's tokenization of the answer
+            "leader": self.me.name, "members": [m.name for m in self.members],
+            "models": {m.name: m.model for m in everyone},
+            "dropped": [m.name for m in self.dropped],
+            "excluded": [{"name": m.name, "reason": why} for m, why in self.excluded],
+            "prompt_tokens": self.prompt_tokens, "prompt_tokens_reused": 0,
+            "steps": self.steps, "committed_bytes": nbytes,
+            "ttft_ms": (self.t_first - self.t_start) * 1000.0,
+            "steps_per_s": (self.steps - 1) / decode_s if decode_s > 0 else 0.0,
+            "tokens_per_s": len(answer_ids) / (time.perf_counter() - self.t_start),
+            "ms_per_byte": decode_s * 1000.0 / later_bytes if later_bytes > 0 else 0.0,
+            "wire_bytes": self.wire_bytes,
+            "wire_bytes_per_byte": self.wire_bytes / max(nbytes, 1),
+            "wire_bytes_per_token": self.wire_bytes / max(len(answer_ids), 1),
+            "disagreement_rate": self.disagree / max(self.steps, 1),
+            "agreement": {self.names[k]: v / max(self.steps, 1) for k, v in self.agree.items()},
+            "weights": {self.names[k]: float(v) for k, v in self.weights.items()},
+            "late_replies": self.late,
+            "timing_ms": {"step_p50": pct(self.step_ms, 50),
+                          "step_p95": pct(self.step_ms, 95),
+                          **{f"{k}_p50": pct(v[1:], 50) for k, v in self.phase_ms.items() if v},
+                          "slowest_forward_p50": pct(self.slowest_ms[1:], 50)},
+            "trace": self.trace,
+        }
+
+
+def _malformed(msg: Any, n_candidates: int) -> str:
+    """Why a reply cannot be used (the codec checks types; this checks meaning)."""
+    if isinstance(msg, Scores) and len(msg.nll) != n_candidates:
+        return "scores for the wrong number of candidates"
+    if isinstance(msg, TextFrame):
+        lp = np.asarray(msg.logprobs, dtype=np.float32)
+        if len(lp) != len(msg.texts) or not np.all(np.isfinite(lp)) or np.any(lp > 1e-3):
+            return "malformed frame"
+        if not 0.0 <= msg.rest_mass <= 1.0 or msg.eos_logp > 1e-3:
+            return "malformed frame"
+    return ""

@@ -1,0 +1,341 @@
+"""Ensembles across different tokenizers (issue 6): rank and string-aligned fuse modes.
+
+Tiny random-weight llama models whose byte-level BPE tokenizers differ (vocab sizes 288,
+320, 400: different merges, so one text encodes to different ids). Every check compares
+what the mesh did with a computation made here directly with mlx-lm, from scratch (full
+forward passes, no KV cache), on the committed text."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import signal
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import dwarfmesh  # noqa: F401  (OpenBLAS preload before mlx, as in test_mesh.py)
+import mlx.core as mx
+from dwarfmesh import textfuse as tf
+from dwarfmesh.client import MeshClient
+from dwarfmesh.engine import Engine
+from dwarfmesh.membership import rank_for_session
+from dwarfmesh.protocol import GenParams
+from dwarfmesh.rank import RANK_CHUNK_TOKENS
+from meshutil import generate_cli, mesh, peers_of, stop
+from mlx_lm import load
+from test_mesh import direct_topk_frames
+
+PROMPT = "def quicksort(xs):"
+
+
+@pytest.fixture(scope="module")
+def mixed_models(tmp_path_factory):
+    from tiny import make_tiny_model
+
+    root = tmp_path_factory.mktemp("mixed")
+    return [make_tiny_model(root / f"v{v}", seed, vocab_size=v)
+            for seed, v in ((11, 320), (12, 400), (13, 288))]
+
+
+@pytest.fixture(scope="module")
+def mixed_mesh(mixed_models, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("mixed-mesh")
+    with mesh(mixed_models, cache) as (addrs, _procs):
+        yield addrs, cache
+
+
+class Direct:
+    """One model computed from scratch on whole texts: the independent reference."""
+
+    def __init__(self, path: Path) -> None:
+        self.model, self.tok = load(str(path))
+        self.eos = set(self.tok.eos_token_ids)
+
+    def logprobs(self, ids: list[int]) -> np.ndarray:
+        logits = self.model(mx.array([ids]))[0].astype(mx.float32)
+        return np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True), dtype=np.float64)
+
+    def nll(self, text: str) -> float:
+        ids = self.tok.encode(text)
+        lp = self.logprobs(ids)
+        return -float(sum(lp[i - 1, ids[i]] for i in range(1, len(ids))))
+
+    def eos_logp(self, text: str) -> float:
+        last = self.logprobs(self.tok.encode(text))[-1]
+        return float(np.logaddexp.reduce(last[sorted(self.eos)]))
+
+    def continuation_nll(self, context: str, text: str, eos: bool) -> float:
+        out = self.nll(context + text) - self.nll(context)
+        return out - (self.eos_logp(context + text) if eos else 0.0)
+
+    def proposal(self, context: str, budget: int) -> tuple[str, bool]:
+        """Greedy continuation from a fresh prefill, cut at a word or line boundary."""
+        ids, gen, text, eos = self.tok.encode(context), [], "", False
+        while len(gen) < budget:
+            tok = int(np.argmax(self.logprobs(ids + gen)[-1]))
+            if tok in self.eos:
+                eos = True
+                break
+            gen.append(tok)
+            text = self.tok.decode(gen)
+            if len(gen) == budget or tf.proposal_cut(text, done=False) is not None:
+                break
+        text = tf.complete_text(text)
+        return (text if eos else text[:tf.proposal_cut(text, done=True) or 0]), eos
+
+    def top_texts(self, context: str, k: int) -> tuple[dict[str, float], float, float]:
+        """The next piece's top-k as strings, from a fresh prefill (see textfuse doc)."""
+        last = self.logprobs(self.tok.encode(context))[-1]
+        special = set(self.tok.all_special_ids) | self.eos
+        probs: dict[str, float] = {}
+        for tok in np.argsort(-last.astype(np.float32), kind="stable")[:k]:
+            piece = "" if int(tok) in special else self.tok.decode([int(tok)])
+            if piece and "\ufffd" not in piece:
+                probs[piece] = probs.get(piece, 0.0) + float(np.exp(last[tok]))
+        eos_logp = float(np.logaddexp.reduce(last[sorted(self.eos)]))
+        return probs, eos_logp, max(1.0 - sum(probs.values()) - math.exp(eos_logp), 0.0)
+
+
+@pytest.fixture(scope="module")
+def direct(mixed_models):
+    return {p.name: Direct(p) for p in mixed_models}
+
+
+def by_node(summary: dict, direct: dict) -> dict[str, Direct]:
+    return {name: direct[model] for name, model in summary["models"].items()}
+
+
+# --- the wire ---------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_text_messages_round_trip_the_codec():
+    from dwarfmesh import protocol as P
+
+    params = GenParams(max_tokens=5, mode="rank")
+    samples = [
+        P.TextOpen("s", "n1", "n2", ["n1", "n2"], params, False, "rank", "def f(x):",
+                   [{"role": "user", "content": "hi"}], 12),
+        P.Proposal("s", 3, "n1", (1 << 64) - 1, " quick", False, 17, 1.25, 4.5),
+        P.Candidates("s", 3, [" quick", ""], [False, True]),
+        P.Scores("s", 3, "n1", 7, [3.5, 0.25], 2.0),
+        P.TextFrame("s", 4, "n2", 7, 0.125, -3.0, -0.5, None, 1.5, ["a", " b"],
+                    np.array([-0.5, -1.5], dtype=np.float16)),
+        P.Commit("s", 4, " b", 9, True, 1),
+    ]
+    for msg in samples:
+        back = P.decode(P.encode(msg))
+        assert type(back) is type(msg)
+        for name, value in vars(msg).items():
+            got = getattr(back, name)
+            assert (np.array_equal(got, value) if isinstance(value, np.ndarray)
+                    else got == value), name
+    assert GenParams().mode == "auto"
+    with pytest.raises(P.ProtocolError, match="unknown mode"):   # refused on arrival
+        P.decode(P.encode(P.Generate("r", "p", GenParams(mode="vote"), [], "")))
+
+
+# --- the engine's text state, in process -----------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_engine_text_state_equals_a_fresh_prefill_after_every_resync(mixed_models, direct):
+    path = mixed_models[1]
+    engine, ref = Engine(path), direct[path.name]
+    engine.load_sync()
+    opened = engine.text_open_sync("s", PROMPT, False)
+    assert opened.logp == pytest.approx(-ref.nll(PROMPT), rel=1e-5)
+    text = PROMPT
+    # pieces that split what this tokenizer would merge: re-encoding changes earlier ids
+    for piece in ["\n", "    ", "i", "f len", "(xs) <", "= 1:", "\n        return xs", " qu"]:
+        out = engine.text_extend_sync("s", piece)
+        assert out.logp == pytest.approx(ref.nll(text) - ref.nll(text + piece), rel=1e-4,
+                                         abs=1e-3)
+        text += piece
+        s = engine._sessions["s"]
+        assert s.tokens == ref.tok.encode(text)
+        fresh = ref.logprobs(s.tokens)[-1]
+        assert np.abs(np.array(s.logprobs) - fresh).max() < 1e-3
+    before = np.array(engine._sessions["s"].logprobs)
+    cands, eos = [" if", "\n", "", "ick brown", "icksort", "a"], [False, False, True, True,
+                                                                   False, False]
+    held = ref.tok.encode(text)
+    merged = [c for c in cands if ref.tok.encode(text + c)[:len(held)] != held]
+    assert merged, "no candidate re-encodes the committed text: the test would miss that case"
+    nll = engine.score_sync("s", cands, eos)
+    assert nll == pytest.approx([ref.continuation_nll(text, c, e) for c, e in zip(cands, eos)],
+                                rel=1e-4, abs=1e-3)
+    proposed = engine.propose_sync("s", RANK_CHUNK_TOKENS)
+    assert (proposed.text, proposed.eos) == ref.proposal(text, RANK_CHUNK_TOKENS)
+    # scoring and proposing leave the committed state as it was
+    assert engine.text_extend_sync("s", " x").logp == pytest.approx(
+        ref.nll(text) - ref.nll(text + " x"), rel=1e-4, abs=1e-3)
+    assert np.abs(before - ref.logprobs(ref.tok.encode(text))[-1]).max() < 1e-3
+    top = engine.text_topk_sync("s", 16)
+    probs, eos_logp, rest = ref.top_texts(text + " x", 16)
+    assert top.texts == list(probs)
+    assert np.exp(top.logprobs.astype(np.float64)) == pytest.approx(list(probs.values()),
+                                                                      rel=2e-3)
+    assert top.eos_logp == pytest.approx(eos_logp, abs=1e-4)
+    assert top.rest_mass == pytest.approx(rest, abs=1e-4)
+    engine.shutdown()
+
+
+# --- rank mode across tokenizers -------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+def test_rank_mode_commits_a_proposal_per_round_scored_exactly(mixed_mesh, direct):
+    addrs, cache = mixed_mesh
+    max_tokens = 100
+    out = generate_cli(addrs[0], PROMPT, "--mode", "rank", "--max-tokens", str(max_tokens),
+                       cache=cache)
+    assert out["mode"] == "rank"
+    assert sorted(out["members"]) == ["node0", "node1", "node2"] and out["excluded"] == []
+    assert len(set(out["models"].values())) == 3
+    ref = by_node(out, direct)
+    assert out["steps"] == len(out["trace"]) >= 2
+    committed = ""
+    for step in out["trace"]:
+        cands = [tuple(c) for c in step["candidates"]]
+        chosen = cands[step["chosen"]]
+        assert list(chosen) in step["proposals"].values()    # exactly one member's proposal
+        # each member's state after re-syncing equals a fresh prefill of the committed text:
+        # its proposal is the greedy continuation computed from scratch (max_tokens counts
+        # each member's own tokens)
+        for name, proposal in step["proposals"].items():
+            budget = min(RANK_CHUNK_TOKENS, max_tokens - len(ref[name].tok.encode(committed)))
+            assert tuple(proposal) == ref[name].proposal(PROMPT + committed, budget), name
+        # the scores the leader used are the members' exact NLLs of each candidate
+        names = list(step["nll"])
+        assert sorted(names) == sorted(out["members"])
+        for name in names:
+            want = [ref[name].continuation_nll(PROMPT + committed, t, e) for t, e in cands]
+            assert step["nll"][name] == pytest.approx(want, rel=1e-4, abs=2e-3), name
+        best, _ = tf.choose_candidate(np.array([step["nll"][n] for n in names]),
+                                      np.array([step["weights"][n] for n in names]), cands)
+        assert best == step["chosen"]
+        committed += chosen[0]
+    assert committed == out["text"]
+    assert out["finish_reason"] == "length"
+    assert max(len(r.tok.encode(committed)) for r in ref.values()) >= max_tokens
+    assert out["wire_bytes"] > 0 and out["committed_bytes"] == len(out["text"].encode())
+    assert sum(out["weights"].values()) == pytest.approx(1.0)
+
+
+@pytest.mark.timeout(300)
+def test_auto_mode_with_mixed_tokenizers_ranks_the_same_whoever_leads(mixed_mesh):
+    addrs, _cache = mixed_mesh
+    ids = {n["name"]: n["node_id"] for n in peers_of(addrs[2])}
+
+    async def ask(session: str) -> dict:
+        async with MeshClient(addrs[2]) as c:
+            return (await c.generate(PROMPT, GenParams(max_tokens=16), conversation=session)
+                    ).summary
+    outs = [asyncio.run(ask(session_led_by(ids[name], list(ids.values()))))
+            for name in ("node0", "node1")]
+    assert [o["leader"] for o in outs] == ["node0", "node1"]
+    for out in outs:
+        assert out["mode"] == "rank" and out["excluded"] == []
+        assert sorted(out["members"]) == ["node0", "node1", "node2"]
+    assert outs[0]["text"] == outs[1]["text"] != ""
+
+
+# --- fuse mode across tokenizers -------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+def test_fuse_mode_aligns_members_by_string(mixed_mesh, direct):
+    addrs, cache = mixed_mesh
+    k = 16
+    out = generate_cli(addrs[1], PROMPT, "--mode", "fuse", "--max-tokens", "20", "--top-k",
+                       str(k), cache=cache)
+    assert out["mode"] == "fuse-text" and sorted(out["members"]) == ["node0", "node1", "node2"]
+    ref = by_node(out, direct)
+    assert out["steps"] == len(out["trace"]) == 20
+    committed = ""
+    for step in out["trace"]:
+        names = list(step["top"])
+        frames = []
+        for name in names:
+            probs, eos_logp, rest = ref[name].top_texts(PROMPT + committed, k)
+            # the member's state equals a fresh prefill: same top strings, same log-probs
+            top = step["top"][name]
+            assert [t for t, _ in top] == list(probs)[:4], name
+            assert [lp for _, lp in top] == pytest.approx(
+                [math.log(p) for p in list(probs.values())[:4]], abs=2e-2)
+            assert step["eos_logp"][name] == pytest.approx(eos_logp, abs=1e-3)
+            lps = np.log(np.array(list(probs.values()))).astype(np.float16)
+            frames.append(tf.TextTopK(list(probs), lps, eos_logp, rest,
+                                      ref[name].model.args.vocab_size))
+        fused = tf.fuse_texts(frames, np.array([step["weights"][n] for n in names]), "linear")
+        chosen = fused.candidates.index((step["piece"], step["eos"]))
+        assert fused.probs[chosen] >= fused.probs.max() - 1e-6      # the argmax (or a tie)
+        committed += step["piece"]
+    assert committed == out["text"]
+
+
+# --- one tokenizer: auto is today's id path --------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+def test_same_tokenizer_auto_mode_takes_the_id_path_unchanged(tiny_models, tmp_path):
+    k, n = 16, 12
+    with mesh(tiny_models[:2], tmp_path) as (addrs, _procs):
+        auto = generate_cli(addrs[0], PROMPT, "--max-tokens", str(n), "--weights", "equal",
+                            "--top-k", str(k), cache=tmp_path)
+        fuse = generate_cli(addrs[1], PROMPT, "--max-tokens", str(n), "--weights", "equal",
+                            "--top-k", str(k), "--mode", "fuse", cache=tmp_path)
+    assert auto["mode"] == fuse["mode"] == "fuse-ids"
+    models = [load(str(p))[0] for p in tiny_models[:2]]
+    tok = load(str(tiny_models[0]))[1]
+    ids = tok.encode(PROMPT)
+    pairs = [direct_topk_frames(m, ids, k) for m in models]
+    frames, expected = [f for f, _ in pairs], []
+    from dwarfmesh import fusion
+    for _ in range(n):
+        fused = fusion.fuse([f[0] for f in frames], [f[1] for f in frames],
+                            [f[2] for f in frames], np.ones(2), 320, "linear")
+        t = fusion.choose(fused, temperature=0, top_p=1, rng=None)
+        expected.append(t)
+        if t in tok.eos_token_ids:
+            break
+        frames = [step(t) for _, step in pairs]
+    assert auto["token_ids"] == fuse["token_ids"] == expected
+
+
+# --- a member dies mid-answer ----------------------------------------------------------------
+
+
+def session_led_by(leader_id: str, node_ids: list[str]) -> str:
+    members = [SimpleNamespace(node_id=n) for n in node_ids]
+    return next(f"conv-{i}" for i in range(10_000)
+                if rank_for_session(f"conv-{i}", members)[0].node_id == leader_id)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("mode", ["rank", "fuse"])
+def test_a_member_dies_and_the_text_session_goes_on(mixed_models, tmp_path, mode):
+    with mesh(mixed_models, tmp_path) as (addrs, procs):
+        ids = {n["name"]: n["node_id"] for n in peers_of(addrs[0])}
+        session = session_led_by(ids["node0"], list(ids.values()))
+        pieces: list[str] = []
+
+        def on_text(piece: str) -> None:
+            pieces.append(piece)
+            if len(pieces) == 1:
+                stop([procs[2]], signal.SIGKILL)
+
+        async def go():
+            async with MeshClient(addrs[0]) as c:
+                return await c.generate(PROMPT, GenParams(max_tokens=120, mode=mode),
+                                        on_text=on_text, conversation=session)
+        result = asyncio.run(go())
+    s = result.summary
+    assert s["leader"] == "node0" and s["dropped"] == ["node2"]
+    assert sorted(s["members"]) == ["node0", "node1"]
+    assert s["finish_reason"] in ("length", "eos")
+    assert "".join(pieces) == result.text and len(pieces) == s["steps"] > 1
