@@ -141,6 +141,8 @@ class MeshClient:
                 continue
             heard = loop.time()
             msg = P.decode(await self._sock.recv_multipart())
+            if isinstance(msg, P.Error) and msg.request == "":
+                raise MeshError(msg.message)         # the node could not read our request
             if getattr(msg, "session", getattr(msg, "request", None)) != session:
                 continue
             if isinstance(msg, P.Token):

@@ -90,6 +90,7 @@ class Engine(TextEngineMixin):
         self.vocab_size = 0
         self.fingerprint = ""
         self.eos_ids: set[int] = set()
+        self.context_length: int | None = None
 
     # --- asyncio side -------------------------------------------------------------------
 
@@ -118,7 +119,8 @@ class Engine(TextEngineMixin):
 
     def load_sync(self) -> None:
         t0 = time.perf_counter()
-        model, tokenizer = mlx_load(self.model_path)
+        model, tokenizer, config = mlx_load(self.model_path, return_config=True)
+        self.context_length = int(config.get("max_position_embeddings") or 0) or None
         if mx.default_device() == mx.cpu:
             # fp16/bf16 matmuls are very slow on the CPU backend; float32 is the fast path.
             model.set_dtype(mx.float32)

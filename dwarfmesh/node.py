@@ -36,6 +36,7 @@ from dwarfmesh.transport import Origin, Transport
 log = logging.getLogger(__name__)
 
 _LOCAL = Origin("local", None, "", None, 0)
+MAX_IDENTITIES = 4096          # routing ids remembered (peers reconnect with new ones)
 SWEEP_EVERY_BEATS = 30          # look for idle conversation caches every 30 heartbeats
 
 
@@ -66,6 +67,7 @@ class Node:
         self._targets: dict[str, str] = {}            # address -> "static" | "mdns" | "learned"
         self._addr_of: dict[str, str] = {}            # node_id -> address we dial it on
         self.roles = SessionRoles(self)
+        self._by_identity: dict[bytes, str] = {}      # ROUTER routing id -> peer node id
         self._tasks: set[asyncio.Task] = set()
         self._stopped = asyncio.Event()
 
@@ -196,6 +198,10 @@ class Node:
             return
         if hello.node_id == self.node_id:
             return
+        if origin.identity is not None:
+            self._by_identity[origin.identity] = hello.node_id
+            if len(self._by_identity) > MAX_IDENTITIES:
+                self._by_identity.pop(next(iter(self._by_identity)))
         host, _, port = hello.address.rpartition(":")
         address = hello.address if host else f"{origin.peer_ip}:{port}"
         member = Member(hello.node_id, hello.name, hello.model, hello.fingerprint,
@@ -234,6 +240,11 @@ class Node:
 
     def _dispatch(self, msg: Any, origin: Origin) -> None:
         """Cheap messages are handled inline; anything that may wait runs in a task."""
+        peer = self._by_identity.get(origin.identity) if origin.identity else None
+        if peer is not None:
+            # Any message proves the peer alive: a busy member streaming frames must not be
+            # dropped because its heartbeat was late on a loaded machine.
+            self.membership.heard_from(peer, time.monotonic())
         if isinstance(msg, P.Hello):
             self._on_hello(msg, origin)
         elif isinstance(msg, P.Frame):

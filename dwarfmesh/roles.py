@@ -28,7 +28,7 @@ from dwarfmesh.member import MemberSession
 from dwarfmesh.membership import elect_leader, rank_for_session
 from dwarfmesh.rank import plan_session  # issue 6: text-level sessions
 from dwarfmesh.rank_member import TextSessions  # issue 6
-from dwarfmesh.session import LeaderSession
+from dwarfmesh.session import LeaderSession, PromptTooLong
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,10 @@ class SessionRoles:
         try:
             await leader.run()
         except Exception as exc:  # noqa: BLE001 - report any failure to the client, then log it
-            log.exception("session %s failed", session)
+            if isinstance(exc, PromptTooLong):
+                log.warning("session %s: %s", session, exc)
+            else:
+                log.exception("session %s failed", session)
             self.node.send_to(leader.origin, P.End(session, f"error: {exc}", {}))
             for m in leader.members:
                 if m.node_id != self.node.node_id:

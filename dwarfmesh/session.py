@@ -34,6 +34,7 @@ from dwarfmesh import fusion
 from dwarfmesh.config import (
     ONLINE_ALPHA,
     ONLINE_ETA,
+    MAX_PROMPT_TOKENS,
     OPEN_RESEND_S,
     PERPLEXITY_TAU,
     PREFILL_TIMEOUT_S,
@@ -46,6 +47,10 @@ from dwarfmesh.session_stats import SessionStats
 log = logging.getLogger(__name__)
 
 Send = Callable[[str, Any], int]     # (node_id, message) -> bytes sent
+
+
+class PromptTooLong(ValueError):
+    """The prompt does not fit the members' context (or the protocol's limit)."""
 
 
 class LeaderSession:
@@ -199,6 +204,10 @@ class LeaderSession:
         else:
             prompt_ids = (self.engine.encode_chat(self.messages) if self.messages
                           else self.engine.encode(self.prompt, chat=p.chat))
+            limit = min(MAX_PROMPT_TOKENS, self.engine.context_length or MAX_PROMPT_TOKENS)
+            if len(prompt_ids) + 1 > limit:
+                raise PromptTooLong(f"prompt too long: {len(prompt_ids)} tokens, this "
+                                    f"mesh takes at most {limit - 1}")
             self._hash, committed = prefix_hash(prompt_ids), []
             open_msg = Open(self.session, self.me.node_id, self.origin,
                             [m.node_id for m in self.members], p, self.keep,

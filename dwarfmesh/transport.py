@@ -51,6 +51,13 @@ class Origin:
 Handler = Callable[[Any, Origin], Awaitable[None] | None]
 
 
+def _is_client_request(body: list[Any]) -> bool:
+    """Whether a rejected message carried a client request tag (so it deserves an answer)."""
+    tag = body[1].bytes if len(body) > 1 else b""
+    return len(tag) == 1 and tag[0] in (protocol.Generate.TAG, protocol.PeersRequest.TAG,
+                                        protocol.Attach.TAG)
+
+
 def _apply_common(sock: zmq.Socket) -> None:
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
@@ -233,6 +240,9 @@ class Transport:
                 msg = protocol.decode([f.buffer for f in body])
             except protocol.ProtocolError as exc:
                 self._drop(f"malformed: {str(exc)[:60]}", peer_ip or address or "?")
+                if is_router and _is_client_request(body):
+                    # A client (perhaps of another version) would otherwise wait for nothing.
+                    self.reply(identity, protocol.Error("", f"request rejected: {exc}"))
                 continue
             self.messages_received += 1
             origin = Origin("router" if is_router else "dealer", identity, peer_ip, address, size)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import msgpack
 import numpy as np
 import pytest
 import zmq
@@ -107,6 +108,11 @@ def test_malformed_messages_are_counted_and_the_node_keeps_serving(tiny_models, 
         assert sock.poll(5000), "no answer to a wrong-version Hello"
         refusal = P.decode(sock.recv_multipart())
         assert isinstance(refusal, P.Refuse) and "version mismatch" in refusal.reason
+        # a client request the node cannot read is answered with an Error, not silence
+        sock.send_multipart([b"DWM1", bytes((P.Generate.TAG,)), msgpack.packb(["r", 1])])
+        assert sock.poll(5000), "no answer to an unreadable Generate"
+        err = P.decode(sock.recv_multipart())
+        assert isinstance(err, P.Error) and "request rejected" in err.message
         sock.close()
         # an oversized message: libzmq drops the connection (MAXMSGSIZE), the node lives on
         big = ctx.socket(zmq.DEALER)
@@ -117,7 +123,7 @@ def test_malformed_messages_are_counted_and_the_node_keeps_serving(tiny_models, 
         ctx.term()
         asyncio.run(asyncio.sleep(0.5))
         me = next(n for n in peers_of(addrs[0]) if n["self"])
-        assert sum(me["stats"]["dropped"].values()) >= len(garbage) + 1
+        assert sum(me["stats"]["dropped"].values()) >= len(garbage) + 2
         assert me["stats"]["dropped"].get("refused: version") == 1
         out = generate_cli(addrs[0], PROMPT, "--max-tokens", "5", cache=tmp_path)
         assert out["steps"] == 5 and len(out["members"]) == 2
@@ -158,3 +164,26 @@ def test_conversation_turns_reuse_the_kv_cache(tiny_models, tmp_path):
     assert fresh["prompt_tokens_reused"] == 0
     assert second["prompt_tokens"] == fresh["prompt_tokens"]
     assert second["token_ids"][:4] == fresh["token_ids"][:4]
+
+
+@pytest.mark.timeout(180)
+def test_a_prompt_longer_than_the_context_is_a_clear_error(tmp_path):
+    import json as _json
+    import subprocess
+    import sys
+
+    from meshutil import ROOT, node_env
+    from tiny import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "short", 4)
+    config = _json.loads((model / "config.json").read_text())
+    config["max_position_embeddings"] = 32
+    (model / "config.json").write_text(_json.dumps(config))
+    with mesh([model, model], tmp_path) as (addrs, _procs):
+        out = subprocess.run([sys.executable, "-m", "dwarfmesh", "generate", "--connect", addrs[0],
+                              "--prompt", "The quick brown fox " * 20], capture_output=True,
+                             text=True, timeout=120, env=node_env(tmp_path), cwd=ROOT)
+        assert out.returncode == 2
+        assert "prompt too long" in out.stderr and "Traceback" not in out.stderr
+        ok = generate_cli(addrs[1], "def f", "--max-tokens", "4", cache=tmp_path)
+        assert ok["steps"] == 4                    # and the mesh goes on serving
