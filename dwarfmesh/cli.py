@@ -116,18 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--connect", type=_address, metavar="HOST:PORT",
                    help="send the request to this node (default: find one by mDNS)")
     g.add_argument("--prompt", required=True, help="the prompt text")
-    g.add_argument("--max-tokens", type=_ranged(int, 1, 1 << 20, "--max-tokens"), default=128)
-    g.add_argument("--temperature", type=_ranged(float, 0.0, 100.0, "--temperature"),
-                   default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-p", type=_ranged(float, 1e-6, 1.0, "--top-p"), default=1.0)
-    g.add_argument("--seed", type=int, default=None, help="seed for sampling at the leader")
-    g.add_argument("--top-k", type=_ranged(int, 1, MAX_TOP_K, "--top-k"), default=DEFAULT_TOP_K,
-                   help=f"entries per member frame (default {DEFAULT_TOP_K})")
-    g.add_argument("--fuse", choices=["linear", "loglinear"], default="linear",
-                   help="pool: linear mixture (default) or product of experts")
-    g.add_argument("--weights", choices=["online", "equal", "perplexity", "static"],
-                   default="online", help="member weights (default: online fixed-share, "
-                   "starting from prompt perplexity)")
+    _sampling_args(g, max_tokens=128)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--mode", choices=["auto", "fuse", "rank"], default="auto",
                    help="auto (default): fuse token ids when every member shares a tokenizer, "
@@ -151,16 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "shows the mesh. Type /help inside for the commands.")
     c.add_argument("--connect", type=_address, metavar="HOST:PORT",
                    help="talk to this node (default: find one by mDNS)")
-    c.add_argument("--max-tokens", type=_ranged(int, 1, 1 << 20, "--max-tokens"), default=512)
-    c.add_argument("--temperature", type=_ranged(float, 0.0, 100.0, "--temperature"),
-                   default=0.0, help="0 = greedy (default); /temperature X changes it")
-    c.add_argument("--top-p", type=_ranged(float, 1e-6, 1.0, "--top-p"), default=1.0)
-    c.add_argument("--seed", type=int, default=None, help="seed for sampling at the leader")
-    c.add_argument("--top-k", type=_ranged(int, 1, MAX_TOP_K, "--top-k"), default=DEFAULT_TOP_K,
-                   help=f"entries per member frame (default {DEFAULT_TOP_K})")
-    c.add_argument("--fuse", choices=["linear", "loglinear"], default="linear")
-    c.add_argument("--weights", choices=["online", "equal", "perplexity", "static"],
-                   default="online")
+    _sampling_args(c, max_tokens=512)
     c.add_argument("--system", default="", help="a system prompt for the conversation")
     _key_arg(c)
 
@@ -179,6 +159,25 @@ def build_parser() -> argparse.ArgumentParser:
     pu.add_argument("names", nargs="+", metavar="NAME")
     sub.add_parser("models", help="list the short model names and whether they are pulled")
     return p
+
+
+def _sampling_args(parser: argparse.ArgumentParser, *, max_tokens: int) -> None:
+    """How an answer is generated: shared by `generate` and `chat`."""
+    parser.add_argument("--max-tokens", type=_ranged(int, 1, 1 << 20, "--max-tokens"),
+                        default=max_tokens, help=f"(default {max_tokens})")
+    parser.add_argument("--temperature", type=_ranged(float, 0.0, 100.0, "--temperature"),
+                        default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=_ranged(float, 1e-6, 1.0, "--top-p"), default=1.0)
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed for sampling at the leader")
+    parser.add_argument("--top-k", type=_ranged(int, 1, MAX_TOP_K, "--top-k"),
+                        default=DEFAULT_TOP_K,
+                        help=f"entries per member frame (default {DEFAULT_TOP_K})")
+    parser.add_argument("--fuse", choices=["linear", "loglinear"], default="linear",
+                        help="pool: linear mixture (default) or product of experts")
+    parser.add_argument("--weights", choices=["online", "equal", "perplexity", "static"],
+                        default="online", help="member weights (default: online fixed-share, "
+                        "starting from prompt perplexity)")
 
 
 def _key_arg(parser: argparse.ArgumentParser) -> None:

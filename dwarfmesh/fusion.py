@@ -73,19 +73,22 @@ def fuse(
     """Pool the members' frames with `weights` (normalised here) by `method`."""
     if not ids:
         raise ValueError("fuse needs at least one frame")
+    cands, probs = candidate_matrix(ids, logprobs, rest, vocab_size)
+    top = np.array([int(a[0]) for a in ids], dtype=np.int64)
+    return Fused(ids=cands, probs=pool(probs, weights, method), member_top=top)
+
+
+def pool(probs: np.ndarray, weights: np.ndarray, method: str) -> np.ndarray:
+    """Pool members' probabilities of the candidates [N, C] with weights (normalised here)."""
     w = np.asarray(weights, dtype=np.float64)
     w = w / w.sum()
-    cands, probs = candidate_matrix(ids, logprobs, rest, vocab_size)
     if method == "linear":
-        pooled = w @ probs
-    elif method == "loglinear":
+        return w @ probs
+    if method == "loglinear":
         logq = w @ np.log(np.maximum(probs, 1e-300))
         pooled = np.exp(logq - logq.max())
-        pooled /= pooled.sum()
-    else:
-        raise ValueError(f"unknown fusion method {method!r}")
-    top = np.array([int(a[0]) for a in ids], dtype=np.int64)
-    return Fused(ids=cands, probs=pooled, member_top=top)
+        return pooled / pooled.sum()
+    raise ValueError(f"unknown fusion method {method!r}")
 
 
 def choose(

@@ -43,6 +43,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dwarfmesh.fusion import pool
+
 TEXT_HASH_START = 0x6477_6D65_7368_0000     # hash of the empty answer
 Candidate = tuple[str, bool]                 # (text, ends the answer)
 
@@ -203,15 +205,5 @@ def fuse_texts(frames: Sequence[TextTopK], weights: np.ndarray,
     normalised over the candidates (as `fusion.fuse` does for ids)."""
     if not frames:
         raise ValueError("fuse_texts needs at least one frame")
-    w = np.asarray(weights, dtype=np.float64)
-    w = w / w.sum()
     cands, probs, top = align_texts(frames)
-    if method == "linear":
-        pooled = w @ probs
-    elif method == "loglinear":
-        logq = w @ np.log(np.maximum(probs, 1e-300))
-        pooled = np.exp(logq - logq.max())
-        pooled /= pooled.sum()
-    else:
-        raise ValueError(f"unknown fusion method {method!r}")
-    return FusedText(cands, pooled, probs, top)
+    return FusedText(cands, pool(probs, weights, method), probs, top)
