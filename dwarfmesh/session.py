@@ -86,7 +86,7 @@ class LeaderSession:
     def on_frame(self, frame: Frame, size: int) -> None:
         step = min(self._expect) if self._expect else -1
         if frame.sender not in self._ids() or frame.step not in self._expect:
-            self.stats.late(frame.sender, frame.step < step)
+            self.stats.stale_frames += 1             # after its step was fused, or unknown
             return
         target = self._frames if frame.step == step else self._ahead
         want = self._hash if frame.step == step else extend_hash(self._hash, frame.last_token)
@@ -151,7 +151,9 @@ class LeaderSession:
                 await asyncio.wait_for(asyncio.shield(self._waiter), deadline or limit)
         except asyncio.TimeoutError:
             if deadline is not None and self._frames:
-                pass                                 # fuse what arrived; the rest are late
+                for m in self.members:               # fuse what arrived; the rest are late
+                    if m.node_id not in self._frames:
+                        self.stats.late_frames[m.node_id] += 1
             else:
                 for m in list(self.members):
                     if m.node_id not in self._frames and m.node_id not in self._ahead:

@@ -22,7 +22,7 @@ class SessionStats:
         self.fusion_ms: list[float] = []
         self.agree: Counter[str] = Counter()
         self.seen: Counter[str] = Counter()
-        self.late_frames: Counter[str] = Counter()
+        self.late_frames: Counter[str] = Counter()   # steps fused without this member's frame
         self.stale_frames = 0
         self.disagree_steps = 0
         self.steps = 0
@@ -33,13 +33,6 @@ class SessionStats:
 
     def mark_first_token(self, t_start: float) -> None:
         self.t_start, self.t_first = t_start, time.perf_counter()
-
-    def late(self, sender: str, was_late: bool) -> None:
-        """A frame that came after its step was fused (or from a stranger)."""
-        if was_late and sender in self.names:
-            self.late_frames[sender] += 1
-        else:
-            self.stale_frames += 1
 
     def fused(self, order: list[str], member_top: np.ndarray, token: int, dt: float) -> None:
         self.fusion_ms.append(dt * 1000.0)
@@ -97,5 +90,6 @@ class SessionStats:
             "weights": {names[k]: float(v) for k, v in weights.items()
                         if any(m.node_id == k for m in members)},
             "late_frames": {names[k]: v for k, v in self.late_frames.items()},
+            "stale_frames": self.stale_frames,
             "timing_ms": self.timing(),
         }

@@ -77,9 +77,6 @@ class Transport:
         self._ctx = ctx or zmq.asyncio.Context.instance()
         self._router: zmq.asyncio.Socket | None = None
         self._dealers: dict[str, zmq.asyncio.Socket] = {}
-        # Synchronous shadows of the same sockets: a non-blocking send must raise zmq.Again
-        # here and now, not inside a future nobody awaits.
-        self._sync: dict[int, zmq.Socket] = {}
         self._tasks: dict[str, asyncio.Task] = {}
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -146,7 +143,6 @@ class Transport:
         for sock in self._dealers.values():
             sock.close(linger=0)
         self._dealers.clear()
-        self._sync.clear()
         if self._router is not None:
             self._router.close(linger=0)
             self._router = None
@@ -176,7 +172,6 @@ class Transport:
         if task is not None:
             task.cancel()
         if sock is not None:
-            self._sync.pop(id(sock), None)
             sock.close(linger=0)
 
     def connected(self, address: str) -> bool:
@@ -197,12 +192,12 @@ class Transport:
         return self._send(self._router, [identity, *protocol.encode(msg)], "router")
 
     def _send(self, sock: zmq.asyncio.Socket, parts: list[bytes], where: str) -> int:
-        sync = self._sync.get(id(sock))
-        if sync is None:
-            sync = self._sync[id(sock)] = zmq.Socket.shadow(sock.underlying)
-        try:
-            sync.send_multipart(parts, flags=zmq.NOBLOCK, copy=True)
-        except zmq.ZMQError:
+        # Through the asyncio socket, not a synchronous shadow: a send can consume the
+        # socket's edge-triggered "readable" event, and zmq.asyncio re-checks for waiting
+        # receivers after its own sends only (a shadow send stalled the receive loop).
+        # With NOBLOCK the returned future is already resolved.
+        fut = sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=True)
+        if fut.exception() is not None:
             # zmq.Again: the peer's queue is full (it has been gone a while);
             # EHOSTUNREACH: a client that went away. Either way the message is not sent.
             self.send_failures += 1

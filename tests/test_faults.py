@@ -110,3 +110,34 @@ def test_the_clients_node_dies_and_the_stream_goes_on_elsewhere(slow_model, refe
     assert s["leader"] in ("node1", "node2")
     assert s["token_ids"] == reference
     assert streamed == result.text
+
+
+@pytest.mark.timeout(300)
+def test_a_straggler_is_fused_around_and_catches_up(slow_model, reference, tmp_path):
+    """A member frozen for 1.5 s (SIGSTOP: a laptop that stalls) under --step-deadline:
+    the leader goes on with the others, counts the late frames, and the member, still in
+    the session, catches up by feeding every token it missed in one forward."""
+    import os
+
+    with mesh([slow_model] * 3, tmp_path, extra=["--step-deadline", "150"]) as (addrs, procs):
+        ids = ids_of(peers_of(addrs[0]))
+        session = session_led_by(ids["node0"], list(ids.values()))
+        pieces: list[str] = []
+
+        def on_text(piece: str) -> None:
+            pieces.append(piece)
+            if len(pieces) == KILL_AFTER:
+                os.killpg(procs[2].pid, signal.SIGSTOP)
+                asyncio.get_running_loop().call_later(
+                    1.5, lambda: os.killpg(procs[2].pid, signal.SIGCONT))
+
+        async def go():
+            async with MeshClient(addrs[0]) as c:
+                return await c.generate(PROMPT, GenParams(max_tokens=TOKENS, weights="equal"),
+                                        on_text=on_text, conversation=session)
+        result = asyncio.run(go())
+    s = result.summary
+    assert s["token_ids"] == reference
+    assert "node2" in s["members"]                    # late, not dropped
+    assert s["late_frames"].get("node2", 0) >= 1
+    assert s["agreement"]["node2"] > 0                # its frames were fused again afterwards

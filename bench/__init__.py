@@ -1,0 +1,14 @@
+"""Measurements of dwarfmesh: `ensemble_vs_single.py` is the entry point (run it with --help).
+
+| module | owns |
+|---|---|
+| `texts.py` | which bytes of which files are scored (documents: a prompt, then a scored slice) |
+| `quality.py` | teacher-forced bits per byte of each member and of the ensemble as fused |
+| `speed.py` | timing generation through real `dwarfmesh node` processes on 127.0.0.1 |
+| `llamacpp.py` | the same model's GGUF through llama.cpp, as the single-node peer |
+| `report.py` | goals, the rich tables and the PNG plot of one result |
+
+Importing `bench` imports `dwarfmesh` first, whose OpenBLAS preload must precede mlx.
+"""
+
+import dwarfmesh  # noqa: F401

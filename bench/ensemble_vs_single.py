@@ -1,0 +1,216 @@
+#!/usr/bin/env python3
+"""What an ensemble is worth against each of its members alone: quality and speed.
+
+    .venv/bin/python bench/ensemble_vs_single.py --quick
+    .venv/bin/python bench/ensemble_vs_single.py --models qwen2.5-coder-0.5b qwen2.5-coder-1.5b \\
+        --text my.txt --max-bytes 20000 --json out.json --plot out.png
+
+1. Quality (`bench/quality.py`): held-out bits per byte, teacher-forced, of every member
+   and of the ensemble exactly as the mesh fuses (weights, pool, frame size).
+2. Speed (`bench/speed.py`): greedy generation through real `dwarfmesh node` processes
+   on 127.0.0.1, all members, then each model alone as a one-node mesh.
+3. Peer (`bench/llamacpp.py`): the same GGUF through llama.cpp on the same machine.
+
+Writes the JSON (every figure and the configuration), a markdown copy of the tables next
+to it, the PNG plot, and prints rich tables. This script is the only place that prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):                      # run as a script: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import dwarfmesh  # noqa: E402,F401  (OpenBLAS preload before mlx)
+from dwarfmesh.config import (  # noqa: E402
+    DEFAULT_TOP_K,
+    MAX_TOP_K,
+    ONLINE_ALPHA,
+    ONLINE_ETA,
+    PERPLEXITY_TAU,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT_DIR = ROOT / "bench" / "out"
+DEFAULT_MODELS = ["qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
+FULL = {"max_bytes": 24000, "speed_tokens": 128}
+QUICK = {"max_bytes": 4000, "speed_tokens": 24}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="bench/ensemble_vs_single.py",
+        description="Ensemble vs single model: held-out bits per byte (each member, the "
+                    "ensemble as the mesh fuses, top-k frame vs full vocabulary, equal / "
+                    "perplexity / online weights), speed through real node processes "
+                    "(ensemble and one-node meshes), and llama.cpp on the same GGUF.")
+    p.add_argument("--models", nargs="+", default=DEFAULT_MODELS, metavar="M",
+                   help="model specs, as `dwarfmesh node --model` takes them (pulled if needed; "
+                        "default: %(default)s)")
+    p.add_argument("--text", action="append", type=Path, default=None, metavar="FILE",
+                   help="text to score (repeatable); default: every Debian fortunes file")
+    p.add_argument("--max-bytes", type=int, default=None,
+                   help=f"scored bytes in all (default {FULL['max_bytes']}, "
+                        f"--quick {QUICK['max_bytes']})")
+    p.add_argument("--doc-bytes", type=int, default=2000,
+                   help="scored bytes per document (default %(default)s)")
+    p.add_argument("--prompt-bytes", type=int, default=500,
+                   help="bytes of prompt before each document: context and the source of the "
+                        "perplexity weights, never scored (default %(default)s)")
+    p.add_argument("--k", type=int, default=DEFAULT_TOP_K,
+                   help="top-k frame size (default %(default)s)")
+    p.add_argument("--weights", choices=["online", "equal", "perplexity"], default="online",
+                   help="the weighting `ensemble.bpb` and the speed run use (online = the mesh "
+                        "default: perplexity prior, Bayesian updates with fixed share; default "
+                        "%(default)s)")
+    p.add_argument("--fuse", choices=["linear", "loglinear"], default="linear",
+                   help="the pool `ensemble.bpb` and the speed run use (default %(default)s)")
+    p.add_argument("--speed-tokens", type=int, default=None,
+                   help=f"greedy tokens per speed run (default {FULL['speed_tokens']}, "
+                        f"--quick {QUICK['speed_tokens']})")
+    p.add_argument("--json", type=Path, default=OUT_DIR / "ensemble_vs_single.json",
+                   metavar="OUT", help="the JSON result; a .md with the tables goes beside it "
+                        "(default bench/out/ensemble_vs_single.json)")
+    p.add_argument("--plot", type=Path, default=OUT_DIR / "ensemble_vs_single.png",
+                   metavar="OUT.png",
+                   help="the PNG plot (default bench/out/ensemble_vs_single.png)")
+    p.add_argument("--quick", action="store_true",
+                   help="small text and few tokens: a few minutes on a 2-core CPU")
+    p.add_argument("--skip-speed", action="store_true", help="quality only")
+    p.add_argument("--skip-quality", action="store_true", help="speed only")
+    p.add_argument("--skip-llama-cpp", action="store_true", help="no llama.cpp peer run")
+    args = p.parse_args(argv)
+    preset = QUICK if args.quick else FULL
+    args.max_bytes = args.max_bytes or preset["max_bytes"]
+    args.speed_tokens = args.speed_tokens or preset["speed_tokens"]
+    if not 1 <= args.k <= MAX_TOP_K:
+        p.error(f"--k must be in 1..{MAX_TOP_K}")
+    if min(args.max_bytes, args.doc_bytes, args.prompt_bytes, args.speed_tokens) < 1:
+        p.error("sizes must be positive")
+    return args
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() + ("+uncommitted" if dirty else "") if out.returncode == 0 else None
+
+
+def _names(specs: list[str]) -> dict[str, str]:
+    """Display name -> spec; the same model twice gets `#2`."""
+    from dwarfmesh.models import model_id
+    out: dict[str, str] = {}
+    for spec in specs:
+        name = base = model_id(spec)
+        i = 2
+        while name in out:
+            name, i = f"{base}#{i}", i + 1
+        out[name] = spec
+    return out
+
+
+def run(args: argparse.Namespace, console) -> dict:
+    from bench import llamacpp, quality, report, speed, texts
+    from dwarfmesh.models import resolve_model
+    from dwarfmesh.protocol import GenParams
+
+    specs = _names(args.models)
+    paths = {n: str(resolve_model(s, pull=True)) for n, s in specs.items()}
+    files = args.text or texts.default_text_files()
+    docs = texts.make_documents(files, max_bytes=args.max_bytes, doc_bytes=args.doc_bytes,
+                                prompt_bytes=args.prompt_bytes)
+    result: dict = {"config": {
+        "models": {n: {"spec": specs[n], "path": paths[n]} for n in specs},
+        "k": args.k, "weights": args.weights, "fuse": args.fuse, "quick": args.quick,
+        "max_bytes": args.max_bytes, "doc_bytes": args.doc_bytes,
+        "prompt_bytes": args.prompt_bytes, "speed_tokens": args.speed_tokens,
+        "texts": [d.describe() for d in docs],
+        "online_eta": ONLINE_ETA, "online_alpha": ONLINE_ALPHA, "perplexity_tau": PERPLEXITY_TAU,
+        "tuned_on": "nothing: the mesh's own constants; perplexity weights and the online "
+                    "prior come from each document's prompt, which is never scored",
+        "git_commit": _git_commit(), "argv": sys.argv[1:],
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "loadavg_at_start": os.getloadavg()},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }}
+    failed = False
+    if not args.skip_quality:
+        with console.status("scoring the text with every member ..."):
+            result["quality"] = quality.score_in_child(paths, docs, k=args.k,
+                                                       weights=args.weights, fuse=args.fuse)
+        result["config"]["tokenizers"] = result["quality"].pop("tokenizers")
+        result["config"]["vocab_sizes"] = result["quality"].pop("vocab_sizes")
+        # float32 on the CPU: the bytes of weights each decode step reads
+        result["config"]["parameters"] = result["quality"].pop("parameters")
+    if not args.skip_speed:
+        params = GenParams(max_tokens=args.speed_tokens, top_k=args.k, weights=args.weights,
+                           fuse=args.fuse)
+        prompt = docs[0].prompt
+        sp: dict = {"max_tokens": args.speed_tokens, "top_k": args.k,
+                    "weights": args.weights, "fuse": args.fuse, "single": {}}
+        result["speed"] = sp
+        peers = result["llama_cpp"] = {} if not args.skip_llama_cpp else None
+        # node logs: git-ignored whatever --json says, one directory per run
+        work = OUT_DIR / "nodes" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        sp["node_logs"] = str(work)
+        try:
+            if len(paths) > 1:
+                with console.status("timing the ensemble through node processes ..."):
+                    sp["ensemble"] = speed.measure_ensemble(paths, prompt, params, work_dir=work)
+            # Each model alone, then llama.cpp on its GGUF right after: the machine's load
+            # changes over minutes, so the pair is measured as close together as it can be.
+            for name, path in paths.items():
+                with console.status(f"timing {name} alone (one-node mesh) ..."):
+                    sp["single"][name] = speed.measure_single(name, path, prompt, params,
+                                                              work_dir=work)
+                if peers is not None:
+                    with console.status(f"timing {name} through llama.cpp ..."):
+                        peers[name] = llamacpp.peer(specs[name], prompt, args.speed_tokens,
+                                                    sp["single"][name])
+        except (RuntimeError, OSError) as e:
+            sp["error"] = str(e)
+            failed = True
+        sp["derived"] = speed.compare(sp)
+    result["goals"] = report.goals(result)
+    result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    result["config"]["machine"]["loadavg_at_end"] = os.getloadavg()
+    result["failed"] = failed
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rich.console import Console
+
+    from bench import report
+
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+    result = run(args, console)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=1))
+    if "quality" in result:
+        args.json.with_suffix(".md").write_text(report.markdown(result))
+    report.print_report(result, console)
+    why_not = report.plot(result, args.plot) if "quality" in result else "needs the quality run"
+    console.print(f"JSON: {args.json}" + (f"\nplot: {args.plot}" if why_not is None
+                                          else f"\nno plot: {why_not}"))
+    return 1 if result["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

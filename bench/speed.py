@@ -1,0 +1,224 @@
+"""Generation speed through the real mesh: `dwarfmesh node` processes on 127.0.0.1.
+
+`running_mesh` starts one node process per model (`--no-mdns`, every node dialing the
+first with `--peer`), waits until every node lists all of them, and stops them after.
+`timed_generate` runs one answer through `MeshClient.generate`, exactly as a user's
+client would, and keeps the leader's summary (its per-step timings, wire bytes) plus
+what only the client sees: the time to the first text and between text pieces.
+
+The same path with one node is "one model alone": no network hop, the same engine,
+session and client code. On one machine the members share the CPU cores, so absolute
+ensemble speed says little; `compare` derives the ratios that hold anywhere: the mesh's
+own overhead per token (step − slowest member's forward, plus fusion) in ms and as a
+share of the slowest member's forward.
+
+Owns node processes and timing; knows nothing about quality.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from dwarfmesh.client import MeshClient, MeshError
+from dwarfmesh.protocol import GenParams
+
+log = logging.getLogger(__name__)
+
+READY_DEADLINE_S = 900.0        # loading a 1.5B model in float32 on 2 cores takes a while
+POLL_S = 0.5
+STOP_GRACE_S = 15.0
+PR_SET_PDEATHSIG = 1            # prctl option (linux/prctl.h)
+ANSWER_BASE_S = 600.0           # an answer's deadline: prefill on a slow, busy CPU ...
+ANSWER_PER_TOKEN_S = 20.0       # ... plus this per token (1.5B float32: ~0.3-2 s a token)
+ENSEMBLE_TRIES = 2
+WARMUP_TOKENS = 4               # one short answer first: allocations, caches, page-ins
+SUMMARY_KEYS = ("steps", "finish_reason", "prompt_tokens", "tokens_per_s", "ttft_ms",
+                "wire_bytes_per_token", "frame_bytes_per_member_per_token",
+                "disagreement_rate", "agreement", "weights", "late_frames", "timing_ms",
+                "members", "models", "leader", "mode")
+
+
+def _die_with_parent() -> None:
+    """In the node process before exec: get SIGTERM when the bench dies, even by SIGKILL."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):      # not Linux: the bench's own cleanup must do
+        pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _count_nodes(address: str) -> int:
+    async with MeshClient(address) as c:
+        return len(await c.peers(timeout=2.0))
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=5)
+
+
+@contextmanager
+def running_mesh(models: list[str], *, work_dir: Path,
+                 ready_deadline_s: float = READY_DEADLINE_S) -> Iterator[list[str]]:
+    """One node per model (an mlx-lm dir or any `--model` spec); yield their addresses."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, DWARFMESH_STATE=str(work_dir), PYTHONUNBUFFERED="1")
+    addrs = [f"127.0.0.1:{_free_port()}" for _ in models]
+    procs: list[subprocess.Popen] = []
+    try:
+        for i, (model, addr) in enumerate(zip(models, addrs)):
+            cmd = [sys.executable, "-m", "dwarfmesh", "node", "--model", str(model),
+                   "--name", f"bench{i}", "--host", "127.0.0.1",
+                   "--port", addr.rpartition(":")[2], "--no-mdns"]
+            if i:
+                cmd += ["--peer", addrs[0]]
+            with open(work_dir / f"bench{i}.log", "w") as out:
+                procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                              start_new_session=True,
+                                              preexec_fn=_die_with_parent))
+        end = time.monotonic() + ready_deadline_s
+        pending = set(addrs)
+        while pending:
+            for p, i in zip(procs, range(len(procs))):
+                if p.poll() is not None:
+                    tail = (work_dir / f"bench{i}.log").read_text()[-1500:]
+                    raise RuntimeError(f"node bench{i} exited with {p.returncode}:\n{tail}")
+            if time.monotonic() > end:
+                raise RuntimeError(f"the mesh did not form within {ready_deadline_s:.0f}s")
+            for a in list(pending):
+                try:
+                    if asyncio.run(_count_nodes(a)) >= len(models):
+                        pending.discard(a)
+                except MeshError:
+                    pass
+            time.sleep(POLL_S)
+        yield addrs
+    finally:
+        _stop(procs)
+
+
+def _pct(xs: np.ndarray, q: float) -> float | None:
+    return float(np.percentile(xs, q)) if len(xs) else None
+
+
+async def _generate(address: str, prompt: str, params: GenParams) -> dict:
+    stamps: list[float] = []
+    async with MeshClient(address) as c:
+        t0 = time.perf_counter()
+        res = await c.generate(prompt, params, on_text=lambda _: stamps.append(time.perf_counter()))
+    out = {k: res.summary.get(k) for k in SUMMARY_KEYS}
+    gaps = np.diff(stamps) * 1000.0
+    decode_s = stamps[-1] - stamps[0] if len(stamps) > 1 else 0.0
+    out["client"] = {
+        "ttft_ms": (stamps[0] - t0) * 1000.0 if stamps else None,
+        "inter_token_p50_ms": _pct(gaps, 50),
+        "inter_token_p95_ms": _pct(gaps, 95),
+        "text_pieces": len(stamps),
+        "pieces_per_s": (len(stamps) - 1) / decode_s if decode_s > 0 else None,
+    }
+    out["token_ids"] = list(res.summary.get("token_ids", []))
+    out["loadavg_1min"] = os.getloadavg()[0]      # other work on the machine skews timings
+    return out
+
+
+def _deadline(params: GenParams) -> float:
+    return ANSWER_BASE_S + ANSWER_PER_TOKEN_S * params.max_tokens
+
+
+def timed_generate(address: str, prompt: str, params: GenParams) -> dict:
+    """A warm-up answer, then the measured one; the summary's figures plus client timings."""
+    warm = dataclasses.replace(params, max_tokens=WARMUP_TOKENS)
+    for p in (warm, params):
+        try:
+            out = asyncio.run(asyncio.wait_for(_generate(address, prompt, p), _deadline(p)))
+        except asyncio.TimeoutError:
+            raise RuntimeError(f"no answer from the mesh at {address} within "
+                               f"{_deadline(p):.0f}s (see the node logs)") from None
+        except MeshError as e:
+            raise RuntimeError(f"the mesh at {address} failed: {e}") from None
+    return out
+
+
+def measure_ensemble(models: dict[str, str], prompt: str, params: GenParams, *,
+                     work_dir: Path) -> dict:
+    """All `models` (name -> path), one node each, answering `prompt`.
+
+    An answer that did not keep every member to the end is not an ensemble's: it is tried
+    again on a fresh mesh, and after ENSEMBLE_TRIES the result carries an `error`.
+    """
+    for attempt in range(1, ENSEMBLE_TRIES + 1):
+        logs = work_dir / f"ensemble-{attempt}"
+        with running_mesh(list(models.values()), work_dir=logs) as addrs:
+            out = timed_generate(addrs[0], prompt, params)
+        out["attempts"] = attempt
+        kept = len(out.get("members") or [])
+        if kept == len(models):
+            return out
+        log.warning("the ensemble kept %d of %d members (see %s); trying again", kept,
+                    len(models), logs)
+    out["error"] = (f"only {kept} of {len(models)} members stayed in the session in each of "
+                    f"{ENSEMBLE_TRIES} tries: nodes dropped each other (missed heartbeats "
+                    f"while the CPU was starved?); node logs in {work_dir}/ensemble-*")
+    return out
+
+
+def measure_single(name: str, path: str, prompt: str, params: GenParams, *,
+                   work_dir: Path) -> dict:
+    """One model alone: a one-node mesh, the same engine, session and client code."""
+    with running_mesh([path], work_dir=work_dir / f"single-{name}") as addrs:
+        return timed_generate(addrs[0], prompt, params)
+
+
+def compare(speed: dict) -> dict:
+    """Ratios that hold on any machine: the mesh's overhead against the slowest forward."""
+    ens = speed.get("ensemble")
+    if not ens:
+        return {}
+    if ens.get("error"):
+        return {"error": ens["error"]}
+    t = ens["timing_ms"]
+    overhead = t["overhead_p50"] + t["fusion_p50"]
+    slow = t["slowest_forward_p50"]
+    singles = [s["timing_ms"]["step_p50"] + s["timing_ms"]["fusion_p50"]
+               for s in speed.get("single", {}).values()]
+    single_over = [s["timing_ms"]["overhead_p50"] + s["timing_ms"]["fusion_p50"]
+                   for s in speed.get("single", {}).values()]
+    return {
+        "mesh_overhead_ms_per_token": overhead,
+        "mesh_overhead_share_of_slowest_forward": overhead / slow if slow > 0 else None,
+        "round_trip_ms": t["overhead_p50"],
+        "fusion_ms": t["fusion_p50"],
+        "single_node_overhead_ms_per_token": max(single_over) if single_over else None,
+        # what the network hop adds over the same loop with no remote member
+        "mesh_overhead_over_single_node_ms":
+            overhead - max(single_over) if single_over else None,
+        "wire_bytes_per_node_per_token": ens["frame_bytes_per_member_per_token"],
+        "ensemble_step_over_slowest_single_step":
+            (t["step_p50"] + t["fusion_p50"]) / max(singles) if singles else None,
+    }
