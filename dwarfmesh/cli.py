@@ -273,11 +273,9 @@ def _run_key(args: argparse.Namespace) -> None:
 
     path = make_key_file(Path(args.out) if args.out else default_key_path(), force=args.force)
     key = load_key(path)
-    print(f"wrote mesh key {key.key_id} to {path} (mode 600).")
-    print("Copy it to every machine of the mesh, e.g.:")
-    print(f"  scp {path} OTHER-HOST:.config/dwarfmesh/mesh.key")
-    print("and start nodes and clients with --mesh-key FILE (the default path is used "
-          "automatically). Nodes without it cannot join; their attempts are counted.")
+    print(f"wrote mesh key {key.key_id} to {path} (mode 600). Copy it to every machine, e.g."
+          f"\n  scp {path} OTHER-HOST:.config/dwarfmesh/mesh.key\nand start nodes and clients "
+          "with --mesh-key FILE (the default path is used automatically).")
 
 
 async def _connect(args: argparse.Namespace) -> str:
