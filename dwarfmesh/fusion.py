@@ -150,7 +150,23 @@ class OnlineWeights:
         self.w = (1.0 - self.alpha) * w + self.alpha / len(w)
         return self.w
 
-    def drop(self, index: int) -> None:
-        """Forget member `index` (it left the session)."""
-        w = np.delete(self.w, index)
-        self.w = w / w.sum() if w.sum() > 0 else np.full(len(w), 1.0 / max(len(w), 1))
+
+def initial_weights(mode: str, members: list, replies: dict, tau: float) -> dict[str, float]:
+    """A session's starting weights by node id: `static` (each member's --weight),
+    `perplexity`/`online` (PackLLM prior from each reply's `prompt_nll`), else equal."""
+    ids = [m.node_id for m in members]
+    if mode == "static":
+        w = np.array([m.weight for m in members], dtype=np.float64)
+    elif mode in ("perplexity", "online"):
+        w = perplexity_weights([getattr(replies.get(i), "prompt_nll", None) for i in ids], tau)
+    else:
+        w = np.ones(len(ids))
+    return dict(zip(ids, map(float, w / w.sum())))
+
+
+def online_step(weights: dict[str, float], present: list[str], logp: np.ndarray, *,
+                eta: float, alpha: float) -> None:
+    """One fixed-share update of `weights` (in place) over the members in `present`."""
+    if present:
+        new = OnlineWeights(np.array([weights[m] for m in present]), eta=eta, alpha=alpha)
+        weights.update(zip(present, map(float, new.update(logp))))

@@ -317,23 +317,13 @@ class TextLeaderSession:
             self.trace.append({"step": step, **detail})
 
     def _learn(self, order: list[str], logp: np.ndarray) -> None:
-        if self.params.weights != "online" or not order:
-            return
-        ow = fusion.OnlineWeights(np.array([self.weights[m] for m in order]),
-                                  eta=ONLINE_ETA, alpha=ONLINE_ALPHA)
-        self.weights.update(zip(order, map(float, ow.update(logp))))
+        if self.params.weights == "online":
+            fusion.online_step(self.weights, order, logp, eta=ONLINE_ETA, alpha=ONLINE_ALPHA)
 
     def _initial_weights(self, replies: dict[str, Any]) -> dict[str, float]:
         """As the id path, but from prompt NLL per BYTE (comparable across tokenizers)."""
-        ids, mode = [m.node_id for m in self.members], self.params.weights
-        if mode == "static":
-            w = np.array([m.weight for m in self.members], dtype=np.float64)
-        elif mode in ("perplexity", "online"):
-            w = fusion.perplexity_weights(
-                [getattr(replies.get(i), "prompt_nll", None) for i in ids], PERPLEXITY_TAU)
-        else:
-            w = np.ones(len(ids))
-        return dict(zip(ids, map(float, w / w.sum())))
+        return fusion.initial_weights(self.params.weights, self.members, replies,
+                                      PERPLEXITY_TAU)
 
     def _summary(self, reason: str) -> dict[str, Any]:
         everyone = self.members + self.dropped

@@ -22,8 +22,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from dwarfmesh import protocol as P
-from dwarfmesh.config import (FAILOVER_GRACE_S, HEARTBEAT_INTERVAL_S, OPEN_RESEND_S,
-                              PREFILL_TIMEOUT_S)
+from dwarfmesh.config import (
+    FAILOVER_GRACE_S,
+    HEARTBEAT_INTERVAL_S,
+    OPEN_RESEND_S,
+    PREFILL_TIMEOUT_S,
+)
 from dwarfmesh.member import MemberSession
 from dwarfmesh.membership import elect_leader, rank_for_session
 from dwarfmesh.rank import plan_session  # issue 6: text-level sessions

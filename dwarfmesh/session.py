@@ -32,9 +32,9 @@ import numpy as np
 
 from dwarfmesh import fusion
 from dwarfmesh.config import (
+    MAX_PROMPT_TOKENS,
     ONLINE_ALPHA,
     ONLINE_ETA,
-    MAX_PROMPT_TOKENS,
     OPEN_RESEND_S,
     PERPLEXITY_TAU,
     PREFILL_TIMEOUT_S,
@@ -261,9 +261,8 @@ class LeaderSession:
                 detok.add_token(tok)
                 piece = detok.last_segment
                 text += piece
-                hit = next((s for s in p.stop if s and s in text), None)
-                if hit is not None:
-                    cut = text.index(hit)
+                cut = _stop_at(text, len(piece), p.stop)
+                if cut is not None:
                     piece = piece[: max(len(piece) - (len(text) - cut), 0)]
                     text, final, reason = text[:cut], True, "stop"
             if self._cancelled:
@@ -281,26 +280,14 @@ class LeaderSession:
         return "length", text
 
     def _learn(self, frames: dict[str, Frame]) -> None:
-        if self.params.weights != "online" or not frames:
-            return
-        present = [m for m in self.weights if m in frames]
-        ow = fusion.OnlineWeights(np.array([self.weights[m] for m in present]),
-                                  eta=ONLINE_ETA, alpha=ONLINE_ALPHA)
-        self.weights.update(zip(present, ow.update(
-            np.array([frames[m].prev_logp for m in present]))))
+        if self.params.weights == "online" and frames:
+            present = [m for m in self.weights if m in frames]
+            fusion.online_step(self.weights, present,
+                               np.array([frames[m].prev_logp for m in present]),
+                               eta=ONLINE_ETA, alpha=ONLINE_ALPHA)
 
     def _initial_weights(self, frames: dict[str, Frame]) -> dict[str, float]:
-        ids = [m.node_id for m in self.members]
-        mode = self.params.weights
-        if mode == "static":
-            w = np.array([m.weight for m in self.members], dtype=np.float64)
-        elif mode in ("perplexity", "online"):
-            w = fusion.perplexity_weights(
-                [getattr(frames.get(i), "prompt_nll", None) for i in ids], PERPLEXITY_TAU)
-        else:
-            w = np.ones(len(ids))
-        w = w / w.sum()
-        return dict(zip(ids, map(float, w)))
+        return fusion.initial_weights(self.params.weights, self.members, frames, PERPLEXITY_TAU)
 
     async def _resume(self) -> tuple[list[int], list[int], dict[str, Frame]]:
         """Take over from a dead leader, from the committed state this node kept."""
@@ -335,3 +322,17 @@ class LeaderSession:
 
 async def _ready(value: Any) -> Any:
     return value
+
+
+def _stop_at(text: str, added: int, stops: list[str]) -> int | None:
+    """Where the first stop string starts in `text`, given that only its last `added`
+    characters are new: earlier text was checked already, so only the tail is scanned
+    (the per-token loop must not rescan the whole answer)."""
+    best = None
+    for s in stops:
+        if s:
+            start = max(len(text) - added - len(s) + 1, 0)
+            at = text.find(s, start)
+            if at >= 0 and (best is None or at < best):
+                best = at
+    return best

@@ -9,7 +9,8 @@ Everything that arrives is decoded and validated by `protocol.decode` on the way
 malformed message is dropped, counted by reason, logged (rate-limited) and never reaches
 the node. Sends never block the event loop: they are non-blocking; a message to a peer
 whose connection is (re)establishing is queued by libzmq and delivered on connect, and
-past the high-water mark (a peer long gone) it is dropped and counted. Byte counters are kept at this layer, where "bytes on the wire" is honest.
+past the high-water mark (a peer long gone) it is dropped and counted. Byte counters are
+kept at this layer, where "bytes on the wire" is honest.
 
 The transport knows nothing about sessions, election or models.
 """
