@@ -29,7 +29,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 from mlx_lm import load as mlx_load
-from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
 from dwarfmesh.engine_state import (  # noqa: F401  (re-exported: the engine's constants)
     DECODE_CONTEXT,
@@ -37,6 +37,7 @@ from dwarfmesh.engine_state import (  # noqa: F401  (re-exported: the engine's c
     MAX_SESSIONS,
     PREFILL_STEP,
     SESSION_IDLE_S,
+    new_cache,
 )
 from dwarfmesh.engine_state import (
     Session as _Session,
@@ -165,7 +166,7 @@ class Engine(TextEngineMixin):
             cache = s.cache
         else:
             self._make_room(session)
-            cache = make_prompt_cache(self.model)
+            cache = new_cache(self.model)
         ids = mx.array(np.asarray(new_ids, dtype=np.int32))
         nll_sum, done = 0.0, reuse
         # Like mlx-lm's generate_step: all but the last token in chunks, then the last one,

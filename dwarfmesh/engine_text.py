@@ -20,13 +20,27 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
 from dwarfmesh import textfuse
-from dwarfmesh.engine_state import DECODE_CONTEXT, LOGP_FLOOR, PREFILL_STEP, Session, common_prefix
+from dwarfmesh.engine_state import (
+    DECODE_CONTEXT,
+    LOGP_FLOOR,
+    PREFILL_STEP,
+    Session,
+    common_prefix,
+    new_cache,
+)
 
 _Session = Session
 _common_prefix = common_prefix
+
+
+def _trim(cache: list[Any], n: int, model: str) -> None:
+    """Drop the last n positions of `cache`, or fail loudly (never compute on a stale one)."""
+    if n and trim_prompt_cache(cache, n) != n:
+        raise ValueError(f"{model}'s KV cache cannot be trimmed (a sliding window that has "
+                         "wrapped): it cannot take part in text-level sessions this long")
 
 
 @dataclass(frozen=True)
@@ -117,7 +131,7 @@ class TextEngineMixin:
         if s is None or len(s.token_logp) != len(s.tokens) or not can_trim_prompt_cache(s.cache):
             self._sessions.pop(session, None)
             self._make_room(session)
-            s = _Session(make_prompt_cache(self.model), None, [], True, time.monotonic())
+            s = _Session(new_cache(self.model), None, [], True, time.monotonic())
             self._sessions[session] = s
         s.active, s.templated, s.text = True, templated, text
         self._advance(s, self._encode_text(text, templated))
@@ -147,7 +161,7 @@ class TextEngineMixin:
         else:
             keep = max(common - 1, 0)
             first = lps[keep] if common > 0 else 0.0
-        trim_prompt_cache(s.cache, len(old) - keep)
+        _trim(s.cache, len(old) - keep, self.model_name)
         new = [max(first, LOGP_FLOOR)]
         pos = keep
         while pos < len(ids):
@@ -207,7 +221,7 @@ class TextEngineMixin:
                 logprobs = logits.astype(mx.float32) - mx.logsumexp(logits.astype(mx.float32))
                 fed += 1
         finally:
-            trim_prompt_cache(s.cache, fed)
+            _trim(s.cache, fed, self.model_name)
         text = textfuse.complete_text(text)
         if not eos:
             text = text[:textfuse.proposal_cut(text, done=True) or 0]

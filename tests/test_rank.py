@@ -184,6 +184,43 @@ def test_engine_text_state_equals_a_fresh_prefill_after_every_resync(mixed_model
     engine.shutdown()
 
 
+@pytest.mark.timeout(120)
+def test_sliding_window_model_resyncs_and_reuses_past_its_window(tmp_path):
+    """gemma-3's layout (local layers with a window, here 8 tokens; 512 in the real model):
+    mlx-lm's rotating cache cannot be trimmed once it has wrapped, which every text re-sync,
+    proposal and conversation turn needs. The engine's cache must give the same numbers as
+    a from-scratch forward far past the window, on both paths."""
+    from tiny import make_tiny_model
+
+    path = make_tiny_model(tmp_path / "gemma", 5, window=8)
+    engine, ref = Engine(path), Direct(path)
+    engine.load_sync()
+    text = PROMPT
+    assert engine.text_open_sync("s", text, False).logp == pytest.approx(-ref.nll(text),
+                                                                          rel=1e-4)
+    for piece in ["\n    if len", "(xs) <= 1:\n", "        return xs\n", "The quick brown",
+                  " fox jumps over the lazy dog.", " 0123456789\n"] * 2:
+        out = engine.text_extend_sync("s", piece)
+        assert out.logp == pytest.approx(ref.nll(text) - ref.nll(text + piece), rel=1e-3,
+                                         abs=2e-3)
+        text += piece
+    assert len(engine._sessions["s"].tokens) > 8 * 8
+    cands = [" if", "\n", "The lazy fox"]
+    assert engine.score_sync("s", cands, [False] * 3) == pytest.approx(
+        [ref.continuation_nll(text, c, False) for c in cands], rel=1e-3, abs=2e-3)
+    assert (engine.propose_sync("s", RANK_CHUNK_TOKENS).text,
+            False) == ref.proposal(text, RANK_CHUNK_TOKENS)
+    # the id path: a second turn reuses the first turn's cache past the window
+    ids = ref.tok.encode(text)
+    engine.open_sync("t", ids[:-20], 8)
+    engine.close_sync("t", keep=True)
+    second = engine.open_sync("t", ids, 8)
+    assert second.reused == len(ids) - 20
+    fresh = ref.logprobs(ids)[-1]
+    assert np.abs(np.array(engine._sessions["t"].logprobs) - fresh).max() < 2e-3
+    engine.shutdown()
+
+
 # --- rank mode across tokenizers -------------------------------------------------------------
 
 

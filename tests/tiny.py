@@ -1,7 +1,8 @@
 """Tiny random-weight models of a real mlx-lm architecture, for tests.
 
-`make_tiny_model(dir, seed)` writes an mlx-lm model directory (llama architecture, a few
-layers, random weights from `seed`) with a real byte-level BPE tokenizer trained on a
+`make_tiny_model(dir, seed)` writes an mlx-lm model directory (llama architecture, or
+gemma3_text with `window=`: five sliding-window layers then a global one; a few layers,
+random weights from `seed`) with a real byte-level BPE tokenizer trained on a
 little text. Models made with the same tokenizer text but different seeds share one
 vocabulary and differ in weights: an ensemble of them is a real same-vocabulary mesh.
 """
@@ -14,7 +15,7 @@ from pathlib import Path
 import dwarfmesh  # noqa: F401  (OpenBLAS preload before mlx)
 import mlx.core as mx
 from mlx.utils import tree_flatten
-from mlx_lm.models import llama
+from mlx_lm.models import gemma3_text, llama
 
 TOKENIZER_TEXT = (
     "def quicksort(xs):\n    if len(xs) <= 1:\n        return xs\n"
@@ -39,7 +40,7 @@ def make_tokenizer(out: Path, vocab_size: int = 320) -> None:
 
 
 def make_tiny_model(out: Path, seed: int, *, vocab_size: int = 320, layers: int = 2,
-                    hidden: int = 64) -> Path:
+                    hidden: int = 64, window: int | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     make_tokenizer(out, vocab_size)
     config = {
@@ -48,8 +49,15 @@ def make_tiny_model(out: Path, seed: int, *, vocab_size: int = 320, layers: int 
         "rms_norm_eps": 1e-5, "vocab_size": vocab_size, "rope_theta": 10000.0,
         "tie_word_embeddings": False, "eos_token_id": 0,
     }
+    module = llama
+    if window is not None:       # gemma-3's layout: local (sliding-window) layers, then global
+        module = gemma3_text
+        config.update(model_type="gemma3_text", num_hidden_layers=max(layers, 6),
+                      head_dim=hidden // 4, query_pre_attn_scalar=hidden // 4,
+                      sliding_window=window, sliding_window_pattern=6,
+                      max_position_embeddings=4096)
     mx.random.seed(seed)
-    model = llama.Model(llama.ModelArgs.from_dict(config))
+    model = module.Model(module.ModelArgs.from_dict(config))
     # Scale the output layer up so distributions are peaked like a trained model's,
     # not near-uniform (which would make every greedy choice a coin toss).
     model.lm_head.weight = model.lm_head.weight * 8.0
