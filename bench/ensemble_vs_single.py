@@ -18,6 +18,7 @@ to it, the PNG plot, and prints rich tables. This script is the only place that 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -74,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "%(default)s)")
     p.add_argument("--fuse", choices=["linear", "loglinear"], default="linear",
                    help="the pool `ensemble.bpb` and the speed run use (default %(default)s)")
+    p.add_argument("--modes", nargs="+", choices=["auto", "fuse", "rank"], default=None,
+                   help="session modes the ensemble is timed in (default: auto, i.e. id-level "
+                        "fusion, for one tokenizer; rank and fuse for mixed tokenizers)")
     p.add_argument("--speed-tokens", type=int, default=None,
                    help=f"greedy tokens per speed run (default {FULL['speed_tokens']}, "
                         f"--quick {QUICK['speed_tokens']})")
@@ -123,6 +127,18 @@ def _names(specs: list[str]) -> dict[str, str]:
     return out
 
 
+def _mixed(result: dict, paths: dict[str, str]) -> bool:
+    """Do the members use more than one tokenizer (so the mesh works by text)?"""
+    tokenizers = result["config"].get("tokenizers")
+    if tokenizers is None:
+        from mlx_lm.utils import load_tokenizer
+
+        from dwarfmesh.engine import tokenizer_fingerprint
+        tokenizers = {n: tokenizer_fingerprint(load_tokenizer(Path(p)))
+                      for n, p in paths.items()}
+    return len(set(tokenizers.values())) > 1
+
+
 def run(args: argparse.Namespace, console) -> dict:
     from bench import llamacpp, quality, report, speed, texts
     from dwarfmesh.models import resolve_model
@@ -136,6 +152,7 @@ def run(args: argparse.Namespace, console) -> dict:
     result: dict = {"config": {
         "models": {n: {"spec": specs[n], "path": paths[n]} for n in specs},
         "k": args.k, "weights": args.weights, "fuse": args.fuse, "quick": args.quick,
+        "modes": args.modes,
         "max_bytes": args.max_bytes, "doc_bytes": args.doc_bytes,
         "prompt_bytes": args.prompt_bytes, "speed_tokens": args.speed_tokens,
         "texts": [d.describe() for d in docs],
@@ -167,10 +184,16 @@ def run(args: argparse.Namespace, console) -> dict:
         # node logs: git-ignored whatever --json says, one directory per run
         work = OUT_DIR / "nodes" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         sp["node_logs"] = str(work)
+        modes = args.modes or (["rank", "fuse"] if _mixed(result, paths) else ["auto"])
+        sp["modes"] = {}
         try:
-            if len(paths) > 1:
-                with console.status("timing the ensemble through node processes ..."):
-                    sp["ensemble"] = speed.measure_ensemble(paths, prompt, params, work_dir=work)
+            for mode in modes if len(paths) > 1 else []:
+                with console.status(f"timing the ensemble ({mode} mode) through node "
+                                    "processes ..."):
+                    sp["modes"][mode] = speed.measure_ensemble(
+                        paths, prompt, dataclasses.replace(params, mode=mode),
+                        work_dir=work / mode)
+                sp.setdefault("ensemble", sp["modes"][mode])
             # Each model alone, then llama.cpp on its GGUF right after: the machine's load
             # changes over minutes, so the pair is measured as close together as it can be.
             for name, path in paths.items():

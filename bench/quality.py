@@ -19,6 +19,10 @@ own pieces, so the figure is the mesh's, not an approximation of it:
   the candidates only (it chooses among them); here the V − C non-candidates get the
   product of floors too, so that the figure stays finite and a proper distribution.
 
+Members with different tokenizers (`shared_tokenizer: false`) are still scored each
+alone as above; their ensemble is the exact sequence-level mixture per line of
+`bench/quality_text.py` (each member also gets `bpb_text`, the figure it is compared on).
+
 Nothing is tuned: the only constants are the mesh's own. `oracle_per_token_bpb` (the
 better member at every token) is a reference ceiling, not something a mesh can do.
 
@@ -41,6 +45,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
 
 import dwarfmesh  # noqa: F401  (OpenBLAS preload must precede the mlx import)
+from bench import quality_text
 from bench.texts import Document
 from dwarfmesh import fusion
 from dwarfmesh.config import ONLINE_ALPHA, ONLINE_ETA, PERPLEXITY_TAU
@@ -264,7 +269,8 @@ def score(engines: list[Engine], docs: list[Document | Tokenized], *, k: int,
           weights: str = "online", fuse: str = "linear") -> dict:
     """Every quality figure of the bench's JSON (see the module docstring).
 
-    Documents already tokenized are scored as they are (members must share a tokenizer).
+    Documents already tokenized are scored as they are (members must share a tokenizer);
+    members with different tokenizers get the per-line mixture (`quality_text`).
     """
     t0 = time.perf_counter()
     shared = (len({e.fingerprint for e in engines}) == 1
@@ -296,10 +302,27 @@ def score(engines: list[Engine], docs: list[Document | Tokenized], *, k: int,
     result = {"members": members, "scored_bytes": total, "documents": per_doc,
               "best_member": best, "shared_tokenizer": shared,
               "seconds": time.perf_counter() - t0}
-    if not shared or len(engines) < 2:
-        why = ("members do not share a tokenizer: token-level fusion does not apply"
-               if not shared else "one member: no ensemble")
-        result["ensemble"] = {"bpb": None, "reason": why}
+    if len(engines) < 2:
+        result["ensemble"] = {"bpb": None, "reason": "one member: no ensemble"}
+        return result
+    if not shared:          # different tokenizers: the exact per-line mixture (quality_text)
+        text_docs = [d for d in docs if isinstance(d, Document)]
+        if len(text_docs) != len(docs):
+            raise ValueError("members with different tokenizers need documents as text")
+        lines = quality_text.score_lines([e.model_name for e in engines],
+                                         [quality_text.member_lines(e, text_docs)
+                                          for e in engines], text_docs)
+        for name, m in lines["members"].items():
+            members[name]["bpb_text"] = m["bpb"]
+        ens = lines["ensemble"]
+        ens["vs_best_member_per_document"] = per_document(lines["documents"],
+                                                          lines["best_member"])
+        ens["best_member"] = lines["best_member"]
+        for row, text_row in zip(per_doc, lines["documents"]):
+            row["ensemble_bpb"] = text_row["ensemble_bpb"]
+            row["members_text"] = text_row["members"]
+        result.update(ensemble=ens, lines=lines["lines"],
+                      seconds=time.perf_counter() - t0)
         return result
     tally = tallies[0]
     doc_of = np.concatenate(tally.doc)

@@ -15,6 +15,7 @@ from rich.table import Table
 OVERHEAD_SHARE_GOAL = 0.05          # mesh overhead ≤ 5% of the slowest member's forward
 OVERHEAD_MS_GOAL = 1.0              # ... and ≤ 1 ms per token on loopback
 WIRE_BYTES_GOAL = 512               # per node per token at k = 64
+MIXED_GAIN_GOAL = -0.04             # mixed tokenizers: ensemble ≥ 4% below the best member
 
 
 def _goal(value, target: str, met, note: str = "") -> dict:
@@ -25,7 +26,12 @@ def goals(result: dict) -> dict:
     """Where each goal of the issue stands, from the figures alone."""
     out: dict = {}
     ens = result.get("quality", {}).get("ensemble", {})
-    if ens.get("bpb") is not None:
+    if ens.get("bpb") is not None and "method" in ens:      # different tokenizers
+        out["ensemble_bpb_below_best_member"] = _goal(
+            ens["vs_best_member"], f"<= {MIXED_GAIN_GOAL:.0%} (relative to the best member's "
+            "BPB; mixed tokenizers)", ens["vs_best_member"] <= MIXED_GAIN_GOAL,
+            f"per-line mixture, {ens['weights']} weights")
+    elif ens.get("bpb") is not None:
         out["ensemble_bpb_below_best_member"] = _goal(
             ens["vs_best_member"], "< 0 (relative to the best member's BPB)",
             ens["vs_best_member"] < 0, f"{ens['fuse']} pool, {ens['weights']} weights")
@@ -36,7 +42,20 @@ def goals(result: dict) -> dict:
         out["ensemble_kept_every_member"] = _goal(
             len(ens_sp.get("members") or []), f"= {len(result['config']['models'])}",
             not ens_sp.get("error"), _short(ens_sp.get("error", ""), 60))
-    if der and not der.get("error"):
+    for mode in list(der.get("modes") or {})[1:]:          # the first is `ensemble`
+        ens_sp = sp["modes"][mode]
+        out[f"ensemble_kept_every_member/{mode}"] = _goal(
+            len(ens_sp.get("members") or []), f"= {len(result['config']['models'])}",
+            not ens_sp.get("error"), _short(ens_sp.get("error", ""), 60))
+    if "rank_over_fuse_ms_per_byte" in der:
+        m = der["modes"]
+        out["rank_cost_per_byte_vs_fuse"] = _goal(
+            der["rank_over_fuse_ms_per_byte"], "stated (rank ms per committed byte / fuse's)",
+            None, f"rank {_f(m['rank']['client_ms_per_byte'], '.0f')} ms/B, fuse "
+                  f"{_f(m['fuse']['client_ms_per_byte'], '.0f')} ms/B; wire "
+                  f"{_f(m['rank']['wire_bytes_per_byte'], '.0f')} vs "
+                  f"{_f(m['fuse']['wire_bytes_per_byte'], '.0f')} B/B")
+    if der and not der.get("error") and "mesh_overhead_ms_per_token" in der:
         share, ms = der["mesh_overhead_share_of_slowest_forward"], der["mesh_overhead_ms_per_token"]
         out["mesh_overhead_share"] = _goal(share, f"<= {OVERHEAD_SHARE_GOAL:.0%}",
                                            share is not None and share <= OVERHEAD_SHARE_GOAL)
@@ -70,14 +89,21 @@ def _f(x, fmt: str = ".4f") -> str:
 def quality_rows(q: dict) -> list[tuple[str, str, str, str]]:
     """(what, full-vocabulary BPB, top-k frame BPB, note) rows."""
     rows = []
-    for name, m in q.get("members", {}).items():
-        best = " (best member)" if name == q.get("best_member") else ""
-        rows.append((f"{name} alone", _f(m["bpb"]), _f(m["bpb_topk"]),
-                     f"{m['outside_topk_rate']:.1%} of tokens outside its top-k{best}"))
     ens = q.get("ensemble", {})
+    mixed = "method" in ens
+    best_name = ens.get("best_member", q.get("best_member"))
+    for name, m in q.get("members", {}).items():
+        best = " (best member)" if name == best_name else ""
+        note = f"{m['outside_topk_rate']:.1%} of tokens outside its top-k{best}"
+        if mixed:
+            note += f"; {_f(m['bpb'])} tokenizing prompt and text apart"
+        rows.append((f"{name} alone", _f(m["bpb_text"] if mixed else m["bpb"]),
+                     _f(m["bpb_topk"]), note))
     if ens.get("bpb") is None:
         rows.append(("ensemble", "—", "—", ens.get("reason", "")))
         return rows
+    if mixed:
+        return rows + _mixed_rows(ens)
     for pool, kinds in ens["variants"].items():
         for kind, v in kinds.items():
             mark = " ← ensemble.bpb" if (pool, kind) == (ens["fuse"], ens["weights"]) else ""
@@ -85,14 +111,32 @@ def quality_rows(q: dict) -> list[tuple[str, str, str, str]]:
                          mark.strip()))
     rows.append(("per-token oracle (reference, not a method)",
                  _f(ens["oracle_per_token_bpb"]), "", ""))
-    pd = ens.get("vs_best_member_per_document")
-    if pd:
-        lo, hi = pd["bootstrap_ci95"]
-        rows.append((f"ensemble.bpb − best member, over {pd['documents']} documents",
-                     f"{pd['bpb_difference']:+.4f}", "",
-                     f"better in {pd['ensemble_better_in']} of {pd['documents']}; "
-                     f"bootstrap 95% interval [{lo:+.4f}, {hi:+.4f}]"))
+    return rows + _per_document_row(ens)
+
+
+def _mixed_rows(ens: dict) -> list[tuple[str, str, str, str]]:
+    rows = [(f"ensemble, per-line mixture, {kind} weights", _f(v["bpb"]), "",
+             f"{v['vs_best_member']:+.2%} vs best member"
+             + (" ← ensemble.bpb" if kind == ens["weights"] else ""))
+            for kind, v in ens["variants"].items()]
+    grid = [v["vs_best_member"] for v in ens["sensitivity"].values()]
+    rows.append((f"  η × α grid ({len(grid)} settings; sensitivity, not tuning)", "", "",
+                 f"{min(grid):+.2%} … {max(grid):+.2%} vs best member"))
+    rows.append(("per-line oracle (reference, not a method)", _f(ens["oracle_per_line_bpb"]),
+                 "", ""))
+    rows += _per_document_row(ens)
     return rows
+
+
+def _per_document_row(ens: dict) -> list[tuple[str, str, str, str]]:
+    pd = ens.get("vs_best_member_per_document")
+    if not pd:
+        return []
+    lo, hi = pd["bootstrap_ci95"]
+    return [(f"ensemble.bpb − best member, over {pd['documents']} documents",
+             f"{pd['bpb_difference']:+.4f}", "",
+             f"better in {pd['ensemble_better_in']} of {pd['documents']}; "
+             f"bootstrap 95% interval [{lo:+.4f}, {hi:+.4f}]")]
 
 
 def speed_rows(result: dict) -> list[tuple[str, ...]]:
@@ -101,6 +145,8 @@ def speed_rows(result: dict) -> list[tuple[str, ...]]:
     rows = []
     sp = result.get("speed", {})
     ens = sp.get("ensemble")
+    if ens and ens.get("mode") not in (None, "fuse-ids"):
+        ens = None                         # text-level modes: text_speed_rows
     runs = [("ensemble (all members)" if not ens.get("error") else
              "ensemble — LOST MEMBERS, not an ensemble's figures", ens)] if ens else []
     runs += [(f"{n} alone (1-node mesh)", r) for n, r in sp.get("single", {}).items()]
@@ -125,6 +171,46 @@ def speed_rows(result: dict) -> list[tuple[str, ...]]:
     return rows
 
 
+def text_speed_rows(result: dict) -> list[tuple[str, ...]]:
+    """Text-level modes (mixed tokenizers) and each member alone, per committed byte."""
+    sp = result.get("speed", {})
+    der = sp.get("derived") or {}
+    rows = []
+    for mode, d in (der.get("modes") or {}).items():
+        if "error" in d:
+            rows.append((f"ensemble, {mode} mode: LOST MEMBERS ({_short(d['error'])})",
+                         *["—"] * (len(TEXT_SPEED_HEADER) - 1)))
+            continue
+        r = d["round_ms"]
+        rows.append((f"ensemble, {mode} mode ({d['session']})", _f(d["client_ms_per_byte"], ".3g"),
+                     _f(d["ms_per_committed_byte"], ".3g"), _f(d["bytes_per_round"], ".1f"),
+                     _f(r["step_p50"], ".0f"), _f(r.get("propose"), ".0f"),
+                     _f(r.get("score"), ".0f"), _f(r.get("frame"), ".0f"),
+                     _f(r["slowest_forward_p50"], ".0f"), _f(d["wire_bytes_per_byte"], ".0f")))
+    for name, r in sp.get("single", {}).items():
+        rows.append((f"{name} alone (1-node mesh)", _f(r["client"]["ms_per_byte"], ".3g"),
+                     *["—"] * (len(TEXT_SPEED_HEADER) - 2)))
+    return rows
+
+
+TEXT_SPEED_HEADER = ("run", "ms/byte (client)", "ms/byte (leader)", "bytes/round",
+                     "round ms", "propose ms", "score ms", "frame ms", "slowest forward ms",
+                     "wire B/byte")
+TEXT_SPEED_CAPTION = ("per committed byte after the first piece; a round = one commit; "
+                      "propose / score / frame: p50 time the leader waits for every member's "
+                      "answer (includes their re-sync to the last commit)")
+
+
+def _speed_tables(result: dict) -> list[tuple[tuple[str, ...], list[tuple[str, ...]], str]]:
+    """(header, rows, caption) for each speed table this result has."""
+    out = []
+    if speed_rows(result):
+        out.append((SPEED_HEADER, speed_rows(result), SPEED_CAPTION))
+    if text_speed_rows(result) and (result.get("speed", {}).get("derived") or {}).get("modes"):
+        out.append((TEXT_SPEED_HEADER, text_speed_rows(result), TEXT_SPEED_CAPTION))
+    return out
+
+
 SPEED_HEADER = ("run", "tokens/s", "TTFT ms", "between tokens p50/p95 ms", "step ms",
                 "slowest forward ms", "round trip ms", "fusion ms", "B/node/token")
 SPEED_CAPTION = ("step, forward, round trip, fusion: p50 per token at the leader; "
@@ -136,11 +222,10 @@ def markdown(result: dict) -> str:
     lines = ["| | BPB, full vocabulary | BPB, top-k frame only | |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |"
               for a, b, c, d in quality_rows(result.get("quality", {}))]
-    speed = speed_rows(result)
-    if speed:
-        lines += ["", "| " + " | ".join(SPEED_HEADER) + " |", "|" + "---|" * len(SPEED_HEADER)]
-        lines += ["| " + " | ".join(r) + " |" for r in speed]
-        lines += ["", f"_{SPEED_CAPTION}._"]
+    for header, rows, caption in _speed_tables(result):
+        lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        lines += ["", f"_{caption}._"]
     lines += ["", "| goal | value | target | met |", "|---|---|---|---|"]
     for name, g in result.get("goals", {}).items():
         v = g["value"]
@@ -159,13 +244,14 @@ def print_report(result: dict, console: Console | None = None) -> None:
     for row in quality_rows(result.get("quality", {})):
         q.add_row(*row)
     console.print(q)
-    s = Table(title=f"Speed: {result.get('speed', {}).get('max_tokens', '?')} greedy tokens",
-              caption=SPEED_CAPTION)
-    for col in SPEED_HEADER:
-        s.add_column(col)
-    for row in speed_rows(result):
-        s.add_row(*row)
-    console.print(s)
+    for header, rows, caption in _speed_tables(result):
+        s = Table(title=f"Speed: {result.get('speed', {}).get('max_tokens', '?')} greedy "
+                        "tokens", caption=caption)
+        for col in header:
+            s.add_column(col)
+        for row in rows:
+            s.add_row(*row)
+        console.print(s)
     g = Table(title="Goals")
     for col in ("goal", "value", "target", "met", "note"):
         g.add_column(col)
@@ -189,7 +275,7 @@ def plot(result: dict, out: Path) -> str | None:
                              squeeze=False)
     ax1 = axes[0][0]
     rows = [r for r in quality_rows(result.get("quality", {}))
-            if r[1] != "—" and not r[0].startswith("ensemble.bpb")]
+            if r[1] not in ("—", "") and not r[0].startswith("ensemble.bpb")]
     labels = [r[0] for r in rows][::-1]
     full = [float(r[1]) for r in rows][::-1]
     topk = [float(r[2]) if r[2] else float("nan") for r in rows][::-1]
@@ -212,8 +298,23 @@ def plot(result: dict, out: Path) -> str | None:
     return None
 
 
+def _plot_text_speed(ax2, result: dict) -> None:
+    rows = [r for r in text_speed_rows(result) if r[1] != "—"]
+    names = [textwrap.fill(r[0], 18) for r in rows]
+    ms = [float(r[1]) for r in rows]
+    ax2.bar(names, ms, color=["C1" if r[0].startswith("ensemble") else "C0" for r in rows])
+    for x, v in enumerate(ms):
+        ax2.annotate(f"{v:.0f} ms", (x, v), ha="center", va="bottom", fontsize=7)
+    ax2.margins(y=0.15)
+    ax2.set_ylabel("ms per byte of answer (client, p50 run)")
+    ax2.set_title("Cost per committed byte (members share the CPU cores)")
+    ax2.tick_params(axis="x", labelsize=7)
+
+
 def _plot_speed(ax2, result: dict) -> None:
     sp = result.get("speed", {})
+    if (sp.get("derived") or {}).get("modes"):
+        return _plot_text_speed(ax2, result)
     ens = sp.get("ensemble")
     runs = [("ensemble" + (" (LOST MEMBERS)" if ens.get("error") else ""), ens)] if ens else []
     runs += [(f"{n} alone", r) for n, r in sp.get("single", {}).items()]

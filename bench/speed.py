@@ -49,7 +49,10 @@ WARMUP_TOKENS = 4               # one short answer first: allocations, caches, p
 SUMMARY_KEYS = ("steps", "finish_reason", "prompt_tokens", "tokens_per_s", "ttft_ms",
                 "wire_bytes_per_token", "frame_bytes_per_member_per_token",
                 "disagreement_rate", "agreement", "weights", "late_frames", "timing_ms",
-                "members", "models", "leader", "mode")
+                "members", "models", "leader", "mode",
+                # text-level sessions (rank, fuse across tokenizers) also report these
+                "committed_bytes", "ms_per_byte", "wire_bytes_per_byte", "late_replies",
+                "dropped")
 
 
 def _die_with_parent() -> None:
@@ -129,18 +132,27 @@ def _pct(xs: np.ndarray, q: float) -> float | None:
 
 async def _generate(address: str, prompt: str, params: GenParams) -> dict:
     stamps: list[float] = []
+    sizes: list[int] = []
+
+    def on_text(piece: str) -> None:
+        stamps.append(time.perf_counter())
+        sizes.append(len(piece.encode("utf-8")))
     async with MeshClient(address) as c:
         t0 = time.perf_counter()
-        res = await c.generate(prompt, params, on_text=lambda _: stamps.append(time.perf_counter()))
+        res = await c.generate(prompt, params, on_text=on_text)
     out = {k: res.summary.get(k) for k in SUMMARY_KEYS}
     gaps = np.diff(stamps) * 1000.0
     decode_s = stamps[-1] - stamps[0] if len(stamps) > 1 else 0.0
+    later_bytes = sum(sizes[1:])
     out["client"] = {
         "ttft_ms": (stamps[0] - t0) * 1000.0 if stamps else None,
         "inter_token_p50_ms": _pct(gaps, 50),
         "inter_token_p95_ms": _pct(gaps, 95),
         "text_pieces": len(stamps),
         "pieces_per_s": (len(stamps) - 1) / decode_s if decode_s > 0 else None,
+        # one unit for every mode and tokenizer: time per byte of answer after the first piece
+        "bytes": sum(sizes),
+        "ms_per_byte": decode_s * 1000.0 / later_bytes if later_bytes > 0 else None,
     }
     out["token_ids"] = list(res.summary.get("token_ids", []))
     out["loadavg_1min"] = os.getloadavg()[0]      # other work on the machine skews timings
@@ -196,12 +208,15 @@ def measure_single(name: str, path: str, prompt: str, params: GenParams, *,
 
 
 def compare(speed: dict) -> dict:
-    """Ratios that hold on any machine: the mesh's overhead against the slowest forward."""
+    """Ratios that hold on any machine: the mesh's overhead against the slowest forward
+    (id-level fusion), or each text-level mode's cost per committed byte (`compare_text`)."""
     ens = speed.get("ensemble")
     if not ens:
         return {}
     if ens.get("error"):
         return {"error": ens["error"]}
+    if ens.get("mode") != "fuse-ids":
+        return compare_text(speed)
     t = ens["timing_ms"]
     overhead = t["overhead_p50"] + t["fusion_p50"]
     slow = t["slowest_forward_p50"]
@@ -222,3 +237,40 @@ def compare(speed: dict) -> dict:
         "ensemble_step_over_slowest_single_step":
             (t["step_p50"] + t["fusion_p50"]) / max(singles) if singles else None,
     }
+
+
+TEXT_PHASES = ("propose", "score", "frame")
+
+
+def compare_text(speed: dict) -> dict:
+    """Text-level sessions (members with different tokenizers): cost per committed byte of
+    each mode timed, its per-round breakdown, and how it compares with the other mode and
+    with the slowest member alone (client-side ms per byte: the same unit for all)."""
+    alone = [s["client"]["ms_per_byte"] for s in speed.get("single", {}).values()
+             if s.get("client", {}).get("ms_per_byte")]
+    out: dict = {"modes": {}}
+    for mode, r in (speed.get("modes") or {}).items():
+        if r.get("error"):
+            out["modes"][mode] = {"error": r["error"]}
+            continue
+        t, c = r["timing_ms"], r["client"]
+        out["modes"][mode] = {
+            "session": r.get("mode"),
+            "ms_per_committed_byte": r.get("ms_per_byte"),
+            "client_ms_per_byte": c["ms_per_byte"],
+            "bytes_per_round": (r["committed_bytes"] / r["steps"]) if r.get("steps") else None,
+            "wire_bytes_per_byte": r.get("wire_bytes_per_byte"),
+            "round_ms": {"step_p50": t.get("step_p50"), "step_p95": t.get("step_p95"),
+                         **{p: t.get(f"{p}_p50") for p in TEXT_PHASES if f"{p}_p50" in t},
+                         "slowest_forward_p50": t.get("slowest_forward_p50")},
+            "over_slowest_member_alone": (c["ms_per_byte"] / max(alone)
+                                          if alone and c["ms_per_byte"] else None),
+        }
+    modes = out["modes"]
+    ok = {m: v for m, v in modes.items() if "error" not in v and v["client_ms_per_byte"]}
+    if "rank" in ok and "fuse" in ok:
+        out["rank_over_fuse_ms_per_byte"] = (ok["rank"]["client_ms_per_byte"]
+                                             / ok["fuse"]["client_ms_per_byte"])
+        out["rank_over_fuse_wire_bytes"] = (ok["rank"]["wire_bytes_per_byte"]
+                                            / ok["fuse"]["wire_bytes_per_byte"])
+    return out

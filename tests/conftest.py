@@ -15,3 +15,14 @@ def tiny_models(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny")
     return [make_tiny_model(root / f"m{seed}", seed) for seed in (1, 2, 3)]
+
+
+@pytest.fixture(scope="session")
+def mixed_models(tmp_path_factory):
+    """Three tiny llama models whose byte-level BPE tokenizers differ (vocab 320, 400, 288:
+    different merges, so one text encodes to different ids)."""
+    from tiny import make_tiny_model
+
+    root = tmp_path_factory.mktemp("mixed")
+    return [make_tiny_model(root / f"v{v}", seed, vocab_size=v)
+            for seed, v in ((11, 320), (12, 400), (13, 288))]

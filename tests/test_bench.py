@@ -146,3 +146,90 @@ def test_a_top_k_frame_costs_bits_on_text_the_model_would_write(tiny_models):
     assert m1["bpb_topk"] == pytest.approx(m1["bpb"], rel=1e-3)     # float16 frames only
     ens = whole["ensemble"]["variants"]["linear"]["equal"]
     assert ens["bpb_topk"] == pytest.approx(ens["bpb"], rel=1e-3)
+
+
+def independent_line_mixture(models: list[Path], texts: list[dict], eta: float,
+                             alpha: float, tau: float) -> tuple[list[float], float]:
+    """Each member's BPB and the fixed-share mixture's, per line, computed from scratch:
+    log p of a line = log P(ids(before + line)) − log P(ids(before)), full forwards."""
+    from test_rank import Direct
+
+    refs = [Direct(m) for m in models]
+    member_nll, mix_nll, nbytes = np.zeros(len(refs)), 0.0, 0
+    for t in texts:
+        raw = Path(t["file"]).read_bytes()
+        prompt = raw[slice(*t["prompt_bytes"])].decode()
+        text = raw[slice(*t["scored_bytes"])].decode()
+        nbytes += len(text.encode())
+        z = np.array([-r.nll(prompt) / len(prompt.encode()) for r in refs]) / tau
+        w = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+        before = prompt
+        for line in text.splitlines(keepends=True):
+            lp = np.array([r.nll(before) - r.nll(before + line) for r in refs])
+            member_nll -= lp
+            mix_nll -= float(np.logaddexp.reduce(np.log(w) + lp))   # random models:
+            logw = np.log(w) + eta * lp                                # lines of p ~ 1e-300
+            w = np.exp(logw - logw.max())
+            w = (1 - alpha) * w / w.sum() + alpha / len(w)
+            before += line
+    scale = math.log(2) * nbytes
+    return list(member_nll / scale), mix_nll / scale
+
+
+@pytest.mark.timeout(600)
+def test_bench_with_mixed_tokenizers_mixes_lines_exactly_and_times_both_text_modes(
+        mixed_models, tmp_path):
+    out = tmp_path / "r.json"
+    text = tmp_path / "README.md"
+    text.write_bytes((ROOT / "README.md").read_bytes())
+    models = mixed_models[:2]
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), "--models", *map(str, models),
+         "--text", str(text), "--max-bytes", "1200", "--doc-bytes", "600",
+         "--prompt-bytes", "200", "--k", "16", "--speed-tokens", "8", "--skip-llama-cpp",
+         "--json", str(out), "--plot", str(tmp_path / "r.png")],
+        capture_output=True, text=True, timeout=580, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    r = json.loads(out.read_text())
+    cfg, q = r["config"], r["quality"]
+    assert len(set(cfg["tokenizers"].values())) == 2 and q["shared_tokenizer"] is False
+    names = list(cfg["models"])
+    members, mix = independent_line_mixture(models, cfg["texts"], cfg["online_eta"],
+                                            cfg["online_alpha"], cfg["perplexity_tau"])
+    for name, bpb in zip(names, members):
+        assert q["members"][name]["bpb_text"] == pytest.approx(bpb, rel=1e-4)
+        # the token path tokenizes prompt and text apart: close, not necessarily equal
+        assert q["members"][name]["bpb"] == pytest.approx(bpb, rel=0.05)
+    ens = q["ensemble"]
+    assert ens["exact"] is True and "mixture per line" in ens["method"]
+    assert ens["bpb"] == pytest.approx(mix, rel=1e-4)
+    best = min(q["members"][n]["bpb_text"] for n in names)
+    assert ens["vs_best_member"] == pytest.approx((ens["bpb"] - best) / best, rel=1e-6)
+    # a mixture of lines is never worse than its worst member, never better than the
+    # per-line oracle
+    worst = max(q["members"][n]["bpb_text"] for n in names)
+    for v in [*ens["variants"].values(), *ens["sensitivity"].values()]:
+        assert ens["oracle_per_line_bpb"] <= v["bpb"] <= worst + 1e-9
+    assert ens["vs_best_member_per_document"]["documents"] == 2
+    goal = r["goals"]["ensemble_bpb_below_best_member"]
+    assert goal["met"] == (ens["vs_best_member"] <= -0.04)
+
+    sp = r["speed"]
+    assert list(sp["modes"]) == ["rank", "fuse"]
+    assert sp["modes"]["rank"]["mode"] == "rank" and sp["modes"]["fuse"]["mode"] == "fuse-text"
+    for mode, e in sp["modes"].items():
+        assert "error" not in e, (mode, e)
+        assert sorted(e["models"].values()) == sorted(names)
+        assert e["committed_bytes"] > 0 and e["wire_bytes_per_byte"] > 0
+    d = sp["derived"]
+    for mode in ("rank", "fuse"):
+        m = d["modes"][mode]
+        assert m["round_ms"]["step_p50"] > 0 and m["round_ms"]["slowest_forward_p50"] > 0
+        assert m["round_ms"]["propose" if mode == "rank" else "frame"] > 0
+    assert d["rank_over_fuse_wire_bytes"] > 0
+    assert r["goals"]["ensemble_kept_every_member/fuse"]["met"]
+    assert "rank_cost_per_byte_vs_fuse" in r["goals"] or not d["modes"]["rank"][
+        "client_ms_per_byte"]
+    md = (tmp_path / "r.md").read_text()
+    assert "per-line mixture, online weights" in md and "ensemble, rank mode" in md
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

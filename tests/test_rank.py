@@ -1,9 +1,9 @@
 """Ensembles across different tokenizers (issue 6): rank and string-aligned fuse modes.
 
-Tiny random-weight llama models whose byte-level BPE tokenizers differ (vocab sizes 288,
-320, 400: different merges, so one text encodes to different ids). Every check compares
-what the mesh did with a computation made here directly with mlx-lm, from scratch (full
-forward passes, no KV cache), on the committed text."""
+Tiny random-weight llama models whose byte-level BPE tokenizers differ (conftest's
+`mixed_models`: vocab sizes 320, 400, 288, so one text encodes to different ids). Every
+check compares what the mesh did with a computation made here directly with mlx-lm,
+from scratch (full forward passes, no KV cache), on the committed text."""
 
 from __future__ import annotations
 
@@ -29,15 +29,6 @@ from mlx_lm import load
 from test_mesh import direct_topk_frames
 
 PROMPT = "def quicksort(xs):"
-
-
-@pytest.fixture(scope="module")
-def mixed_models(tmp_path_factory):
-    from tiny import make_tiny_model
-
-    root = tmp_path_factory.mktemp("mixed")
-    return [make_tiny_model(root / f"v{v}", seed, vocab_size=v)
-            for seed, v in ((11, 320), (12, 400), (13, 288))]
 
 
 @pytest.fixture(scope="module")
