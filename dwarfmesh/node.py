@@ -229,9 +229,10 @@ class Node:
                 self._dial(address)
 
     def send_to(self, node_id: str, msg: Any) -> int:
-        """Send to a node by id; a message to this node itself is dispatched locally."""
+        """Send to a node by id; a message to this node itself is dispatched locally (on
+        the next turn of the loop, like one that came over the wire)."""
         if node_id == self.node_id:
-            self.spawn(self._handle(msg, _LOCAL))
+            asyncio.get_running_loop().call_soon(self._dispatch, msg, _LOCAL)
             return 0
         address = self._addr_of.get(node_id)
         return self.transport.send(address, msg) if address else 0

@@ -367,3 +367,29 @@ def test_a_member_dies_and_the_text_session_goes_on(mixed_models, tmp_path, mode
     assert sorted(s["members"]) == ["node0", "node1"]
     assert s["finish_reason"] in ("length", "eos")
     assert "".join(pieces) == result.text and len(pieces) == s["steps"] > 1
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("leader", ["node0", "node1"])
+def test_a_member_whose_cache_cannot_trim_leaves_and_the_session_goes_on(
+        mixed_models, tmp_path, leader):
+    """llama with sliding-window layers keeps mlx-lm's rotating cache (only architectures
+    known to mask by window get a plain one), which cannot be trimmed once it wraps: that
+    member must leave with a reason, and the others finish the answer, also when the member
+    that leaves is the leader's own (its Leave is dispatched locally)."""
+    from tiny import make_tiny_model
+
+    sliding = make_tiny_model(tmp_path / "swa", 21, vocab_size=288, window=4, arch="llama")
+    with mesh([sliding, mixed_models[0]], tmp_path) as (addrs, _procs):
+        ids = {n["name"]: n["node_id"] for n in peers_of(addrs[0])}
+        session = session_led_by(ids[leader], list(ids.values()))
+
+        async def go():
+            async with MeshClient(addrs[1]) as c:
+                return await asyncio.wait_for(c.generate(
+                    PROMPT, GenParams(max_tokens=24, mode="rank"), conversation=session), 120)
+        result = asyncio.run(go())
+    s = result.summary
+    assert s["leader"] == leader and s["mode"] == "rank"
+    assert s["dropped"] == ["node0"] and s["members"] == ["node1"]
+    assert s["finish_reason"] in ("length", "eos") and result.text

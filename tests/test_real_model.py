@@ -1,25 +1,40 @@
-"""The real bundled model (SmolLM2-135M, converted from its registry GGUF) through the mesh.
+"""Real bundled models (converted from their registry GGUFs) through the mesh: SmolLM2-135M
+alone, and SmolLM2-135M with gemma-3-270m (another tokenizer, sliding-window attention).
 
-`scripts/test` pulls it first; the test skips, saying so, only when it was not pulled.
+`scripts/test` pulls both first; a test skips, saying so, only when its model was not pulled.
 """
 
-import pytest
+from pathlib import Path
 
-import dwarfmesh  # noqa: F401
 import mlx.core as mx
-from dwarfmesh.models import ModelError, resolve_model
+import pytest
 from meshutil import generate_cli, mesh, peers_of
 from mlx_lm import load, stream_generate
+from mlx_lm.models.cache import make_prompt_cache
+
+import dwarfmesh  # noqa: F401
+from dwarfmesh import textfuse as tf
+from dwarfmesh.models import ModelError, resolve_model
+from dwarfmesh.rank import RANK_CHUNK_TOKENS
 
 PROMPT = "def quicksort(xs):"
 
 
+def pulled(name: str):
+    try:
+        return resolve_model(name, pull=False, progress=False)
+    except ModelError as exc:
+        pytest.skip(f"{name} is not pulled (run scripts/setup {name}): {exc}")
+
+
 @pytest.fixture(scope="module")
 def smollm2():
-    try:
-        return resolve_model("smollm2-135m", pull=False, progress=False)
-    except ModelError as exc:
-        pytest.skip(f"smollm2-135m is not pulled (run scripts/setup smollm2-135m): {exc}")
+    return pulled("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    return pulled("gemma-3-270m")
 
 
 @pytest.mark.timeout(600)
@@ -36,3 +51,55 @@ def test_smollm2_two_nodes_reproduce_its_greedy_output(smollm2, tmp_path):
     assert out["text"].strip(), out
     assert out["disagreement_rate"] == 0.0
     assert out["frame_bytes_per_member_per_token"] <= 512
+
+
+@pytest.mark.timeout(900)
+def test_real_mixed_pair_ranks_past_gemmas_sliding_window(smollm2, gemma, tmp_path):
+    """Two real tokenizers in one session (rank mode), on a prompt longer than gemma-3's
+    512-token window: every round, each member's proposal must be its greedy continuation
+    of the committed text computed afresh (a new prefill of it, with mlx-lm's own cache),
+    which holds only if gemma's cache was re-synced correctly past its window."""
+    from test_rank import Direct
+
+    def proposal(ref: Direct, context: str, budget: int) -> tuple[str, bool]:
+        """Direct.proposal, but decoding with a fresh mlx-lm cache of mlx-lm's own making
+        (gemma's rotating one; never trimmed): one prefill instead of one per token."""
+        cache, gen, text, eos = make_prompt_cache(ref.model), [], "", False
+        logits = ref.model(mx.array([ref.tok.encode(context)]), cache=cache)[0, -1]
+        while len(gen) < budget:
+            tok = int(mx.argmax(logits))
+            if tok in ref.eos:
+                eos = True
+                break
+            gen.append(tok)
+            text = ref.tok.decode(gen)
+            if len(gen) == budget or tf.proposal_cut(text, done=False) is not None:
+                break
+            logits = ref.model(mx.array([[tok]]), cache=cache)[0, -1]
+        text = tf.complete_text(text)
+        return (text if eos else text[:tf.proposal_cut(text, done=True) or 0]), eos
+
+    text = Path("/usr/share/games/fortunes/fortunes")
+    prompt = (text.read_text()[:2200] if text.exists() else
+              " ".join(f"Line {i}: the quick brown fox jumps over the lazy dog."
+                       for i in range(80)))
+    refs = {"smollm2-135m": Direct(smollm2), "gemma-3-270m": Direct(gemma)}
+    for ref in refs.values():
+        ref.model.set_dtype(mx.float32)       # as the engine runs it on the CPU
+    assert len(refs["gemma-3-270m"].tok.encode(prompt)) > 512
+    with mesh(["smollm2-135m", "gemma-3-270m"], tmp_path) as (addrs, _procs):
+        out = generate_cli(addrs[1], prompt, "--max-tokens", "24", cache=tmp_path, timeout=600)
+    assert out["mode"] == "rank"              # auto: two tokenizers -> ranking by text
+    assert sorted(out["members"]) == ["node0", "node1"] and out["dropped"] == []
+    assert out["text"].strip() and out["steps"] == len(out["trace"]) >= 2
+    committed = ""
+    for step in out["trace"]:
+        for name, proposed in step["proposals"].items():
+            ref = refs[out["models"][name]]
+            budget = min(RANK_CHUNK_TOKENS, 24 - len(ref.tok.encode(committed,
+                                                                    add_special_tokens=False)))
+            if budget <= 0:
+                continue
+            assert tuple(proposed) == proposal(ref, prompt + committed, budget), (name, step)
+        committed += step["candidates"][step["chosen"]][0]
+    assert out["text"].startswith(committed)

@@ -1,8 +1,8 @@
 """Tiny random-weight models of a real mlx-lm architecture, for tests.
 
-`make_tiny_model(dir, seed)` writes an mlx-lm model directory (llama architecture, or
-gemma3_text with `window=`: five sliding-window layers then a global one; a few layers,
-random weights from `seed`) with a real byte-level BPE tokenizer trained on a
+`make_tiny_model(dir, seed)` writes an mlx-lm model directory (llama architecture; with
+`window=`, gemma3_text's layout, five sliding-window layers then a global one, or with
+`arch="llama"` llama's sliding-window layers; a few layers, random weights from `seed`) with a real byte-level BPE tokenizer trained on a
 little text. Models made with the same tokenizer text but different seeds share one
 vocabulary and differ in weights: an ensemble of them is a real same-vocabulary mesh.
 """
@@ -40,7 +40,8 @@ def make_tokenizer(out: Path, vocab_size: int = 320) -> None:
 
 
 def make_tiny_model(out: Path, seed: int, *, vocab_size: int = 320, layers: int = 2,
-                    hidden: int = 64, window: int | None = None) -> Path:
+                    hidden: int = 64, window: int | None = None, arch: str = "gemma3_text"
+                    ) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     make_tokenizer(out, vocab_size)
     config = {
@@ -50,7 +51,11 @@ def make_tiny_model(out: Path, seed: int, *, vocab_size: int = 320, layers: int 
         "tie_word_embeddings": False, "eos_token_id": 0,
     }
     module = llama
-    if window is not None:       # gemma-3's layout: local (sliding-window) layers, then global
+    if window is not None and arch == "llama":     # llama with sliding-window layers
+        config.update(layer_types=["sliding_attention", "full_attention"] * max(layers // 2, 1),
+                      sliding_window=window)
+        config["num_hidden_layers"] = len(config["layer_types"])
+    elif window is not None:     # gemma-3's layout: local (sliding-window) layers, then global
         module = gemma3_text
         config.update(model_type="gemma3_text", num_hidden_layers=max(layers, 6),
                       head_dim=hidden // 4, query_pre_attn_scalar=hidden // 4,
