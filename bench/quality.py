@@ -20,7 +20,7 @@ own pieces, so the figure is the mesh's, not an approximation of it:
   product of floors too, so that the figure stays finite and a proper distribution.
 
 Members with different tokenizers (`shared_tokenizer: false`) are still scored each
-alone as above; their ensemble is the exact sequence-level mixture per line of
+alone as above; their ensemble is the exact mixture over stably cut units of
 `bench/quality_text.py` (each member also gets `bpb_text`, the figure it is compared on).
 
 Nothing is tuned: the only constants are the mesh's own. `oracle_per_token_bpb` (the
@@ -270,7 +270,7 @@ def score(engines: list[Engine], docs: list[Document | Tokenized], *, k: int,
     """Every quality figure of the bench's JSON (see the module docstring).
 
     Documents already tokenized are scored as they are (members must share a tokenizer);
-    members with different tokenizers get the per-line mixture (`quality_text`).
+    members with different tokenizers get the mixture over units (`quality_text`).
     """
     t0 = time.perf_counter()
     shared = (len({e.fingerprint for e in engines}) == 1
@@ -309,9 +309,8 @@ def score(engines: list[Engine], docs: list[Document | Tokenized], *, k: int,
         text_docs = [d for d in docs if isinstance(d, Document)]
         if len(text_docs) != len(docs):
             raise ValueError("members with different tokenizers need documents as text")
-        lines = quality_text.score_lines([e.model_name for e in engines],
-                                         [quality_text.member_lines(e, text_docs)
-                                          for e in engines], text_docs)
+        lines = quality_text.score_units(engines, [quality_text.member_tokens(e, text_docs)
+                                                   for e in engines], text_docs)
         for name, m in lines["members"].items():
             members[name]["bpb_text"] = m["bpb"]
         ens = lines["ensemble"]
@@ -321,8 +320,7 @@ def score(engines: list[Engine], docs: list[Document | Tokenized], *, k: int,
         for row, text_row in zip(per_doc, lines["documents"]):
             row["ensemble_bpb"] = text_row["ensemble_bpb"]
             row["members_text"] = text_row["members"]
-        result.update(ensemble=ens, lines=lines["lines"],
-                      seconds=time.perf_counter() - t0)
+        result.update(ensemble=ens, seconds=time.perf_counter() - t0)
         return result
     tally = tallies[0]
     doc_of = np.concatenate(tally.doc)

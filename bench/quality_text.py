@@ -1,32 +1,36 @@
-"""Bits per byte across tokenizers: each member alone, and their sequence-level mixture.
+"""Bits per byte across tokenizers: each member alone, and their exact mixture.
 
 Members with different tokenizers cannot be pooled token by token (their tokens are
-different pieces of text), but every member can give the exact probability of the same
-STRING. So the text is scored a line at a time, through the mesh's own text sessions
-(`Engine.text_open_sync` / `text_extend_sync`, what rank and fuse-text sessions run on):
+different pieces of text), but each gives the exact probability of its own tokenization
+of the same text. So the mixture works on *units* of text, cut where that is exact for
+every member at once:
 
-- member i's log p of line j is log P_i(ids_i(before + line)) − log P_i(ids_i(before)),
-  ids_i being member i's canonical encoding of the text so far. Re-encoding at the seam
-  is exact, not approximated (the engine keeps every id's log p). Summed over a document
-  this is log P_i(ids_i(prompt + text)) − log P_i(ids_i(prompt)): the member's own BPB
-  on its own tokenization, as in `bench/quality.py` (which tokenizes prompt and text
-  apart, so the two differ slightly at that one seam).
-- the ensemble's probability of line j is the mixture Σ_i w_i P_i(line j | before), with
+- each member's text session (`Engine.text_open_sync` / `text_extend_sync`, what rank and
+  fuse-text sessions run on) holds prompt + text: its canonical ids, every id's exact
+  log p, and log P(ids(prompt)) from before the text was added;
+- a cut is a *stable* position: every member's ids have a token boundary there, and its
+  canonical encoding of the text up to there is exactly those first ids (re-encoding the
+  prefix changes nothing). Between two stable cuts a member's log p of the unit is the
+  sum of its ids' log p: the exact probability of those ids given all before, a proper
+  conditional. Summed over a document it is log P(ids(prompt + text)) − log P(ids(prompt)),
+  the member's own figure (`bpb_text`);
+- the ensemble's probability of unit j is the mixture Σ_i w_i P_i(unit j | before), with
   w from the mesh's own weight code: the prior `fusion.perplexity_weights` of each
   member's prompt NLL per byte (τ = `PERPLEXITY_TAU`, as rank.py does), then
   `fusion.OnlineWeights` (η = `ONLINE_ETA`, fixed share α = `ONLINE_ALPHA`) fed every
-  member's log p of every line, reset per document. The line is the unit of the mixture
-  (../shared/notes/EVAL.md measured this method at 4.3–5% below the best member).
+  member's log p of every unit, reset per document.
 
-This is exact in the sense the issue asks for: no member's distribution is approximated
-and nothing is aligned; each member's number is the probability of its canonical
-tokenization (other tokenizations of the same string are not summed, for any figure).
-It is a scoring figure: the mesh's rank mode chooses among proposals with the same
-weights, but generation is not a mixture of line distributions.
+Why stable cuts: cutting at every line or word and re-encoding each prefix makes a unit's
+"probability" exceed 1 wherever re-encoding merges across the cut (Qwen's "\\n\\n" after a
+line that ended in "\\n": up to e^9 on fortunes). A member alone is unaffected (its units
+telescope), but a mixture banks those gains without paying them back: per-word cuts gave
+−7.1% for equal weights on the trio where stable cuts give −3.6%. `improper_units` counts
+units with log p > 0 (only the first unit of a document can be, when the prompt's end is
+not a stable cut).
 
-Variants from the same per-line numbers: equal and perplexity (static) weights, online
-without fixed share (α = 0), a small η × α grid (sensitivity, not tuning: the headline
-uses the mesh's constants), and the per-line oracle (a ceiling, not a method).
+Variants from the same units: equal and perplexity (static) weights, online without fixed
+share (α = 0), coarser units (line ends only), a small η × α grid (sensitivity, not tuning:
+the headline uses the mesh's constants) and the per-unit oracle (a ceiling, not a method).
 """
 
 from __future__ import annotations
@@ -41,33 +45,57 @@ from dwarfmesh import fusion
 from dwarfmesh.config import ONLINE_ALPHA, ONLINE_ETA, PERPLEXITY_TAU
 from dwarfmesh.textfuse import utf8_len
 
-METHOD = ("sequence-level mixture per line, exact (each member's exact log p of each line of "
-          "the same text; online fixed-share weights)")
+METHOD = ("exact mixture over units cut where every member's tokenization is stable "
+          "(each member's exact log p of each unit of the same text; online fixed-share "
+          "weights)")
 SENSITIVITY_ETA = (0.25, 0.5, 1.0)
 SENSITIVITY_ALPHA = (0.0, 0.02, 0.05, 0.1)
 
 
-def lines_of(text: str) -> list[str]:
-    """The mixture's units: lines, each with its newline."""
-    return text.splitlines(keepends=True)
-
-
-def member_lines(engine, docs: list[Document]) -> list[dict]:
-    """One member's exact log p (nats) of every line of every document, and its prompt
-    NLL per byte (the prior's input), through one text session per document."""
+def member_tokens(engine, docs: list[Document]) -> list[dict]:
+    """One member's view of every document, through one text session each: log p of the
+    prompt, then the canonical ids of prompt + text with every id's exact log p, and the
+    character offset at which each id ends."""
     out = []
     for d, doc in enumerate(docs):
         session = f"bench-{d}"
-        opened = engine.text_open_sync(session, doc.prompt, False)
-        logp = [engine.text_extend_sync(session, line).logp for line in lines_of(doc.text)]
+        prompt = engine.text_open_sync(session, doc.prompt, False)
+        engine.text_extend_sync(session, doc.text)
+        ids, logp = engine.text_tokens_sync(session)
         engine.close_sync(session)
-        out.append({"prompt_nll_per_byte": -opened.logp / max(opened.nbytes, 1),
-                    "logp": np.array(logp, dtype=np.float64)})
+        ends = [len(engine.tokenizer.decode(ids[:k], skip_special_tokens=True,
+                                            clean_up_tokenization_spaces=False))
+                for k in range(1, len(ids) + 1)]
+        out.append({"prompt_logp": prompt.logp, "prompt_bytes": prompt.nbytes, "ids": ids,
+                    "logp": np.array(logp, dtype=np.float64), "ends": ends})
     return out
 
 
+def units(engines: list, views: list[dict], doc: Document) -> tuple[np.ndarray, list[int]]:
+    """[members, units] exact log p of each unit, and the character offset where each unit
+    ends (in prompt + text); `views` is each member's `member_tokens` entry for `doc`."""
+    full, start = doc.prompt + doc.text, len(doc.prompt)
+    common = set.intersection(*(set(v["ends"]) for v in views))
+    cuts, counts = [], []                     # counts[i]: member i's ids up to the cut
+    for c in sorted(x for x in common if start < x < len(full)):
+        n = []
+        for e, v in zip(engines, views):
+            ids = e.encode(full[:c])
+            if v["ids"][:len(ids)] != ids:
+                break
+            n.append(len(ids))
+        else:
+            cuts.append(c)
+            counts.append(n)
+    cuts.append(len(full))
+    counts.append([len(v["ids"]) for v in views])
+    cum = np.array([[v["logp"][:k].sum() for v, k in zip(views, n)] for n in counts]).T
+    before = np.array([[v["prompt_logp"]] for v in views])
+    return np.diff(np.concatenate([before, cum], axis=1), axis=1), cuts
+
+
 def _mixture(lp: np.ndarray, prior: np.ndarray, eta: float | None, alpha: float) -> np.ndarray:
-    """Per-line NLL of the mixture; lp is [members, lines]; eta None = static weights."""
+    """Per-unit NLL of the mixture; lp is [members, units]; eta None = static weights."""
     online = fusion.OnlineWeights(prior, eta=eta or 0.0, alpha=alpha)
     nll = np.empty(lp.shape[1])
     for j in range(lp.shape[1]):
@@ -77,34 +105,47 @@ def _mixture(lp: np.ndarray, prior: np.ndarray, eta: float | None, alpha: float)
     return nll
 
 
-def _bpb(nll: float, nbytes: int) -> float:
+def _line_units(lp: np.ndarray, cuts: list[int], full: str) -> np.ndarray:
+    """The same log p summed into coarser units that end at a line end (or the end)."""
+    ends = [j for j, c in enumerate(cuts) if full[c - 1] == "\n" or j == len(cuts) - 1]
+    return np.stack([lp[:, a:b + 1].sum(axis=1)
+                     for a, b in zip([0] + [e + 1 for e in ends[:-1]], ends)], axis=1)
+
+
+def _bpb(nll: float, nbytes: float) -> float:
     return float(nll / (math.log(2) * nbytes))
 
 
-def score_lines(names: list[str], per_member: list[list[dict]], docs: list[Document]) -> dict:
-    """Every figure, from each member's per-line log p (`member_lines`), in `names` order."""
+def score_units(engines: list, per_member: list[list[dict]], docs: list[Document]) -> dict:
+    """Every figure, from each member's `member_tokens` (in `engines` order)."""
     t0 = time.perf_counter()
-    nbytes = np.array([[utf8_len(x) for x in lines_of(doc.text)] for doc in docs], dtype=object)
-    doc_bytes = np.array([sum(b) for b in nbytes], dtype=np.float64)
-    total = int(doc_bytes.sum())
+    names = [e.model_name for e in engines]
+    doc_bytes = np.array([utf8_len(doc.text) for doc in docs], dtype=np.float64)
+    total = float(doc_bytes.sum())
     settings = {"online": (ONLINE_ETA, ONLINE_ALPHA), "online, no fixed share": (ONLINE_ETA, 0.0),
                 "equal": (None, 0.0), "perplexity": (None, 0.0)}
     grid = {f"eta={e},alpha={a}": (e, a) for e in SENSITIVITY_ETA for a in SENSITIVITY_ALPHA}
-    nll = {k: np.zeros(len(docs)) for k in [*settings, *grid, "oracle"]}
+    keys = [*settings, *grid, "online, line units", "oracle"]
+    nll = {k: np.zeros(len(docs)) for k in keys}
     member_nll = np.zeros((len(names), len(docs)))
-    for d in range(len(docs)):
-        lp = np.stack([pm[d]["logp"] for pm in per_member])             # [members, lines]
+    n_units = improper = 0
+    for d, doc in enumerate(docs):
+        views = [pm[d] for pm in per_member]
+        lp, cuts = units(engines, views, doc)
+        n_units += lp.shape[1]
+        improper += int((lp > 1e-9).sum())
         member_nll[:, d] = -lp.sum(axis=1)
-        prior = fusion.perplexity_weights([pm[d]["prompt_nll_per_byte"] for pm in per_member],
-                                          PERPLEXITY_TAU)
+        prior = fusion.perplexity_weights([-v["prompt_logp"] / max(v["prompt_bytes"], 1)
+                                           for v in views], PERPLEXITY_TAU)
         equal = np.full(len(names), 1.0 / len(names))
         for key, (eta, alpha) in {**settings, **grid}.items():
             nll[key][d] = _mixture(lp, equal if key == "equal" else prior, eta, alpha).sum()
+        lines = _line_units(lp, cuts, doc.prompt + doc.text)
+        nll["online, line units"][d] = _mixture(lines, prior, ONLINE_ETA, ONLINE_ALPHA).sum()
         nll["oracle"][d] = (-lp).min(axis=0).sum()
     members = {n: {"bpb": _bpb(member_nll[i].sum(), total),
-                   "lines": int(sum(len(pm[d]["logp"]) for d in range(len(docs)))),
                    "per_document": [_bpb(v, b) for v, b in zip(member_nll[i], doc_bytes)]}
-               for i, (n, pm) in enumerate(zip(names, per_member))}
+               for i, n in enumerate(names)}
     best = min(members, key=lambda n: members[n]["bpb"])
     best_bpb = members[best]["bpb"]
 
@@ -115,14 +156,14 @@ def score_lines(names: list[str], per_member: list[list[dict]], docs: list[Docum
                 "members": {n: members[n]["per_document"][d] for n in names}}
                for d, (doc, b) in enumerate(zip(docs, doc_bytes))]
     return {
-        "members": members, "best_member": best, "scored_bytes": total,
-        "lines": int(sum(len(lines_of(doc.text)) for doc in docs)),
+        "members": members, "best_member": best, "scored_bytes": int(total),
         "documents": per_doc,
         "ensemble": {"method": METHOD, "exact": True, "weights": "online",
                      "online_eta": ONLINE_ETA, "online_alpha": ONLINE_ALPHA,
-                     **figure("online"),
-                     "oracle_per_line_bpb": _bpb(nll["oracle"].sum(), total),
-                     "variants": {k: figure(k) for k in settings},
+                     **figure("online"), "units": n_units,
+                     "bytes_per_unit": total / max(n_units, 1), "improper_units": improper,
+                     "oracle_per_unit_bpb": figure("oracle")["bpb"],
+                     "variants": {k: figure(k) for k in [*settings, "online, line units"]},
                      "sensitivity": {k: figure(k) for k in grid}},
         "seconds": time.perf_counter() - t0,
     }

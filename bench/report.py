@@ -30,7 +30,7 @@ def goals(result: dict) -> dict:
         out["ensemble_bpb_below_best_member"] = _goal(
             ens["vs_best_member"], f"<= {MIXED_GAIN_GOAL:.0%} (relative to the best member's "
             "BPB; mixed tokenizers)", ens["vs_best_member"] <= MIXED_GAIN_GOAL,
-            f"per-line mixture, {ens['weights']} weights")
+            f"mixture over {ens['units']} units, {ens['weights']} weights")
     elif ens.get("bpb") is not None:
         out["ensemble_bpb_below_best_member"] = _goal(
             ens["vs_best_member"], "< 0 (relative to the best member's BPB)",
@@ -115,15 +115,17 @@ def quality_rows(q: dict) -> list[tuple[str, str, str, str]]:
 
 
 def _mixed_rows(ens: dict) -> list[tuple[str, str, str, str]]:
-    rows = [(f"ensemble, per-line mixture, {kind} weights", _f(v["bpb"]), "",
+    rows = [(f"ensemble, mixture over units, {kind}" + ("" if "units" in kind else " weights"),
+             _f(v["bpb"]), "",
              f"{v['vs_best_member']:+.2%} vs best member"
              + (" ← ensemble.bpb" if kind == ens["weights"] else ""))
             for kind, v in ens["variants"].items()]
     grid = [v["vs_best_member"] for v in ens["sensitivity"].values()]
     rows.append((f"  η × α grid ({len(grid)} settings; sensitivity, not tuning)", "", "",
                  f"{min(grid):+.2%} … {max(grid):+.2%} vs best member"))
-    rows.append(("per-line oracle (reference, not a method)", _f(ens["oracle_per_line_bpb"]),
-                 "", ""))
+    rows.append(("per-unit oracle (reference, not a method)", _f(ens["oracle_per_unit_bpb"]),
+                 "", f"{ens['units']} units, {ens['bytes_per_unit']:.1f} bytes each; "
+                     f"{ens['improper_units']} with p > 1"))
     rows += _per_document_row(ens)
     return rows
 

@@ -138,6 +138,12 @@ class TextEngineMixin:
         return TextLogp(sum(s.token_logp), textfuse.utf8_len(text),
                         (time.perf_counter() - t0) * 1000.0)
 
+    def text_tokens_sync(self, session: str) -> tuple[list[int], list[float]]:
+        """The session's ids (this tokenizer's canonical encoding of its text) and every id's
+        exact log p given the ids before it (0 for a first id nothing predicts)."""
+        s = self._text_session(session)
+        return list(s.tokens), list(s.token_logp)
+
     def text_extend_sync(self, session: str, piece: str) -> TextLogp:
         """Append committed text; return its exact log p under this model."""
         t0 = time.perf_counter()

@@ -148,36 +148,50 @@ def test_a_top_k_frame_costs_bits_on_text_the_model_would_write(tiny_models):
     assert ens["bpb_topk"] == pytest.approx(ens["bpb"], rel=1e-3)
 
 
-def independent_line_mixture(models: list[Path], texts: list[dict], eta: float,
-                             alpha: float, tau: float) -> tuple[list[float], float]:
-    """Each member's BPB and the fixed-share mixture's, per line, computed from scratch:
-    log p of a line = log P(ids(before + line)) − log P(ids(before)), full forwards."""
+def independent_unit_mixture(models: list[Path], texts: list[dict], eta: float,
+                             alpha: float, tau: float) -> tuple[list[float], float, int]:
+    """Each member's BPB and the fixed-share mixture's, computed from scratch: a cut is any
+    character position where every member's encoding of the text up to it is a prefix of
+    its encoding of the whole (tried at every position); a unit's log p is the sum of the
+    member's token log p between cuts, from one full forward (the first unit's is relative
+    to log P(ids(prompt)))."""
     from test_rank import Direct
 
     refs = [Direct(m) for m in models]
-    member_nll, mix_nll, nbytes = np.zeros(len(refs)), 0.0, 0
+    member_nll, mix_nll, nbytes, n_units = np.zeros(len(refs)), 0.0, 0, 0
     for t in texts:
         raw = Path(t["file"]).read_bytes()
         prompt = raw[slice(*t["prompt_bytes"])].decode()
         text = raw[slice(*t["scored_bytes"])].decode()
+        full = prompt + text
         nbytes += len(text.encode())
+        ids = [r.tok.encode(full) for r in refs]
+        cum = []
+        for r, i in zip(refs, ids):
+            lp = r.logprobs(i)
+            cum.append(np.concatenate([[0.0], np.cumsum([lp[k - 1, i[k]]
+                                                         for k in range(1, len(i))])]))
+        marks = [[-r.nll(prompt) for r in refs]]
+        for c in range(len(prompt) + 1, len(full) + 1):
+            pre = [r.tok.encode(full[:c]) for r in refs]
+            if all(i[:len(p)] == p for i, p in zip(ids, pre)):
+                marks.append([cm[len(p) - 1] for cm, p in zip(cum, pre)])
+        lps = np.diff(np.array(marks).T, axis=1)                   # [members, units]
+        n_units += lps.shape[1]
+        member_nll -= lps.sum(axis=1)
         z = np.array([-r.nll(prompt) / len(prompt.encode()) for r in refs]) / tau
         w = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
-        before = prompt
-        for line in text.splitlines(keepends=True):
-            lp = np.array([r.nll(before) - r.nll(before + line) for r in refs])
-            member_nll -= lp
-            mix_nll -= float(np.logaddexp.reduce(np.log(w) + lp))   # random models:
-            logw = np.log(w) + eta * lp                                # lines of p ~ 1e-300
+        for lp in lps.T:
+            mix_nll -= float(np.logaddexp.reduce(np.log(w) + lp))   # random models: units
+            logw = np.log(w) + eta * lp                                # of p ~ 1e-300
             w = np.exp(logw - logw.max())
             w = (1 - alpha) * w / w.sum() + alpha / len(w)
-            before += line
     scale = math.log(2) * nbytes
-    return list(member_nll / scale), mix_nll / scale
+    return list(member_nll / scale), mix_nll / scale, n_units
 
 
 @pytest.mark.timeout(600)
-def test_bench_with_mixed_tokenizers_mixes_lines_exactly_and_times_both_text_modes(
+def test_bench_with_mixed_tokenizers_mixes_stable_units_exactly_and_times_both_text_modes(
         mixed_models, tmp_path):
     out = tmp_path / "r.json"
     text = tmp_path / "README.md"
@@ -194,22 +208,22 @@ def test_bench_with_mixed_tokenizers_mixes_lines_exactly_and_times_both_text_mod
     cfg, q = r["config"], r["quality"]
     assert len(set(cfg["tokenizers"].values())) == 2 and q["shared_tokenizer"] is False
     names = list(cfg["models"])
-    members, mix = independent_line_mixture(models, cfg["texts"], cfg["online_eta"],
-                                            cfg["online_alpha"], cfg["perplexity_tau"])
+    members, mix, n_units = independent_unit_mixture(
+        models, cfg["texts"], cfg["online_eta"], cfg["online_alpha"], cfg["perplexity_tau"])
     for name, bpb in zip(names, members):
         assert q["members"][name]["bpb_text"] == pytest.approx(bpb, rel=1e-4)
         # the token path tokenizes prompt and text apart: close, not necessarily equal
         assert q["members"][name]["bpb"] == pytest.approx(bpb, rel=0.05)
     ens = q["ensemble"]
-    assert ens["exact"] is True and "mixture per line" in ens["method"]
+    assert ens["exact"] is True and ens["units"] == n_units and ens["improper_units"] == 0
     assert ens["bpb"] == pytest.approx(mix, rel=1e-4)
     best = min(q["members"][n]["bpb_text"] for n in names)
     assert ens["vs_best_member"] == pytest.approx((ens["bpb"] - best) / best, rel=1e-6)
-    # a mixture of lines is never worse than its worst member, never better than the
-    # per-line oracle
+    # a mixture of units is never worse than its worst member, never better than the
+    # per-unit oracle (coarser units: never better than the finer units' oracle either)
     worst = max(q["members"][n]["bpb_text"] for n in names)
     for v in [*ens["variants"].values(), *ens["sensitivity"].values()]:
-        assert ens["oracle_per_line_bpb"] <= v["bpb"] <= worst + 1e-9
+        assert ens["oracle_per_unit_bpb"] <= v["bpb"] <= worst + 1e-9
     assert ens["vs_best_member_per_document"]["documents"] == 2
     goal = r["goals"]["ensemble_bpb_below_best_member"]
     assert goal["met"] == (ens["vs_best_member"] <= -0.04)
@@ -231,5 +245,5 @@ def test_bench_with_mixed_tokenizers_mixes_lines_exactly_and_times_both_text_mod
     assert "rank_cost_per_byte_vs_fuse" in r["goals"] or not d["modes"]["rank"][
         "client_ms_per_byte"]
     md = (tmp_path / "r.md").read_text()
-    assert "per-line mixture, online weights" in md and "ensemble, rank mode" in md
+    assert "mixture over units, online weights" in md and "ensemble, rank mode" in md
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
