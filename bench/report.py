@@ -302,14 +302,15 @@ def plot(result: dict, out: Path) -> str | None:
 
 def _plot_text_speed(ax2, result: dict) -> None:
     rows = [r for r in text_speed_rows(result) if r[1] != "—"]
-    names = [textwrap.fill(r[0], 18) for r in rows]
+    names = [textwrap.fill(r[0].replace(" (1-node mesh)", "").replace("ensemble, ", ""), 11)
+             for r in rows]
     ms = [float(r[1]) for r in rows]
     ax2.bar(names, ms, color=["C1" if r[0].startswith("ensemble") else "C0" for r in rows])
     for x, v in enumerate(ms):
         ax2.annotate(f"{v:.0f} ms", (x, v), ha="center", va="bottom", fontsize=7)
     ax2.margins(y=0.15)
     ax2.set_ylabel("ms per byte of answer (client, p50 run)")
-    ax2.set_title("Cost per committed byte (members share the CPU cores)")
+    ax2.set_title("Cost per byte of answer (members share the cores)")
     ax2.tick_params(axis="x", labelsize=7)
 
 

@@ -26,6 +26,7 @@ from dwarfmesh.protocol import GenParams
 from dwarfmesh.rank import RANK_CHUNK_TOKENS
 from meshutil import generate_cli, mesh, peers_of, stop
 from mlx_lm import load
+from mlx_lm.models.cache import make_prompt_cache
 from test_mesh import direct_topk_frames
 
 PROMPT = "def quicksort(xs):"
@@ -62,11 +63,21 @@ class Direct:
         out = self.nll(context + text) - self.nll(context)
         return out - (self.eos_logp(context + text) if eos else 0.0)
 
-    def proposal(self, context: str, budget: int) -> tuple[str, bool]:
-        """Greedy continuation from a fresh prefill, cut at a word or line boundary."""
+    def proposal(self, context: str, budget: int, cached: bool = False) -> tuple[str, bool]:
+        """Greedy continuation from a fresh prefill, cut at a word or line boundary. Every
+        token is a full forward over everything, or with `cached`, one forward of it after
+        a prefill into a fresh cache of mlx-lm's own making (never trimmed)."""
         ids, gen, text, eos = self.tok.encode(context), [], "", False
+        cache = make_prompt_cache(self.model) if cached else None
+        fed = 0
         while len(gen) < budget:
-            tok = int(np.argmax(self.logprobs(ids + gen)[-1]))
+            if cache is None:
+                last = self.logprobs(ids + gen)[-1]
+            else:
+                new = (ids + gen)[fed:]
+                last = np.array(self.model(mx.array([new]), cache=cache)[0, -1], np.float64)
+                fed += len(new)
+            tok = int(np.argmax(last))
             if tok in self.eos:
                 eos = True
                 break

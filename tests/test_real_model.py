@@ -10,10 +10,8 @@ import mlx.core as mx
 import pytest
 from meshutil import generate_cli, mesh, peers_of
 from mlx_lm import load, stream_generate
-from mlx_lm.models.cache import make_prompt_cache
 
 import dwarfmesh  # noqa: F401
-from dwarfmesh import textfuse as tf
 from dwarfmesh.models import ModelError, resolve_model
 from dwarfmesh.rank import RANK_CHUNK_TOKENS
 
@@ -61,24 +59,6 @@ def test_real_mixed_pair_ranks_past_gemmas_sliding_window(smollm2, gemma, tmp_pa
     which holds only if gemma's cache was re-synced correctly past its window."""
     from test_rank import Direct
 
-    def proposal(ref: Direct, context: str, budget: int) -> tuple[str, bool]:
-        """Direct.proposal, but decoding with a fresh mlx-lm cache of mlx-lm's own making
-        (gemma's rotating one; never trimmed): one prefill instead of one per token."""
-        cache, gen, text, eos = make_prompt_cache(ref.model), [], "", False
-        logits = ref.model(mx.array([ref.tok.encode(context)]), cache=cache)[0, -1]
-        while len(gen) < budget:
-            tok = int(mx.argmax(logits))
-            if tok in ref.eos:
-                eos = True
-                break
-            gen.append(tok)
-            text = ref.tok.decode(gen)
-            if len(gen) == budget or tf.proposal_cut(text, done=False) is not None:
-                break
-            logits = ref.model(mx.array([[tok]]), cache=cache)[0, -1]
-        text = tf.complete_text(text)
-        return (text if eos else text[:tf.proposal_cut(text, done=True) or 0]), eos
-
     text = Path("/usr/share/games/fortunes/fortunes")
     prompt = (text.read_text()[:2200] if text.exists() else
               " ".join(f"Line {i}: the quick brown fox jumps over the lazy dog."
@@ -100,6 +80,7 @@ def test_real_mixed_pair_ranks_past_gemmas_sliding_window(smollm2, gemma, tmp_pa
                                                                     add_special_tokens=False)))
             if budget <= 0:
                 continue
-            assert tuple(proposed) == proposal(ref, prompt + committed, budget), (name, step)
+            assert tuple(proposed) == ref.proposal(prompt + committed, budget,
+                                                   cached=True), (name, step)
         committed += step["candidates"][step["chosen"]][0]
     assert out["text"].startswith(committed)
