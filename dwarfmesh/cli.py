@@ -322,10 +322,14 @@ async def _run_generate(args: argparse.Namespace) -> dict[str, Any]:
     else:
         s = result.summary
         sys.stdout.write("\n")
+        pace = (f"{s.get('steps', 0)} tokens, {s.get('tokens_per_s', 0):.1f} tok/s"
+                if "committed_bytes" not in s else        # text sessions commit pieces
+                f"{s['steps']} rounds, {s['committed_bytes']} bytes, "
+                f"{s.get('ms_per_byte', 0):.0f} ms/byte")
         sys.stderr.write(
-            f"[{s.get('steps', 0)} tokens, {s.get('tokens_per_s', 0):.1f} tok/s, leader "
-            f"{s.get('leader')}, members {', '.join(s.get('members', []))}, disagreement "
-            f"{s.get('disagreement_rate', 0):.0%}, mode {s.get('mode', 'fuse-ids')}]\n")
+            f"[{pace}, leader {s.get('leader')}, members {', '.join(s.get('members', []))}, "
+            f"disagreement {s.get('disagreement_rate', 0):.0%}, mode "
+            f"{s.get('mode', 'fuse-ids')}]\n")
     return result.summary
 
 
