@@ -312,9 +312,7 @@ async def _run_generate(args: argparse.Namespace) -> dict[str, Any]:
                        weights=args.weights, stop=args.stop, chat=args.chat, mode=args.mode)
 
     def show(piece: str) -> None:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-
+        print(piece, end="", flush=True)
     async with MeshClient(await _connect(args), _client_key(args)) as client:
         result = await client.generate(args.prompt, params, on_text=None if args.json else show)
     if args.json:
@@ -322,14 +320,11 @@ async def _run_generate(args: argparse.Namespace) -> dict[str, Any]:
     else:
         s = result.summary
         sys.stdout.write("\n")
-        pace = (f"{s.get('steps', 0)} tokens, {s.get('tokens_per_s', 0):.1f} tok/s"
-                if "committed_bytes" not in s else        # text sessions commit pieces
-                f"{s['steps']} rounds, {s['committed_bytes']} bytes, "
-                f"{s.get('ms_per_byte', 0):.0f} ms/byte")
-        sys.stderr.write(
-            f"[{pace}, leader {s.get('leader')}, members {', '.join(s.get('members', []))}, "
-            f"disagreement {s.get('disagreement_rate', 0):.0%}, mode "
-            f"{s.get('mode', 'fuse-ids')}]\n")
+        pace = (f"{s['steps']} rounds, {s['committed_bytes']} bytes" if "committed_bytes" in s
+                else f"{s.get('steps', 0)} tokens, {s.get('tokens_per_s', 0):.1f} tok/s")
+        sys.stderr.write(f"[{pace}, leader {s.get('leader')}, members "
+                         f"{', '.join(s.get('members', []))}, disagreement "
+                         f"{s.get('disagreement_rate', 0):.0%}, mode {s.get('mode')}]\n")
     return result.summary
 
 
