@@ -8,6 +8,8 @@ and sessions spread evenly over the mesh.
 
 Same-vocabulary sessions fuse token ids, so only members whose tokenizer fingerprint
 matches can join one; `fusion_group` picks that group and says why others are left out.
+`plan_session` decides a session's path: id fusion, or (mixed tokenizers, issue 6) a
+text-level rank or fuse session over every live member.
 """
 
 from __future__ import annotations
@@ -15,8 +17,12 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from dwarfmesh.config import HEARTBEAT_INTERVAL_S, LIVENESS
+
+if TYPE_CHECKING:
+    from dwarfmesh.messages import GenParams
 
 
 @dataclass(frozen=True)
@@ -103,3 +109,27 @@ def fusion_group(members: list[Member]) -> tuple[list[Member], list[tuple[Member
         for m in members if m.fingerprint != best
     ]
     return group, left_out
+
+
+AUTO_MIXED_MODE = "rank"    # what auto mode runs when members' tokenizers differ
+
+
+@dataclass(frozen=True)
+class SessionPlan:
+    kind: str                                  # fuse-ids | fuse-text | rank
+    group: list[Member]
+    excluded: list[tuple[Member, str]]
+    why: str
+
+
+def plan_session(params: GenParams, alive: list[Member]) -> SessionPlan:
+    """Which path a session takes, with whom, and why (pure)."""
+    tokenizers = len({m.fingerprint for m in alive})
+    if params.mode == "rank":
+        return SessionPlan("rank", list(alive), [], "rank mode requested")
+    if tokenizers <= 1:
+        group, excluded = fusion_group(alive)
+        return SessionPlan("fuse-ids", group, excluded, "one tokenizer: fusing token ids")
+    kind = "fuse-text" if params.mode == "fuse" else AUTO_MIXED_MODE
+    return SessionPlan(kind, list(alive), [],
+                       f"{tokenizers} tokenizers among {len(alive)} members: {kind} by text")

@@ -1,20 +1,20 @@
 """Text-level sessions on the leader (issue 6): ensembles across different tokenizers.
 
-Owns two things:
+`membership.plan_session` decides the path: id-level fusion (`session.LeaderSession`)
+when every live member shares one tokenizer; otherwise a text-level session over EVERY
+live member, mode "rank" (the default for mixed meshes in auto mode: its scores are
+exact) or, with `--mode fuse`, string-aligned fusion. `--mode rank` asks for ranking even
+with one tokenizer. This module owns:
 
-- `plan_session`: how a session runs. Id-level fusion (`session.LeaderSession`, the
-  original path, unchanged) when every live member shares one tokenizer; otherwise a
-  text-level session over EVERY live member: mode "rank" (the default for mixed meshes
-  in auto mode: its scores are exact, and a sequence-level mixture of exactly this kind
-  is what beat the best member in ../shared/notes/EVAL.md) or, with `--mode fuse`,
-  string-aligned fusion. `--mode rank` asks for ranking even with one tokenizer.
 - `TextLeaderSession`: the leader's loop for one text session. The committed state is
   text; the leader sends `TextOpen`, then per step:
   rank: Proposal from each member -> `Candidates` -> Scores -> choose by weighted NLL per
   byte (textfuse.choose_candidate) -> `Commit`; fuse: TextFrame from each member ->
   textfuse.fuse_texts -> `Commit`. Members re-sync to each Commit and answer for the
   next step. A member that does not answer within the step timeout, that leaves, or
-  that dies is dropped; the session goes on with the others. No leader takeover.
+  that dies is dropped; the session goes on with the others. With `--step-deadline`
+  the leader decides each step with the replies in hand at the deadline (a straggler is
+  late, not dropped). No leader takeover.
 
 The leader itself takes part as an ordinary member through a local
 `rank_member.TextMemberSession` (messages to itself are dispatched locally), so its own
@@ -29,7 +29,6 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -42,7 +41,7 @@ from dwarfmesh.config import (
     PREFILL_TIMEOUT_S,
     STEP_TIMEOUT_S,
 )
-from dwarfmesh.membership import Member, fusion_group
+from dwarfmesh.membership import Member
 from dwarfmesh.protocol import (
     Candidates,
     Commit,
@@ -58,30 +57,8 @@ log = logging.getLogger(__name__)
 
 RANK_CHUNK_TOKENS = 12      # most tokens a member proposes per round (before the cut)
 TRACE_STEPS = 32            # steps of per-member detail kept in the summary's "trace"
-AUTO_MIXED_MODE = "rank"    # what auto mode runs when members' tokenizers differ
 
 Send = Callable[[str, Any], int]
-
-
-@dataclass(frozen=True)
-class SessionPlan:
-    kind: str                                  # fuse-ids | fuse-text | rank
-    group: list[Member]
-    excluded: list[tuple[Member, str]]
-    why: str
-
-
-def plan_session(params: GenParams, alive: list[Member]) -> SessionPlan:
-    """Which path a session takes, with whom, and why (pure)."""
-    tokenizers = len({m.fingerprint for m in alive})
-    if params.mode == "rank":
-        return SessionPlan("rank", list(alive), [], "rank mode requested")
-    if tokenizers <= 1:
-        group, excluded = fusion_group(alive)
-        return SessionPlan("fuse-ids", group, excluded, "one tokenizer: fusing token ids")
-    kind = "fuse-text" if params.mode == "fuse" else AUTO_MIXED_MODE
-    return SessionPlan(kind, list(alive), [],
-                       f"{tokenizers} tokenizers among {len(alive)} members: {kind} by text")
 
 
 class TextLeaderSession:
@@ -91,19 +68,22 @@ class TextLeaderSession:
                  members: list[Member], me: Member, engine: Any, send: Send, prompt: str = "",
                  messages: list[dict[str, Any]] | None = None, keep: bool = False,
                  excluded: list[tuple[Member, str]] | None = None,
-                 step_timeout_s: float = STEP_TIMEOUT_S, **_ignored: Any) -> None:
+                 step_timeout_s: float = STEP_TIMEOUT_S, step_deadline_s: float | None = None,
+                 **_ignored: Any) -> None:
         self.session, self.origin, self.params, self.kind = session, origin, params, kind
         self.prompt, self.messages, self.keep = prompt, messages or [], keep
         self.members, self.dropped = list(members), []
         self.me, self.engine, self.send = me, engine, send
         self.excluded = excluded or []
-        self.step_timeout_s = step_timeout_s
+        self.step_timeout_s, self.step_deadline_s = step_timeout_s, step_deadline_s
+        self.behind: Counter[str] = Counter()    # steps decided without a member's reply
         self.names = {m.node_id: m.name for m in members}
         self.text, self.weights = "", {}
         self._hash = textfuse.TEXT_HASH_START
         self._want: tuple[type, int] | None = None
         self._replies: dict[str, Any] = {}
         self._waiter: asyncio.Future | None = None
+        self._any: asyncio.Future | None = None
         self._cancelled = False
         self.steps = self.wire_bytes = self.late = self.disagree = 0
         self.step_ms: list[float] = []
@@ -131,6 +111,8 @@ class TextLeaderSession:
             return
         self.wire_bytes += size
         self._replies[msg.sender] = msg
+        if not self._any.done():
+            self._any.set_result(None)
         self._maybe_done()
 
     def member_lost(self, node_id: str) -> None:
@@ -167,22 +149,47 @@ class TextLeaderSession:
         t0 = time.perf_counter()
         self._want, self._replies = (kind, step), {}
         self._waiter = asyncio.get_running_loop().create_future()
+        self._any = asyncio.get_running_loop().create_future()     # the first reply
         send()
         self._maybe_done()
-        limit = PREFILL_TIMEOUT_S if step == 0 and kind is not Scores else self.step_timeout_s
-        try:
-            await asyncio.wait_for(asyncio.shield(self._waiter), limit)
-        except asyncio.TimeoutError:
-            for m in [m for m in self.members if m.node_id not in self._replies]:
-                log.warning("session %s: %s sent no %s for step %d in %.1fs; leaving it out",
-                            self.session, m.name, kind.__name__, step, limit)
-                self.member_lost(m.node_id)
+        first = step == 0 and kind is not Scores
+        limit = PREFILL_TIMEOUT_S if first else self.step_timeout_s
+        if not first and self.step_deadline_s is not None and await self._deadline(limit):
+            pass                                  # decided with what arrived in time
+        else:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._waiter), limit)
+            except asyncio.TimeoutError:
+                for m in [m for m in self.members if m.node_id not in self._replies]:
+                    log.warning("session %s: %s sent no %s for step %d in %.1fs; leaving it "
+                                "out", self.session, m.name, kind.__name__, step, limit)
+                    self.member_lost(m.node_id)
         self._want = None
         self.phase_ms[phase].append((time.perf_counter() - t0) * 1000.0)
         replies = dict(self._replies)
         if replies:
             self.slowest_ms.append(max(r.forward_ms for r in replies.values()))
         return replies
+
+    async def _deadline(self, limit: float) -> bool:
+        """--step-deadline: wait that long, then go on with the replies in hand (at least
+        one, waiting up to `limit` for it). A member that missed it is not dropped: it
+        answers the next message after this one (its late reply is counted), re-syncs to
+        the commit like everyone, and is back in the step it keeps up with."""
+        waiter = asyncio.shield(self._waiter)
+        done, _ = await asyncio.wait([waiter], timeout=self.step_deadline_s)
+        if not done and not self._replies:        # nothing yet: the first reply, or all
+            done, _ = await asyncio.wait([waiter, asyncio.shield(self._any)],
+                                         timeout=limit - self.step_deadline_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        if done and self._waiter.done():
+            return True
+        if not self._replies:
+            return False
+        for m in self.members:
+            if m.node_id not in self._replies:
+                self.behind[m.node_id] += 1
+        return True
 
     # --- the session ----------------------------------------------------------------------
 
@@ -355,6 +362,7 @@ class TextLeaderSession:
             "agreement": {self.names[k]: v / max(self.steps, 1) for k, v in self.agree.items()},
             "weights": {self.names[k]: float(v) for k, v in self.weights.items()},
             "late_replies": self.late,
+            "late_steps": {self.names[k]: v for k, v in self.behind.items()},
             "timing_ms": {"step_p50": pct(self.step_ms, 50),
                           "step_p95": pct(self.step_ms, 95),
                           **{f"{k}_p50": pct(v[1:], 50) for k, v in self.phase_ms.items() if v},

@@ -32,6 +32,7 @@ import numpy as np
 from jinja2 import TemplateError
 
 from dwarfmesh import textfuse
+from dwarfmesh.membership import SessionPlan
 from dwarfmesh.protocol import (
     Candidates,
     Commit,
@@ -45,7 +46,7 @@ from dwarfmesh.protocol import (
     TextOpen,
     Token,
 )
-from dwarfmesh.rank import SessionPlan, TextLeaderSession
+from dwarfmesh.rank import TextLeaderSession
 
 log = logging.getLogger(__name__)
 

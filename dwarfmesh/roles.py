@@ -29,8 +29,11 @@ from dwarfmesh.config import (
     PREFILL_TIMEOUT_S,
 )
 from dwarfmesh.member import MemberSession
-from dwarfmesh.membership import elect_leader, rank_for_session
-from dwarfmesh.rank import plan_session  # issue 6: text-level sessions
+from dwarfmesh.membership import (
+    elect_leader,
+    plan_session,  # issue 6: text-level sessions
+    rank_for_session,
+)
 from dwarfmesh.rank_member import TextSessions  # issue 6
 from dwarfmesh.session import LeaderSession, PromptTooLong
 

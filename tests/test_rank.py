@@ -404,3 +404,40 @@ def test_a_member_whose_cache_cannot_trim_leaves_and_the_session_goes_on(
     assert s["leader"] == leader and s["mode"] == "rank"
     assert s["dropped"] == ["node0"] and s["members"] == ["node1"]
     assert s["finish_reason"] in ("length", "eos") and result.text
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("mode", ["rank", "fuse"])
+def test_a_straggler_in_a_text_session_is_decided_around_and_comes_back(mixed_models,
+                                                                          tmp_path, mode):
+    """A member frozen for 1.5 s (SIGSTOP) under --step-deadline: the leader decides each
+    step with the replies in hand, counts the member's late steps, keeps it in the session,
+    and once thawed it answers again (its proposals / frames are back in the trace)."""
+    import os
+
+    with mesh(mixed_models, tmp_path, extra=["--step-deadline", "400"]) as (addrs, procs):
+        ids = {n["name"]: n["node_id"] for n in peers_of(addrs[0])}
+        session = session_led_by(ids["node0"], list(ids.values()))
+        pieces: list[str] = []
+        stalled_at: list[int] = []
+
+        def on_text(piece: str) -> None:
+            pieces.append(piece)
+            if len(pieces) == 2:
+                stalled_at.append(len(pieces))
+                os.killpg(procs[2].pid, signal.SIGSTOP)
+                asyncio.get_running_loop().call_later(
+                    1.5, lambda: os.killpg(procs[2].pid, signal.SIGCONT))
+
+        async def go():
+            async with MeshClient(addrs[0]) as c:
+                return await c.generate(PROMPT, GenParams(max_tokens=400, mode=mode),
+                                        on_text=on_text, conversation=session)
+        result = asyncio.run(go())
+    s = result.summary
+    assert s["leader"] == "node0" and s["dropped"] == [] and "node2" in s["members"]
+    assert s["late_steps"].get("node2", 0) >= 2
+    assert "".join(pieces) == result.text
+    key = "proposals" if mode == "rank" else "top"
+    answered = [step["step"] for step in s["trace"] if "node2" in step[key]]
+    assert answered[0] < stalled_at[0] and answered[-1] > stalled_at[0] + s["late_steps"]["node2"]

@@ -10,7 +10,7 @@ import pytest
 from dwarfmesh import textfuse as tf
 from dwarfmesh.membership import Member
 from dwarfmesh.protocol import GenParams
-from dwarfmesh.rank import plan_session
+from dwarfmesh.membership import plan_session
 
 pytestmark = pytest.mark.timeout(30)
 
