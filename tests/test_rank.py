@@ -349,6 +349,15 @@ def test_same_tokenizer_auto_mode_takes_the_id_path_unchanged(tiny_models, tmp_p
 # --- a member dies mid-answer ----------------------------------------------------------------
 
 
+def answer(address: str, session: str, params: GenParams, on_text=None):
+    """One answer to PROMPT through MeshClient, as conversation `session` (deadline 240 s)."""
+    async def go():
+        async with MeshClient(address) as c:
+            return await asyncio.wait_for(c.generate(PROMPT, params, on_text=on_text,
+                                                     conversation=session), 240)
+    return asyncio.run(go())
+
+
 def session_led_by(leader_id: str, node_ids: list[str]) -> str:
     members = [SimpleNamespace(node_id=n) for n in node_ids]
     return next(f"conv-{i}" for i in range(10_000)
@@ -368,11 +377,7 @@ def test_a_member_dies_and_the_text_session_goes_on(mixed_models, tmp_path, mode
             if len(pieces) == 1:
                 stop([procs[2]], signal.SIGKILL)
 
-        async def go():
-            async with MeshClient(addrs[0]) as c:
-                return await c.generate(PROMPT, GenParams(max_tokens=120, mode=mode),
-                                        on_text=on_text, conversation=session)
-        result = asyncio.run(go())
+        result = answer(addrs[0], session, GenParams(max_tokens=120, mode=mode), on_text)
     s = result.summary
     assert s["leader"] == "node0" and s["dropped"] == ["node2"]
     assert sorted(s["members"]) == ["node0", "node1"]
@@ -395,11 +400,7 @@ def test_a_member_whose_cache_cannot_trim_leaves_and_the_session_goes_on(
         ids = {n["name"]: n["node_id"] for n in peers_of(addrs[0])}
         session = session_led_by(ids[leader], list(ids.values()))
 
-        async def go():
-            async with MeshClient(addrs[1]) as c:
-                return await asyncio.wait_for(c.generate(
-                    PROMPT, GenParams(max_tokens=24, mode="rank"), conversation=session), 120)
-        result = asyncio.run(go())
+        result = answer(addrs[1], session, GenParams(max_tokens=24, mode="rank"))
     s = result.summary
     assert s["leader"] == leader and s["mode"] == "rank"
     assert s["dropped"] == ["node0"] and s["members"] == ["node1"]
@@ -429,11 +430,7 @@ def test_a_straggler_in_a_text_session_is_decided_around_and_comes_back(mixed_mo
                 asyncio.get_running_loop().call_later(
                     1.5, lambda: os.killpg(procs[2].pid, signal.SIGCONT))
 
-        async def go():
-            async with MeshClient(addrs[0]) as c:
-                return await c.generate(PROMPT, GenParams(max_tokens=400, mode=mode),
-                                        on_text=on_text, conversation=session)
-        result = asyncio.run(go())
+        result = answer(addrs[0], session, GenParams(max_tokens=400, mode=mode), on_text)
     s = result.summary
     assert s["leader"] == "node0" and s["dropped"] == [] and "node2" in s["members"]
     assert s["late_steps"].get("node2", 0) >= 2
