@@ -6,9 +6,12 @@
         --text my.txt --max-bytes 20000 --json out.json --plot out.png
 
 1. Quality (`bench/quality.py`): held-out bits per byte, teacher-forced, of every member
-   and of the ensemble exactly as the mesh fuses (weights, pool, frame size).
+   and of the ensemble exactly as the mesh fuses (weights, pool, frame size); members
+   with different tokenizers get the exact mixture over stable units of text
+   (`bench/quality_text.py`).
 2. Speed (`bench/speed.py`): greedy generation through real `dwarfmesh node` processes
-   on 127.0.0.1, all members, then each model alone as a one-node mesh.
+   on 127.0.0.1, all members (id fusion; for mixed tokenizers rank and fuse mode, per
+   committed byte), then each model alone as a one-node mesh.
 3. Peer (`bench/llamacpp.py`): the same GGUF through llama.cpp on the same machine.
 
 Writes the JSON (every figure and the configuration), a markdown copy of the tables next
