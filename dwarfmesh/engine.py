@@ -113,8 +113,9 @@ class Engine(TextEngineMixin):
     async def sweep(self, idle_s: float = SESSION_IDLE_S) -> list[str]:
         return await self._run(self.sweep_sync, idle_s)
 
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+    def shutdown(self, wait: bool = True) -> None:
+        """Stop taking work; with wait, also let the model thread finish and exit."""
+        self._pool.shutdown(wait=wait, cancel_futures=True)
 
     # --- model thread -------------------------------------------------------------------
 

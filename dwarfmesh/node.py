@@ -116,7 +116,7 @@ class Node:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.transport.close()
-        self.engine.shutdown()
+        self.engine.shutdown(wait=False)     # not joined: cli_node.exit_now comes next
 
     async def serve_forever(self) -> None:
         await self._stopped.wait()

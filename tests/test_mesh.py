@@ -13,7 +13,7 @@ import zmq
 import dwarfmesh  # noqa: F401
 import mlx.core as mx
 from dwarfmesh import fusion
-from meshutil import generate_cli, mesh, peers_of
+from meshutil import generate_cli, mesh, peers_of, stop
 from mlx_lm import load, stream_generate
 from mlx_lm.models.cache import make_prompt_cache
 
@@ -187,3 +187,21 @@ def test_a_prompt_longer_than_the_context_is_a_clear_error(tmp_path):
         assert "prompt too long" in out.stderr and "Traceback" not in out.stderr
         ok = generate_cli(addrs[1], "def f", "--max-tokens", "4", cache=tmp_path)
         assert ok["steps"] == 4                    # and the mesh goes on serving
+
+
+@pytest.mark.timeout(180)
+def test_nodes_that_served_an_answer_stop_cleanly_on_sigterm(tiny_models, tmp_path):
+    """SIGTERM (what Ctrl-C on a service manager sends) after real work: every node logs
+    that it stops and exits 0. (Tearing the model thread down with the interpreter used to
+    abort now and then: "terminate called without an active exception", exit 134.)"""
+    for attempt in range(3):
+        work = tmp_path / f"run{attempt}"
+        work.mkdir()
+        with mesh(tiny_models, work) as (addrs, procs):
+            out = generate_cli(addrs[1], "def quicksort(xs):", "--max-tokens", "8", cache=work)
+            assert out["steps"] == 8
+            stop(procs)
+            codes = [p.returncode for p in procs]
+        logs = [(work / f"node{i}.log").read_text() for i in range(len(procs))]
+        assert codes == [0] * len(procs), [log[-300:] for log in logs]
+        assert all("stopping node" in log and "terminate called" not in log for log in logs)
