@@ -305,19 +305,19 @@ def score(engines: list[Engine], docs: list[Document | Tokenized], *, k: int,
     if len(engines) < 2:
         result["ensemble"] = {"bpb": None, "reason": "one member: no ensemble"}
         return result
-    if not shared:          # different tokenizers: the exact per-line mixture (quality_text)
+    if not shared:          # different tokenizers: the exact mixture over units (quality_text)
         text_docs = [d for d in docs if isinstance(d, Document)]
         if len(text_docs) != len(docs):
             raise ValueError("members with different tokenizers need documents as text")
-        lines = quality_text.score_units(engines, [quality_text.member_tokens(e, text_docs)
+        mixed = quality_text.score_units(engines, [quality_text.member_tokens(e, text_docs)
                                                    for e in engines], text_docs)
-        for name, m in lines["members"].items():
+        for name, m in mixed["members"].items():
             members[name]["bpb_text"] = m["bpb"]
-        ens = lines["ensemble"]
-        ens["vs_best_member_per_document"] = per_document(lines["documents"],
-                                                          lines["best_member"])
-        ens["best_member"] = lines["best_member"]
-        for row, text_row in zip(per_doc, lines["documents"]):
+        ens = mixed["ensemble"]
+        ens["vs_best_member_per_document"] = per_document(mixed["documents"],
+                                                          mixed["best_member"])
+        ens["best_member"] = mixed["best_member"]
+        for row, text_row in zip(per_doc, mixed["documents"]):
             row["ensemble_bpb"] = text_row["ensemble_bpb"]
             row["members_text"] = text_row["members"]
         result.update(ensemble=ens, seconds=time.perf_counter() - t0)

@@ -206,9 +206,10 @@ TEXT_SPEED_CAPTION = ("per committed byte after the first piece; a round = one c
 def _speed_tables(result: dict) -> list[tuple[tuple[str, ...], list[tuple[str, ...]], str]]:
     """(header, rows, caption) for each speed table this result has."""
     out = []
-    if speed_rows(result):
-        out.append((SPEED_HEADER, speed_rows(result), SPEED_CAPTION))
-    if text_speed_rows(result) and (result.get("speed", {}).get("derived") or {}).get("modes"):
+    ids = speed_rows(result)
+    if ids:
+        out.append((SPEED_HEADER, ids, SPEED_CAPTION))
+    if (result.get("speed", {}).get("derived") or {}).get("modes"):
         out.append((TEXT_SPEED_HEADER, text_speed_rows(result), TEXT_SPEED_CAPTION))
     return out
 
