@@ -40,6 +40,12 @@ MESH_SETTLE_S = 3.0             # `generate` without --connect browses mDNS this
 ONLINE_ETA = 0.5                # learning rate on log p(token)
 ONLINE_ALPHA = 0.05             # share of uniform mixed back in after each token
 PERPLEXITY_TAU = 1.0            # temperature of PackLLM weights softmax(-NLL/tau)
+# Text-level sessions (rank / fuse across tokenizers) update once per committed piece of
+# text, a word or more, not per token. Chosen on dev text that the bench never scores
+# (fortune files it does not use): `bench/tune_text_weights.py`, results in
+# bench/results/text_weights_dev.json. The id path's constants above lose ~1 point there.
+TEXT_ONLINE_ETA = 0.03125       # learning rate on log p(committed text)
+TEXT_ONLINE_ALPHA = 0.01        # share of uniform mixed back in after each commit
 
 
 def cache_dir() -> Path:

@@ -14,7 +14,9 @@ with one tokenizer. This module owns:
   next step. A member that does not answer within the step timeout, that leaves, or
   that dies is dropped; the session goes on with the others. With `--step-deadline`
   the leader decides each step with the replies in hand at the deadline (a straggler is
-  late, not dropped). No leader takeover.
+  late, not dropped). After a failover a member's `TextResume` (the committed answer)
+  restarts the loop at the next step: `Resume` instead of `TextOpen`, online weights
+  from equal (see rank_member.py for who takes over).
 
 The leader itself takes part as an ordinary member through a local
 `rank_member.TextMemberSession` (messages to itself are dispatched locally), so its own
@@ -29,17 +31,18 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from dwarfmesh import fusion, textfuse
 from dwarfmesh.config import (
-    ONLINE_ALPHA,
-    ONLINE_ETA,
     PERPLEXITY_TAU,
     PREFILL_TIMEOUT_S,
     STEP_TIMEOUT_S,
+    TEXT_ONLINE_ALPHA,
+    TEXT_ONLINE_ETA,
 )
 from dwarfmesh.membership import Member
 from dwarfmesh.protocol import (
@@ -48,10 +51,12 @@ from dwarfmesh.protocol import (
     End,
     GenParams,
     Proposal,
+    Resume,
     Scores,
     TextFrame,
     TextOpen,
 )
+from dwarfmesh.session_stats import text_summary
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +64,13 @@ RANK_CHUNK_TOKENS = 12      # most tokens a member proposes per round (before th
 TRACE_STEPS = 32            # steps of per-member detail kept in the summary's "trace"
 
 Send = Callable[[str, Any], int]
+
+
+@dataclass(frozen=True)
+class TextResume:
+    """A member's committed answer, piece by piece: where a new leader picks up."""
+
+    pieces: list[str]
 
 
 class TextLeaderSession:
@@ -69,7 +81,7 @@ class TextLeaderSession:
                  messages: list[dict[str, Any]] | None = None, keep: bool = False,
                  excluded: list[tuple[Member, str]] | None = None,
                  step_timeout_s: float = STEP_TIMEOUT_S, step_deadline_s: float | None = None,
-                 **_ignored: Any) -> None:
+                 resume: TextResume | None = None, **_ignored: Any) -> None:
         self.session, self.origin, self.params, self.kind = session, origin, params, kind
         self.prompt, self.messages, self.keep = prompt, messages or [], keep
         self.members, self.dropped = list(members), []
@@ -80,6 +92,8 @@ class TextLeaderSession:
         self.names = {m.node_id: m.name for m in members}
         self.text, self.weights = "", {}
         self._hash = textfuse.TEXT_HASH_START
+        self.sent: list[Any] = []      # every Commit (and the End) the origin was sent
+        self.resume = resume
         self._want: tuple[type, int] | None = None
         self._replies: dict[str, Any] = {}
         self._waiter: asyncio.Future | None = None
@@ -126,6 +140,12 @@ class TextLeaderSession:
 
     def cancel(self) -> None:
         self._cancelled = True
+
+    def set_origin(self, origin: str, next_step: int) -> None:
+        """A client re-attached through another node: replay what it missed, go on there."""
+        self.origin = origin
+        for msg in self.sent[next_step:]:
+            self.send(origin, msg)
 
     def _maybe_done(self) -> None:
         if self._waiter is not None and not self._waiter.done():
@@ -205,17 +225,30 @@ class TextLeaderSession:
                             [m.node_id for m in self.members], p, self.keep,
                             "rank" if self.kind == "rank" else "fuse", self.prompt,
                             self.messages, RANK_CHUNK_TOKENS)
+        start = len(self.resume.pieces) if self.resume else 0
+        if self.resume:
+            for piece in self.resume.pieces:      # what the old leader committed
+                self.text, self._hash = self.text + piece, textfuse.text_hash(self._hash, piece)
+                self.sent.append(Commit(self.session, self.steps, piece, self._hash, False,
+                                        RANK_CHUNK_TOKENS))
+                self.steps += 1
+            first: Any = Resume(self.session, self.me.node_id, start)
         loop = self._rank if self.kind == "rank" else self._fuse
-        reason = await loop(lambda: self._to_members(open_msg))
-        summary = self._summary(reason)
-        self._to_members(End(self.session, reason, summary), origin_too=True, dropped_too=True)
+        reason = await loop((lambda: self._to_members(first, origin_too=True)) if self.resume
+                            else (lambda: self._to_members(open_msg)), start)
+        summary = text_summary(self, reason)
+        if self.resume:
+            summary["resumed_at_step"] = start
+        end = End(self.session, reason, summary)
+        self.sent.append(end)
+        self._to_members(end, origin_too=True, dropped_too=True)
         return summary
 
-    async def _rank(self, send_open: Callable[[], None]) -> str:
+    async def _rank(self, send_open: Callable[[], None], start: int) -> str:
         p = self.params
-        proposals = await self._gather(Proposal, 0, send_open, "propose")
+        proposals = await self._gather(Proposal, start, send_open, "propose")
         self.weights = self._initial_weights(proposals)
-        for step in range(p.max_tokens):
+        for step in range(start, p.max_tokens):
             order = [m.node_id for m in self.members if m.node_id in proposals]
             if any(proposals[m].answer_tokens >= p.max_tokens for m in order):
                 return "length"
@@ -254,11 +287,11 @@ class TextLeaderSession:
                                            "propose")
         return "length"
 
-    async def _fuse(self, send_open: Callable[[], None]) -> str:
+    async def _fuse(self, send_open: Callable[[], None], start: int) -> str:
         p = self.params
-        frames = await self._gather(TextFrame, 0, send_open, "frame")
+        frames = await self._gather(TextFrame, start, send_open, "frame")
         self.weights = self._initial_weights(frames)
-        for step in range(p.max_tokens):
+        for step in range(start, p.max_tokens):
             order = [m.node_id for m in self.members if m.node_id in frames]
             if not order:
                 return "error: no member frames"
@@ -314,7 +347,9 @@ class TextLeaderSession:
         else:
             self.step_ms.append((now - self.t_last) * 1000.0)
         self.t_last = now
-        return Commit(self.session, step, piece, self._hash, final, RANK_CHUNK_TOKENS), reason
+        commit = Commit(self.session, step, piece, self._hash, final, RANK_CHUNK_TOKENS)
+        self.sent.append(commit)
+        return commit, reason
 
     def _vocab(self, node_id: str) -> int:
         return next(m.vocab_size for m in self.members if m.node_id == node_id)
@@ -325,50 +360,13 @@ class TextLeaderSession:
 
     def _learn(self, order: list[str], logp: np.ndarray) -> None:
         if self.params.weights == "online":
-            fusion.online_step(self.weights, order, logp, eta=ONLINE_ETA, alpha=ONLINE_ALPHA)
+            fusion.online_step(self.weights, order, logp, eta=TEXT_ONLINE_ETA,
+                               alpha=TEXT_ONLINE_ALPHA)
 
     def _initial_weights(self, replies: dict[str, Any]) -> dict[str, float]:
         """As the id path, but from prompt NLL per BYTE (comparable across tokenizers)."""
         return fusion.initial_weights(self.params.weights, self.members, replies,
                                       PERPLEXITY_TAU)
-
-    def _summary(self, reason: str) -> dict[str, Any]:
-        everyone = self.members + self.dropped
-        decode_s = self.t_last - self.t_first          # first commit to last commit
-        nbytes = textfuse.utf8_len(self.text)
-        later_bytes = nbytes - self.first_bytes
-
-        def pct(xs: list[float], q: float) -> float:
-            return float(np.percentile(xs, q)) if xs else 0.0
-        answer_ids = (self.engine.tokenizer.encode(self.text, add_special_tokens=False)
-                      if self.text else [])
-        return {
-            "text": self.text, "mode": self.kind, "finish_reason": reason,
-            "token_ids": list(answer_ids),      # the leader's tokenization of the answer
-            "leader": self.me.name, "members": [m.name for m in self.members],
-            "models": {m.name: m.model for m in everyone},
-            "dropped": [m.name for m in self.dropped],
-            "excluded": [{"name": m.name, "reason": why} for m, why in self.excluded],
-            "prompt_tokens": self.prompt_tokens, "prompt_tokens_reused": 0,
-            "steps": self.steps, "committed_bytes": nbytes,
-            "ttft_ms": (self.t_first - self.t_start) * 1000.0,
-            "steps_per_s": (self.steps - 1) / decode_s if decode_s > 0 else 0.0,
-            "tokens_per_s": len(answer_ids) / (time.perf_counter() - self.t_start),
-            "ms_per_byte": decode_s * 1000.0 / later_bytes if later_bytes > 0 else 0.0,
-            "wire_bytes": self.wire_bytes,
-            "wire_bytes_per_byte": self.wire_bytes / max(nbytes, 1),
-            "wire_bytes_per_token": self.wire_bytes / max(len(answer_ids), 1),
-            "disagreement_rate": self.disagree / max(self.steps, 1),
-            "agreement": {self.names[k]: v / max(self.steps, 1) for k, v in self.agree.items()},
-            "weights": {self.names[k]: float(v) for k, v in self.weights.items()},
-            "late_replies": self.late,
-            "late_steps": {self.names[k]: v for k, v in self.behind.items()},
-            "timing_ms": {"step_p50": pct(self.step_ms, 50),
-                          "step_p95": pct(self.step_ms, 95),
-                          **{f"{k}_p50": pct(v[1:], 50) for k, v in self.phase_ms.items() if v},
-                          "slowest_forward_p50": pct(self.slowest_ms[1:], 50)},
-            "trace": self.trace,
-        }
 
 
 def _malformed(msg: Any, n_candidates: int) -> str:

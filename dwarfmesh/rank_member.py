@@ -13,8 +13,15 @@ tail). Per message from the leader, in arrival order (one lock):
   just committed, for online weights);
 - `End`: free (or keep, for a conversation) the cache.
 
-A member that cannot go on (engine busy, diverged text, an error) sends `Leave`. Text
-sessions have no leader takeover: when the leader dies the member frees its state.
+A member that cannot go on (engine busy, diverged text, an error) sends `Leave`.
+
+Failover, as on the id path (`roles.py`): when the leader dies, every member ranks the
+session's surviving members by the same rendezvous hash; the first takes over (a
+`rank.TextLeaderSession` resumed from its committed text, which every member holds: they
+all applied the same Commits), the others wait for its `Resume` and answer again for the
+step they are at. A member whose step differs from the new leader's (a Commit the dead
+leader sent to only some) leaves. A client whose node died re-attaches to another node
+(`Attach`), and the leader replays the Commits it missed.
 
 `TextSessions` is this node's table of text sessions, led (`rank.TextLeaderSession`) and
 joined; `roles.py` and `node.py` route text messages to it.
@@ -26,27 +33,31 @@ import asyncio
 import logging
 import zlib
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 from jinja2 import TemplateError
 
 from dwarfmesh import textfuse
-from dwarfmesh.membership import SessionPlan
+from dwarfmesh.config import FAILOVER_GRACE_S
+from dwarfmesh.membership import SessionPlan, rank_for_session
 from dwarfmesh.protocol import (
+    Attach,
     Candidates,
     Commit,
     End,
     GenParams,
     Leave,
     Proposal,
+    Resume,
     Scores,
     Start,
     TextFrame,
     TextOpen,
     Token,
 )
-from dwarfmesh.rank import TextLeaderSession
+from dwarfmesh.rank import TextLeaderSession, TextResume
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +69,12 @@ class TextMemberSession:
         self.session, self.leader = msg.session, msg.leader
         self.params: GenParams = msg.params
         self.mode, self.keep = msg.mode, msg.keep
+        self.origin, self.members = msg.origin, list(msg.members)
         self.open_msg = msg
+        self.propose_tokens = msg.propose_tokens
+        self.pieces: list[str] = []         # the committed answer, piece by piece (failover)
+        self.taken_over = False
+        self.resumed_by: str | None = None   # the leader whose Resume this member answered
         self.me, self.engine, self.send = me, engine, send
         self.step = 0                       # the step this member answers next
         self.hash = textfuse.TEXT_HASH_START
@@ -102,6 +118,8 @@ class TextMemberSession:
                 return await self._leave(f"committed text diverged at step {msg.step}")
             self.hash, self.step = expected, self.step + 1
             self.answer += msg.text
+            self.pieces.append(msg.text)
+            self.propose_tokens = msg.propose_tokens
             if msg.final:
                 # Bring the cache up to date for the next turn of a conversation only.
                 if self.keep:
@@ -115,12 +133,26 @@ class TextMemberSession:
         async with self._lock:
             await self._close(keep=self.keep)
 
-    async def leader_gone(self) -> None:
-        """No takeover for text sessions: free the state."""
+    async def leader_gone(self, why: str) -> None:
+        """No one takes over (see TextSessions.peer_gone): free the state."""
         async with self._lock:
-            log.warning("session %s: leader %s is gone; dropping this text session",
-                        self.session, self.leader)
+            log.warning("session %s: leader %s is gone and %s; dropping this text session",
+                        self.session, self.leader, why)
             await self._close(keep=False)
+
+    async def resume(self, msg: Resume) -> None:
+        """A new leader after a failover: answer it for the step this member is at."""
+        async with self._lock:
+            if self.closed:
+                return
+            self.leader = self.resumed_by = msg.leader
+            if msg.step != self.step:
+                return await self._leave(f"at step {self.step}, the new leader at {msg.step}")
+            await self._answer(self.propose_tokens, None, None, 0.0)
+
+    def resume_state(self) -> TextResume:
+        """What a takeover needs: the committed answer, piece by piece."""
+        return TextResume(list(self.pieces))
 
     # --- inside -------------------------------------------------------------------------
 
@@ -179,20 +211,24 @@ class TextSessions:
 
     async def lead(self, start: Start, plan: SessionPlan) -> None:
         node = self.node
-        leader = TextLeaderSession(
+        await self._run(TextLeaderSession(
             session=start.session, origin=start.origin, params=start.params, kind=plan.kind,
             members=plan.group, me=node.me, engine=node.engine, send=node.send_to,
             prompt=start.prompt, messages=start.messages, keep=start.keep,
-            excluded=plan.excluded, **node.session_timeouts())
-        self.leading[start.session] = leader
+            excluded=plan.excluded, **node.session_timeouts()))
+
+    async def _run(self, leader: TextLeaderSession) -> None:
+        session = leader.session
+        self.leading[session] = leader
         try:
             await leader.run()
         except Exception as exc:  # noqa: BLE001 - report any failure to the client, then log it
-            log.exception("session %s failed", start.session)
-            leader._to_members(End(start.session, f"error: {exc}", {}), origin_too=True,
+            log.exception("session %s failed", session)
+            leader._to_members(End(session, f"error: {exc}", {}), origin_too=True,
                                dropped_too=True)
         finally:
-            self.leading.pop(start.session, None)
+            self.leading.pop(session, None)
+            self.node.roles.keep_finished(session, leader.sent)
 
     def reply(self, msg: Proposal | Scores | TextFrame, size: int) -> None:
         leader = self.leading.get(msg.session)
@@ -217,12 +253,18 @@ class TextSessions:
         else:
             await member.commit(msg)
         if member.closed and self.members.get(msg.session) is member:
-            del self.members[msg.session]
+            self._forget(member)
 
     async def end(self, msg: End) -> None:
-        member = self.members.pop(msg.session, None)
+        member = self.members.get(msg.session)
         if member is not None:
+            self._forget(member)
             await member.end()
+
+    def _forget(self, member: TextMemberSession) -> None:
+        """A finished member: remember who led, for a client that re-attaches late."""
+        del self.members[member.session]
+        self.node.roles.remember_leader(member.session, member.leader)
 
     def leave(self, session: str, sender: str, reason: str) -> None:
         leader = self.leading.get(session)
@@ -235,10 +277,77 @@ class TextSessions:
         if leader is not None:
             leader.cancel()
 
+    async def resume(self, msg: Resume) -> None:
+        member = self.members.get(msg.session)
+        if member is not None:
+            await member.resume(msg)
+            if member.closed and self.members.get(msg.session) is member:
+                self._forget(member)
+
+    def leader_of(self, session: str) -> str:
+        """Who leads `session` as far as this node knows ("" if it does not)."""
+        if session in self.leading:
+            return self.node.node_id
+        member = self.members.get(session)
+        return member.leader if member is not None else ""
+
+    def attach(self, msg: Attach) -> bool:
+        """A new origin wants the Commits from `msg.next_step` (the leader's side)."""
+        leader = self.leading.get(msg.session)
+        if leader is not None:
+            leader.set_origin(msg.origin, msg.next_step)
+        return leader is not None
+
     def peer_gone(self, node_id: str) -> None:
+        node = self.node
         for leader in self.leading.values():
             leader.member_lost(node_id)
+        alive = {m.node_id for m in node.membership.alive()}
         for session, member in list(self.members.items()):
-            if member.leader == node_id:
+            if member.leader != node_id or member.closed or member.taken_over:
+                continue
+            ranked = [m.node_id for m in rank_for_session(session, _ids(member.members))
+                      if m.node_id in alive]
+            if not ranked or (len(member.members) > 2 and 2 * len(ranked) < len(member.members)):
+                # We see less than half of the session: we are probably the ones cut off,
+                # and taking over would make a second leader. Leave it to the majority.
                 del self.members[session]
-                self.node.spawn(member.leader_gone())
+                node.spawn(member.leader_gone("most of the session is unreachable too"))
+            elif ranked[0] == node.node_id:
+                self._take_over(member, alive)
+            else:
+                log.info("session %s: leader %s gone; %s takes over", session, node_id,
+                         ranked[0])
+                member.leader = ranked[0]
+                node.spawn(self._await_resume(member))
+
+    def _take_over(self, member: TextMemberSession, alive: set[str]) -> None:
+        node = self.node
+        member.taken_over = True
+        member.leader = node.node_id
+        peers = {m.node_id: m for m in node.membership.alive()}
+        members = [peers[i] for i in member.members if i in alive and i in peers]
+        m = member.open_msg
+        log.warning("session %s: leader gone; taking over at step %d with %s", member.session,
+                    member.step, ", ".join(x.name for x in members))
+        leader = TextLeaderSession(
+            session=member.session, origin=member.origin, params=member.params,
+            kind="rank" if member.mode == "rank" else "fuse-text", members=members,
+            me=node.me, engine=node.engine, send=node.send_to, prompt=m.prompt,
+            messages=m.messages, keep=member.keep, resume=member.resume_state(),
+            **node.session_timeouts())
+        node.spawn(self._run(leader))
+
+    async def _await_resume(self, member: TextMemberSession) -> None:
+        """Free a member whose new leader never says so (it died too, or saw otherwise)."""
+        waited_for = member.leader
+        await asyncio.sleep(2 * FAILOVER_GRACE_S)
+        if member.leader == waited_for and not member.closed and member.resumed_by != waited_for:
+            if self.members.get(member.session) is member:
+                del self.members[member.session]
+            await member.leader_gone(f"{waited_for} never resumed it")
+
+
+def _ids(ids: list[str]) -> list[Any]:
+    """rank_for_session wants objects with a node_id; give it just that."""
+    return [SimpleNamespace(node_id=i) for i in ids]

@@ -96,7 +96,8 @@ class SessionRoles:
         member = self.member_of.get(msg.session)
         leader_id = (node.node_id if msg.session in self.leading or msg.session in self.finished
                      else member.leader if member is not None
-                     else self.led_by.get(msg.session, ""))
+                     else self.text.leader_of(msg.session)           # issue 6: text sessions
+                     or self.led_by.get(msg.session, ""))
         if not leader_id:
             node.transport.reply(identity, P.Error(msg.session, "unknown session"))
             return
@@ -191,11 +192,15 @@ class SessionRoles:
         finally:
             self.leading.pop(session, None)
             self.member_of.pop(session, None)
-            now = time.monotonic()
-            self.finished[session] = (now, leader.sent)
-            for key, (t, _) in list(self.finished.items()):
-                if now - t > FINISHED_KEEP_S:
-                    del self.finished[key]
+            self.keep_finished(session, leader.sent)
+
+    def keep_finished(self, session: str, sent: list[Any]) -> None:
+        """Keep what a finished session streamed, for a client that re-attaches late."""
+        now = time.monotonic()
+        self.finished[session] = (now, sent)
+        for key, (t, _) in list(self.finished.items()):
+            if now - t > FINISHED_KEEP_S:
+                del self.finished[key]
 
     def frame(self, msg: P.Frame, size: int) -> None:
         leader = self.leading.get(msg.session)
@@ -215,6 +220,8 @@ class SessionRoles:
                  msg.next_step)
         if leader is not None:
             leader.set_origin(msg.origin, msg.next_step)
+        elif self.text.attach(msg):          # issue 6: a text session this node leads
+            pass
         elif msg.session in self.finished:
             for sent in self.finished[msg.session][1][msg.next_step:]:
                 self.node.send_to(msg.origin, sent)
@@ -244,6 +251,8 @@ class SessionRoles:
         self.to_client(msg)
         if isinstance(msg, P.End):
             await self.text.end(msg)   # issue 6: a text member frees its state
+        elif isinstance(msg, P.Resume):
+            await self.text.resume(msg)   # issue 6: a text session's new leader
         member = self.member_of.get(msg.session)
         if member is None or member.taken_over:
             return
@@ -255,9 +264,13 @@ class SessionRoles:
             await member.end()
         if member.closed:
             self.member_of.pop(msg.session, None)
-            self.led_by[msg.session] = member.leader
-            while len(self.led_by) > FINISHED_KEEP_COUNT:
-                self.led_by.pop(next(iter(self.led_by)))
+            self.remember_leader(msg.session, member.leader)
+
+    def remember_leader(self, session: str, leader: str) -> None:
+        """Who led a session this node was a member of (for a client re-attaching late)."""
+        self.led_by[session] = leader
+        while len(self.led_by) > FINISHED_KEEP_COUNT:
+            self.led_by.pop(next(iter(self.led_by)))
 
     # --- failover ---------------------------------------------------------------------
 

@@ -438,3 +438,51 @@ def test_a_straggler_in_a_text_session_is_decided_around_and_comes_back(mixed_mo
     key = "proposals" if mode == "rank" else "top"
     answered = [step["step"] for step in s["trace"] if "node2" in step[key]]
     assert answered[0] < stalled_at[0] and answered[-1] > stalled_at[0] + s["late_steps"]["node2"]
+
+
+def kill_after_first_piece(proc):
+    """on_text for `answer`: SIGKILL `proc` once the first committed piece has arrived."""
+    pieces: list[str] = []
+
+    def on_text(piece: str) -> None:
+        pieces.append(piece)
+        if len(pieces) == 1:
+            stop([proc], signal.SIGKILL)
+    return pieces, on_text
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("mode", ["rank", "fuse"])
+def test_the_text_sessions_leader_dies_and_a_member_takes_over(mixed_models, tmp_path, mode):
+    """The leader is SIGKILLed after the first commit: the survivor first in the session's
+    rendezvous order resumes from the committed text, the other answers it, and the
+    client's stream goes on with nothing lost or repeated. (node1's random tiny model is
+    the one that mostly proposes whole text; it survives, so a round has a candidate.)"""
+    with mesh(mixed_models, tmp_path) as (addrs, procs):
+        ids = {n["name"]: n["node_id"] for n in peers_of(addrs[0])}
+        session = session_led_by(ids["node0"], list(ids.values()))
+        pieces, on_text = kill_after_first_piece(procs[0])
+        result = answer(addrs[2], session, GenParams(max_tokens=120, mode=mode), on_text)
+    s = result.summary
+    names = {v: k for k, v in ids.items()}
+    survivors = [SimpleNamespace(node_id=ids[n]) for n in ("node1", "node2")]
+    assert s["leader"] == names[rank_for_session(session, survivors)[0].node_id]
+    assert sorted(s["members"]) == ["node1", "node2"] and s["mode"] == mode.replace(
+        "fuse", "fuse-text")
+    assert s["resumed_at_step"] >= 1 and s["finish_reason"] in ("length", "eos")
+    assert "".join(pieces) == result.text
+    assert len(pieces) == s["steps"] > s["resumed_at_step"]
+
+
+@pytest.mark.timeout(300)
+def test_the_text_clients_node_dies_and_the_stream_goes_on_elsewhere(mixed_models, tmp_path):
+    """The node the client talks to (not the leader) is SIGKILLed after the first commit:
+    the client attaches to another node, which asks the leader to replay what it missed."""
+    with mesh(mixed_models, tmp_path) as (addrs, procs):
+        ids = {n["name"]: n["node_id"] for n in peers_of(addrs[0])}
+        session = session_led_by(ids["node1"], list(ids.values()))
+        pieces, on_text = kill_after_first_piece(procs[2])
+        result = answer(addrs[2], session, GenParams(max_tokens=120, mode="rank"), on_text)
+    s = result.summary
+    assert s["leader"] == "node1" and s["dropped"] == ["node2"]
+    assert "".join(pieces) == result.text and len(pieces) == s["steps"] > 1
