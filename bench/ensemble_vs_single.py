@@ -41,6 +41,8 @@ from dwarfmesh.config import (  # noqa: E402
     ONLINE_ALPHA,
     ONLINE_ETA,
     PERPLEXITY_TAU,
+    TEXT_ONLINE_ALPHA,
+    TEXT_ONLINE_ETA,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -160,8 +162,11 @@ def run(args: argparse.Namespace, console) -> dict:
         "prompt_bytes": args.prompt_bytes, "speed_tokens": args.speed_tokens,
         "texts": [d.describe() for d in docs],
         "online_eta": ONLINE_ETA, "online_alpha": ONLINE_ALPHA, "perplexity_tau": PERPLEXITY_TAU,
-        "tuned_on": "nothing: the mesh's own constants; perplexity weights and the online "
-                    "prior come from each document's prompt, which is never scored",
+        "text_online_eta": TEXT_ONLINE_ETA, "text_online_alpha": TEXT_ONLINE_ALPHA,
+        "tuned_on": "nothing here: the mesh's own constants (the text sessions' were chosen on "
+                    "dev text from files this bench does not score, bench/tune_text_weights."
+                    "py); perplexity weights and the online prior come from each document's "
+                    "prompt, which is never scored",
         "git_commit": _git_commit(), "argv": sys.argv[1:],
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "loadavg_at_start": os.getloadavg()},

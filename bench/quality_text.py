@@ -17,8 +17,9 @@ every member at once:
 - the ensemble's probability of unit j is the mixture Σ_i w_i P_i(unit j | before), with
   w from the mesh's own weight code: the prior `fusion.perplexity_weights` of each
   member's prompt NLL per byte (τ = `PERPLEXITY_TAU`, as rank.py does), then
-  `fusion.OnlineWeights` (η = `ONLINE_ETA`, fixed share α = `ONLINE_ALPHA`) fed every
-  member's log p of every unit, reset per document.
+  `fusion.OnlineWeights` with the text sessions' constants (η = `TEXT_ONLINE_ETA`, fixed
+  share α = `TEXT_ONLINE_ALPHA`, chosen on dev text by `bench/tune_text_weights.py`) fed
+  every member's log p of every unit, reset per document.
 
 Why stable cuts: cutting at every line or word and re-encoding each prefix makes a unit's
 "probability" exceed 1 wherever re-encoding merges across the cut (Qwen's "\\n\\n" after a
@@ -29,8 +30,10 @@ units with log p > 0 (only the first unit of a document can be, when the prompt'
 not a stable cut).
 
 Variants from the same units: equal and perplexity (static) weights, online without fixed
-share (α = 0), coarser units (line ends only), a small η × α grid (sensitivity, not tuning:
-the headline uses the mesh's constants) and the per-unit oracle (a ceiling, not a method).
+share (α = 0), online with the id path's constants (`ONLINE_ETA`, `ONLINE_ALPHA`), coarser
+units (line ends only), an η × α grid (`SENSITIVITY_*`: sensitivity on this text, not
+tuning; the constants were chosen on other text) and the per-unit oracle (a ceiling, not a
+method).
 """
 
 from __future__ import annotations
@@ -42,14 +45,20 @@ import numpy as np
 
 from bench.texts import Document
 from dwarfmesh import fusion
-from dwarfmesh.config import ONLINE_ALPHA, ONLINE_ETA, PERPLEXITY_TAU
+from dwarfmesh.config import (
+    ONLINE_ALPHA,
+    ONLINE_ETA,
+    PERPLEXITY_TAU,
+    TEXT_ONLINE_ALPHA,
+    TEXT_ONLINE_ETA,
+)
 from dwarfmesh.textfuse import utf8_len
 
 METHOD = ("exact mixture over units cut where every member's tokenization is stable "
           "(each member's exact log p of each unit of the same text; online fixed-share "
           "weights)")
-SENSITIVITY_ETA = (0.25, 0.5, 1.0)
-SENSITIVITY_ALPHA = (0.0, 0.02, 0.05, 0.1)
+SENSITIVITY_ETA = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)
+SENSITIVITY_ALPHA = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 
 
 def member_tokens(engine, docs: list[Document]) -> list[dict]:
@@ -116,32 +125,55 @@ def _bpb(nll: float, nbytes: float) -> float:
     return float(nll / (math.log(2) * nbytes))
 
 
+def prepare(engines: list, per_member: list[list[dict]], docs: list[Document]) -> list[dict]:
+    """Per document: the [members, units] log p (`units`), the unit ends, and the online
+    weights' prior (perplexity weights of each member's prompt NLL per byte)."""
+    out = []
+    for d, doc in enumerate(docs):
+        views = [pm[d] for pm in per_member]
+        lp, cuts = units(engines, views, doc)
+        prior = fusion.perplexity_weights([-v["prompt_logp"] / max(v["prompt_bytes"], 1)
+                                           for v in views], PERPLEXITY_TAU)
+        out.append({"lp": lp, "cuts": cuts, "prior": prior, "full": doc.prompt + doc.text})
+    return out
+
+
+def grid_nll(prepared: list[dict], cells: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """Total mixture NLL (nats) over all documents for each (eta, alpha) cell."""
+    return {k: float(sum(_mixture(p["lp"], p["prior"], eta, alpha).sum() for p in prepared))
+            for k, (eta, alpha) in cells.items()}
+
+
+def cell(eta: float, alpha: float) -> str:
+    return f"eta={eta:g},alpha={alpha:g}"
+
+
 def score_units(engines: list, per_member: list[list[dict]], docs: list[Document]) -> dict:
     """Every figure, from each member's `member_tokens` (in `engines` order)."""
     t0 = time.perf_counter()
     names = [e.model_name for e in engines]
     doc_bytes = np.array([utf8_len(doc.text) for doc in docs], dtype=np.float64)
     total = float(doc_bytes.sum())
-    settings = {"online": (ONLINE_ETA, ONLINE_ALPHA), "online, no fixed share": (ONLINE_ETA, 0.0),
+    settings = {"online": (TEXT_ONLINE_ETA, TEXT_ONLINE_ALPHA),
+                "online, no fixed share": (TEXT_ONLINE_ETA, 0.0),
+                "online, id-path constants": (ONLINE_ETA, ONLINE_ALPHA),
                 "equal": (None, 0.0), "perplexity": (None, 0.0)}
-    grid = {f"eta={e},alpha={a}": (e, a) for e in SENSITIVITY_ETA for a in SENSITIVITY_ALPHA}
+    grid = {cell(e, a): (e, a) for e in SENSITIVITY_ETA for a in SENSITIVITY_ALPHA}
     keys = [*settings, *grid, "online, line units", "oracle"]
     nll = {k: np.zeros(len(docs)) for k in keys}
     member_nll = np.zeros((len(names), len(docs)))
     n_units = improper = 0
-    for d, doc in enumerate(docs):
-        views = [pm[d] for pm in per_member]
-        lp, cuts = units(engines, views, doc)
+    for d, p in enumerate(prepare(engines, per_member, docs)):
+        lp, prior = p["lp"], p["prior"]
         n_units += lp.shape[1]
         improper += int((lp > 1e-9).sum())
         member_nll[:, d] = -lp.sum(axis=1)
-        prior = fusion.perplexity_weights([-v["prompt_logp"] / max(v["prompt_bytes"], 1)
-                                           for v in views], PERPLEXITY_TAU)
         equal = np.full(len(names), 1.0 / len(names))
         for key, (eta, alpha) in {**settings, **grid}.items():
             nll[key][d] = _mixture(lp, equal if key == "equal" else prior, eta, alpha).sum()
-        lines = _line_units(lp, cuts, doc.prompt + doc.text)
-        nll["online, line units"][d] = _mixture(lines, prior, ONLINE_ETA, ONLINE_ALPHA).sum()
+        lines = _line_units(lp, p["cuts"], p["full"])
+        nll["online, line units"][d] = _mixture(lines, prior, TEXT_ONLINE_ETA,
+                                                TEXT_ONLINE_ALPHA).sum()
         nll["oracle"][d] = (-lp).min(axis=0).sum()
     members = {n: {"bpb": _bpb(member_nll[i].sum(), total),
                    "per_document": [_bpb(v, b) for v, b in zip(member_nll[i], doc_bytes)]}
@@ -159,7 +191,7 @@ def score_units(engines: list, per_member: list[list[dict]], docs: list[Document
         "members": members, "best_member": best, "scored_bytes": int(total),
         "documents": per_doc,
         "ensemble": {"method": METHOD, "exact": True, "weights": "online",
-                     "online_eta": ONLINE_ETA, "online_alpha": ONLINE_ALPHA,
+                     "online_eta": TEXT_ONLINE_ETA, "online_alpha": TEXT_ONLINE_ALPHA,
                      **figure("online"), "units": n_units,
                      "bytes_per_unit": total / max(n_units, 1), "improper_units": improper,
                      "oracle_per_unit_bpb": figure("oracle")["bpb"],

@@ -115,13 +115,16 @@ def quality_rows(q: dict) -> list[tuple[str, str, str, str]]:
 
 
 def _mixed_rows(ens: dict) -> list[tuple[str, str, str, str]]:
-    rows = [(f"ensemble, mixture over units, {kind}" + ("" if "units" in kind else " weights"),
+    chosen = f" (η {ens['online_eta']:g}, α {ens['online_alpha']:g}: chosen on dev text)"
+    rows = [(f"ensemble, mixture over units, {kind}" + ("" if "units" in kind else " weights")
+             + (chosen if kind == ens["weights"] else ""),
              _f(v["bpb"]), "",
              f"{v['vs_best_member']:+.2%} vs best member"
              + (" ← ensemble.bpb" if kind == ens["weights"] else ""))
             for kind, v in ens["variants"].items()]
     grid = [v["vs_best_member"] for v in ens["sensitivity"].values()]
-    rows.append((f"  η × α grid ({len(grid)} settings; sensitivity, not tuning)", "", "",
+    rows.append((f"  η × α grid ({len(grid)} settings; sensitivity on this text, not tuning)",
+                 "", "",
                  f"{min(grid):+.2%} … {max(grid):+.2%} vs best member"))
     rows.append(("per-unit oracle (reference, not a method)", _f(ens["oracle_per_unit_bpb"]),
                  "", f"{ens['units']} units, {ens['bytes_per_unit']:.1f} bytes each; "

@@ -9,7 +9,8 @@ Documents are spread over the files: with fewer documents than files, one docume
 each of evenly spaced files (in name order; a file too short for a prompt and a slice
 passes to the next); with more, round robin through the files, consecutive slices of
 each. Everything is deterministic; the JSON records every range.
-This module reads files and does nothing else.
+`dev_documents` cuts dev text (for choosing constants) from the files the bench does not
+score. This module reads files and does nothing else.
 """
 
 from __future__ import annotations
@@ -97,3 +98,15 @@ def make_documents(files: list[Path], *, max_bytes: int, doc_bytes: int,
     if not docs:
         raise ValueError("the text files gave no document (each needs a prompt and a slice)")
     return docs
+
+
+def dev_documents(files: list[Path], scored: list[Document], *, max_bytes: int,
+                  doc_bytes: int, prompt_bytes: int) -> list[Document]:
+    """Dev text: documents cut as `make_documents` does, from the files that `scored` (the
+    bench's documents) do not touch. Constants may be chosen on these, never on `scored`."""
+    used = {d.file for d in scored}
+    rest = [f for f in files if str(f) not in used]
+    if not rest:
+        raise ValueError("every text file is scored by the bench: none is left for dev text")
+    return make_documents(rest, max_bytes=max_bytes, doc_bytes=doc_bytes,
+                          prompt_bytes=prompt_bytes)

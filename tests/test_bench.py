@@ -9,6 +9,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlx.core as mx
 import numpy as np
@@ -209,7 +210,8 @@ def test_bench_with_mixed_tokenizers_mixes_stable_units_exactly_and_times_both_t
     assert len(set(cfg["tokenizers"].values())) == 2 and q["shared_tokenizer"] is False
     names = list(cfg["models"])
     members, mix, n_units = independent_unit_mixture(
-        models, cfg["texts"], cfg["online_eta"], cfg["online_alpha"], cfg["perplexity_tau"])
+        models, cfg["texts"], cfg["text_online_eta"], cfg["text_online_alpha"],
+        cfg["perplexity_tau"])
     for name, bpb in zip(names, members):
         assert q["members"][name]["bpb_text"] == pytest.approx(bpb, rel=1e-4)
         # the token path tokenizes prompt and text apart: close, not necessarily equal
@@ -247,3 +249,44 @@ def test_bench_with_mixed_tokenizers_mixes_stable_units_exactly_and_times_both_t
     md = (tmp_path / "r.md").read_text()
     assert "mixture over units, online weights" in md and "ensemble, rank mode" in md
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.timeout(300)
+def test_text_weights_are_tuned_on_files_the_bench_does_not_score(mixed_models, tmp_path):
+    """bench/tune_text_weights.py: dev documents come only from files the bench's documents
+    do not touch, every grid cell equals the from-scratch mixture on that dev text, and the
+    best cell is the grid's minimum."""
+    from bench import texts, tune_text_weights
+
+    readme = (ROOT / "README.md").read_text()
+    files = []
+    for i in range(4):                                   # four "files" of distinct text
+        f = tmp_path / f"t{i}.txt"
+        f.write_text(readme[i * 1500:(i + 1) * 1500])
+        files.append(f)
+    scored = texts.make_documents(files, max_bytes=600, doc_bytes=300, prompt_bytes=150)
+    dev = texts.dev_documents(files, scored, max_bytes=600, doc_bytes=300, prompt_bytes=150)
+    assert dev and not {d.file for d in dev} & {d.file for d in scored}
+    with pytest.raises(ValueError, match="none is left"):
+        texts.dev_documents(files, [*scored, *(SimpleNamespace(file=str(f)) for f in files)],
+                            max_bytes=600, doc_bytes=300, prompt_bytes=150)
+
+    models = mixed_models[:2]
+    engines = quality.load_engines({f"m{i}": str(m) for i, m in enumerate(models)})
+    etas, alphas = (0.25, 1.0), (0.0, 0.05)
+    r = tune_text_weights.tune(engines, dev, etas=etas, alphas=alphas)
+    described = [d.describe() for d in dev]
+    for eta in etas:
+        for alpha in alphas:
+            members, mix, n_units = independent_unit_mixture(models, described, eta, alpha, 1.0)
+            got = r["grid"][f"eta={eta:g},alpha={alpha:g}"]
+            assert got["bpb"] == pytest.approx(mix, rel=1e-4)
+    assert r["units"] == n_units
+    assert list(r["members"].values()) == pytest.approx(members, rel=1e-4)
+    assert r["best"]["bpb"] == min(c["bpb"] for c in r["grid"].values())
+
+    bad = subprocess.run([sys.executable, str(ROOT / "bench" / "tune_text_weights.py"),
+                          "--models", str(models[0])], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
+    assert bad.returncode == 2 and "at least two --models" in bad.stderr
+    assert "Traceback" not in bad.stderr
