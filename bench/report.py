@@ -116,7 +116,7 @@ def quality_rows(q: dict) -> list[tuple[str, str, str, str]]:
 
 def _mixed_rows(ens: dict) -> list[tuple[str, str, str, str]]:
     chosen = f" (η {ens['online_eta']:g}, α {ens['online_alpha']:g}: chosen on dev text)"
-    rows = [(f"ensemble, mixture over units, {kind}" + ("" if "units" in kind else " weights")
+    rows = [(f"ensemble, mixture over units, {kind}" + ("" if "," in kind else " weights")
              + (chosen if kind == ens["weights"] else ""),
              _f(v["bpb"]), "",
              f"{v['vs_best_member']:+.2%} vs best member"

@@ -232,6 +232,7 @@ class TextLeaderSession:
                 self.sent.append(Commit(self.session, self.steps, piece, self._hash, False,
                                         RANK_CHUNK_TOKENS))
                 self.steps += 1
+            self.first_bytes = textfuse.utf8_len(self.text)   # ms_per_byte: ours only
             first: Any = Resume(self.session, self.me.node_id, start)
         loop = self._rank if self.kind == "rank" else self._fuse
         reason = await loop((lambda: self._to_members(first, origin_too=True)) if self.resume
