@@ -31,7 +31,6 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -56,6 +55,7 @@ from dwarfmesh.protocol import (
     TextFrame,
     TextOpen,
 )
+from dwarfmesh.rank_failover import TextFailover, TextResume
 from dwarfmesh.session_stats import text_summary
 
 log = logging.getLogger(__name__)
@@ -66,14 +66,7 @@ TRACE_STEPS = 32            # steps of per-member detail kept in the summary's "
 Send = Callable[[str, Any], int]
 
 
-@dataclass(frozen=True)
-class TextResume:
-    """A member's committed answer, piece by piece: where a new leader picks up."""
-
-    pieces: list[str]
-
-
-class TextLeaderSession:
+class TextLeaderSession(TextFailover):
     """Runs one answer as leader of a text-level session over `members` (this node too)."""
 
     def __init__(self, *, session: str, origin: str, params: GenParams, kind: str,
@@ -94,6 +87,9 @@ class TextLeaderSession:
         self._hash = textfuse.TEXT_HASH_START
         self.sent: list[Any] = []      # every Commit (and the End) the origin was sent
         self.resume = resume
+        self._adopting = False          # resumed: still taking Commits a member is ahead by
+        self.adopted = 0                # steps taken that way
+        self._early: dict[str, tuple[Any, int]] = {}   # replies for a later step, by sender
         self._want: tuple[type, int] | None = None
         self._replies: dict[str, Any] = {}
         self._waiter: asyncio.Future | None = None
@@ -112,6 +108,10 @@ class TextLeaderSession:
 
     def on_reply(self, msg: Proposal | Scores | TextFrame, size: int) -> None:
         ids = {m.node_id for m in self.members}
+        if (self._adopting and self._want is not None and type(msg) is self._want[0]
+                and msg.step > self._want[1] and msg.sender in ids):
+            self._early[msg.sender] = (msg, size)        # ahead of us: see adopt()
+            return
         if (self._want is None or type(msg) is not self._want[0] or msg.step != self._want[1]
                 or msg.sender not in ids):
             self.late += 1
@@ -140,12 +140,6 @@ class TextLeaderSession:
 
     def cancel(self) -> None:
         self._cancelled = True
-
-    def set_origin(self, origin: str, next_step: int) -> None:
-        """A client re-attached through another node: replay what it missed, go on there."""
-        self.origin = origin
-        for msg in self.sent[next_step:]:
-            self.send(origin, msg)
 
     def _maybe_done(self) -> None:
         if self._waiter is not None and not self._waiter.done():
@@ -234,12 +228,13 @@ class TextLeaderSession:
                 self.steps += 1
             self.first_bytes = textfuse.utf8_len(self.text)   # ms_per_byte: ours only
             first: Any = Resume(self.session, self.me.node_id, start)
+            self._adopting = True
         loop = self._rank if self.kind == "rank" else self._fuse
-        reason = await loop((lambda: self._to_members(first, origin_too=True)) if self.resume
+        reason = await loop(self._send_resume(first) if self.resume
                             else (lambda: self._to_members(open_msg)), start)
         summary = text_summary(self, reason)
-        if self.resume:
-            summary["resumed_at_step"] = start
+        if self.resume:     # the first step this leader decided; adopted: see adopt()
+            summary.update(resumed_at_step=start + self.adopted, adopted_steps=self.adopted)
         end = End(self.session, reason, summary)
         self.sent.append(end)
         self._to_members(end, origin_too=True, dropped_too=True)
@@ -248,6 +243,7 @@ class TextLeaderSession:
     async def _rank(self, send_open: Callable[[], None], start: int) -> str:
         p = self.params
         proposals = await self._gather(Proposal, start, send_open, "propose")
+        self._adopting, start = False, self.steps
         self.weights = self._initial_weights(proposals)
         for step in range(start, p.max_tokens):
             order = [m.node_id for m in self.members if m.node_id in proposals]
@@ -291,6 +287,7 @@ class TextLeaderSession:
     async def _fuse(self, send_open: Callable[[], None], start: int) -> str:
         p = self.params
         frames = await self._gather(TextFrame, start, send_open, "frame")
+        self._adopting, start = False, self.steps
         self.weights = self._initial_weights(frames)
         for step in range(start, p.max_tokens):
             order = [m.node_id for m in self.members if m.node_id in frames]

@@ -57,7 +57,8 @@ from dwarfmesh.protocol import (
     TextOpen,
     Token,
 )
-from dwarfmesh.rank import TextLeaderSession, TextResume
+from dwarfmesh.rank import TextLeaderSession
+from dwarfmesh.rank_failover import TextResume
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ class TextMemberSession:
         self.open_msg = msg
         self.propose_tokens = msg.propose_tokens
         self.pieces: list[str] = []         # the committed answer, piece by piece (failover)
+        self.hashes: list[int] = []         # text_hash after each piece
         self.taken_over = False
         self.resumed_by: str | None = None   # the leader whose Resume this member answered
         self.me, self.engine, self.send = me, engine, send
@@ -119,6 +121,7 @@ class TextMemberSession:
             self.hash, self.step = expected, self.step + 1
             self.answer += msg.text
             self.pieces.append(msg.text)
+            self.hashes.append(expected)
             self.propose_tokens = msg.propose_tokens
             if msg.final:
                 # Bring the cache up to date for the next turn of a conversation only.
@@ -141,13 +144,19 @@ class TextMemberSession:
             await self._close(keep=False)
 
     async def resume(self, msg: Resume) -> None:
-        """A new leader after a failover: answer it for the step this member is at."""
+        """A new leader after a failover: answer it for the step this member is at. A
+        member ahead of it (the dead leader's last Commit reached only some) first sends
+        it the Commits it lacks, which it adopts; one behind was sent the new leader's
+        Commits just before the Resume, so it has caught up by now."""
         async with self._lock:
             if self.closed:
                 return
             self.leader = self.resumed_by = msg.leader
-            if msg.step != self.step:
+            if msg.step > self.step:
                 return await self._leave(f"at step {self.step}, the new leader at {msg.step}")
+            for step in range(msg.step, self.step):
+                self.send(self.leader, Commit(self.session, step, self.pieces[step],
+                                              self.hashes[step], False, self.propose_tokens))
             await self._answer(self.propose_tokens, None, None, 0.0)
 
     def resume_state(self) -> TextResume:
@@ -236,6 +245,10 @@ class TextSessions:
             leader.on_reply(msg, size)
 
     async def handle(self, msg: TextOpen | Candidates | Commit) -> None:
+        leader = self.leading.get(msg.session)
+        if isinstance(msg, Commit) and leader is not None and msg.step >= leader.steps:
+            leader.adopt(msg)            # from a member ahead of this new leader (resume)
+            return
         if isinstance(msg, Commit):      # the origin streams committed text to its client
             self.node.roles.to_client(Token(msg.session, msg.step, 0, msg.text_hash, msg.text,
                                             msg.final))
