@@ -16,7 +16,7 @@ with one tokenizer. This module owns:
   the leader decides each step with the replies in hand at the deadline (a straggler is
   late, not dropped). After a failover a member's `TextResume` (the committed answer)
   restarts the loop at the next step: `Resume` instead of `TextOpen`, online weights
-  from equal (see rank_member.py for who takes over).
+  from equal (rank_failover.py; rank_member.py says who takes over).
 
 The leader itself takes part as an ordinary member through a local
 `rank_member.TextMemberSession` (messages to itself are dispatched locally), so its own

@@ -19,9 +19,10 @@ Failover, as on the id path (`roles.py`): when the leader dies, every member ran
 session's surviving members by the same rendezvous hash; the first takes over (a
 `rank.TextLeaderSession` resumed from its committed text, which every member holds: they
 all applied the same Commits), the others wait for its `Resume` and answer again for the
-step they are at. A member whose step differs from the new leader's (a Commit the dead
-leader sent to only some) leaves. A client whose node died re-attaches to another node
-(`Attach`), and the leader replays the Commits it missed.
+step they are at. When the dead leader's last Commit reached only some, a member ahead
+hands the new leader the Commits it lacks (`rank_failover`: it adopts them) and one
+behind catches up on those the new leader re-sends. A client whose node died
+re-attaches to another node (`Attach`), and the leader replays the Commits it missed.
 
 `TextSessions` is this node's table of text sessions, led (`rank.TextLeaderSession`) and
 joined; `roles.py` and `node.py` route text messages to it.
