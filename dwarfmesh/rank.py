@@ -50,7 +50,6 @@ from dwarfmesh.protocol import (
     End,
     GenParams,
     Proposal,
-    Resume,
     Scores,
     TextFrame,
     TextOpen,
@@ -219,18 +218,9 @@ class TextLeaderSession(TextFailover):
                             [m.node_id for m in self.members], p, self.keep,
                             "rank" if self.kind == "rank" else "fuse", self.prompt,
                             self.messages, RANK_CHUNK_TOKENS)
-        start = len(self.resume.pieces) if self.resume else 0
-        if self.resume:
-            for piece in self.resume.pieces:      # what the old leader committed
-                self.text, self._hash = self.text + piece, textfuse.text_hash(self._hash, piece)
-                self.sent.append(Commit(self.session, self.steps, piece, self._hash, False,
-                                        RANK_CHUNK_TOKENS))
-                self.steps += 1
-            self.first_bytes = textfuse.utf8_len(self.text)   # ms_per_byte: ours only
-            first: Any = Resume(self.session, self.me.node_id, start)
-            self._adopting = True
+        start = self._restore(RANK_CHUNK_TOKENS) if self.resume else 0
         loop = self._rank if self.kind == "rank" else self._fuse
-        reason = await loop(self._send_resume(first) if self.resume
+        reason = await loop(self._send_resume() if self.resume
                             else (lambda: self._to_members(open_msg)), start)
         summary = text_summary(self, reason)
         if self.resume:     # the first step this leader decided; adopted: see adopt()

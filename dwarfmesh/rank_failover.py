@@ -55,9 +55,22 @@ class TextFailover:
         for msg, size in [v for v in self._early.values() if v[0].step == self.steps]:
             self.on_reply(msg, size)
 
-    def _send_resume(self, resume: Resume) -> Callable[[], None]:
+    def _restore(self, propose_tokens: int) -> int:
+        """Take over the committed answer (`self.resume`); return the step to go on from."""
+        for piece in self.resume.pieces:
+            self.text, self._hash = self.text + piece, textfuse.text_hash(self._hash, piece)
+            self.sent.append(Commit(self.session, self.steps, piece, self._hash, False,
+                                    propose_tokens))
+            self.steps += 1
+        self.first_bytes = textfuse.utf8_len(self.text)       # ms_per_byte: ours only
+        self._adopting = True
+        return self.steps
+
+    def _send_resume(self) -> Callable[[], None]:
         """After a takeover: every Commit so far to the members (one that missed the dead
         leader's last catches up; the others ignore them), then the Resume."""
+        resume = Resume(self.session, self.me.node_id, self.steps)
+
         def send() -> None:
             for commit in self.sent:
                 self._to_members(commit)

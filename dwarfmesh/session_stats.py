@@ -98,41 +98,41 @@ class SessionStats:
         }
 
 
-def text_summary(self: Any, reason: str) -> dict[str, Any]:
-    """The End summary of a text-level session (`rank.TextLeaderSession`, as `self`)."""
-    everyone = self.members + self.dropped
-    decode_s = self.t_last - self.t_first          # first commit to last commit
-    nbytes = textfuse.utf8_len(self.text)
-    later_bytes = nbytes - self.first_bytes
+def text_summary(leader: Any, reason: str) -> dict[str, Any]:
+    """The End summary of a text-level session (`rank.TextLeaderSession`)."""
+    everyone = leader.members + leader.dropped
+    decode_s = leader.t_last - leader.t_first          # first commit to last commit
+    nbytes = textfuse.utf8_len(leader.text)
+    later_bytes = nbytes - leader.first_bytes
 
     def pct(xs: list[float], q: float) -> float:
         return float(np.percentile(xs, q)) if xs else 0.0
-    answer_ids = (self.engine.tokenizer.encode(self.text, add_special_tokens=False)
-                  if self.text else [])
+    answer_ids = (leader.engine.tokenizer.encode(leader.text, add_special_tokens=False)
+                  if leader.text else [])
     return {
-        "text": self.text, "mode": self.kind, "finish_reason": reason,
+        "text": leader.text, "mode": leader.kind, "finish_reason": reason,
         "token_ids": list(answer_ids),      # the leader's tokenization of the answer
-        "leader": self.me.name, "members": [m.name for m in self.members],
+        "leader": leader.me.name, "members": [m.name for m in leader.members],
         "models": {m.name: m.model for m in everyone},
-        "dropped": [m.name for m in self.dropped],
-        "excluded": [{"name": m.name, "reason": why} for m, why in self.excluded],
-        "prompt_tokens": self.prompt_tokens, "prompt_tokens_reused": 0,
-        "steps": self.steps, "committed_bytes": nbytes,
-        "ttft_ms": (self.t_first - self.t_start) * 1000.0,
-        "steps_per_s": (self.steps - 1) / decode_s if decode_s > 0 else 0.0,
-        "tokens_per_s": len(answer_ids) / (time.perf_counter() - self.t_start),
+        "dropped": [m.name for m in leader.dropped],
+        "excluded": [{"name": m.name, "reason": why} for m, why in leader.excluded],
+        "prompt_tokens": leader.prompt_tokens, "prompt_tokens_reused": 0,
+        "steps": leader.steps, "committed_bytes": nbytes,
+        "ttft_ms": (leader.t_first - leader.t_start) * 1000.0,
+        "steps_per_s": (leader.steps - 1) / decode_s if decode_s > 0 else 0.0,
+        "tokens_per_s": len(answer_ids) / (time.perf_counter() - leader.t_start),
         "ms_per_byte": decode_s * 1000.0 / later_bytes if later_bytes > 0 else 0.0,
-        "wire_bytes": self.wire_bytes,
-        "wire_bytes_per_byte": self.wire_bytes / max(nbytes, 1),
-        "wire_bytes_per_token": self.wire_bytes / max(len(answer_ids), 1),
-        "disagreement_rate": self.disagree / max(self.steps, 1),
-        "agreement": {self.names[k]: v / max(self.steps, 1) for k, v in self.agree.items()},
-        "weights": {self.names[k]: float(v) for k, v in self.weights.items()},
-        "late_replies": self.late,
-        "late_steps": {self.names[k]: v for k, v in self.behind.items()},
-        "timing_ms": {"step_p50": pct(self.step_ms, 50),
-                      "step_p95": pct(self.step_ms, 95),
-                      **{f"{k}_p50": pct(v[1:], 50) for k, v in self.phase_ms.items() if v},
-                      "slowest_forward_p50": pct(self.slowest_ms[1:], 50)},
-        "trace": self.trace,
+        "wire_bytes": leader.wire_bytes,
+        "wire_bytes_per_byte": leader.wire_bytes / max(nbytes, 1),
+        "wire_bytes_per_token": leader.wire_bytes / max(len(answer_ids), 1),
+        "disagreement_rate": leader.disagree / max(leader.steps, 1),
+        "agreement": {leader.names[k]: v / max(leader.steps, 1) for k, v in leader.agree.items()},
+        "weights": {leader.names[k]: float(v) for k, v in leader.weights.items()},
+        "late_replies": leader.late,
+        "late_steps": {leader.names[k]: v for k, v in leader.behind.items()},
+        "timing_ms": {"step_p50": pct(leader.step_ms, 50),
+                      "step_p95": pct(leader.step_ms, 95),
+                      **{f"{k}_p50": pct(v[1:], 50) for k, v in leader.phase_ms.items() if v},
+                      "slowest_forward_p50": pct(leader.slowest_ms[1:], 50)},
+        "trace": leader.trace,
     }
