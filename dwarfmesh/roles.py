@@ -319,11 +319,16 @@ class SessionRoles:
         if sender != msg.origin:
             self.refuse("Attach for another node")
             return
-        leader = self.leading.get(msg.session)
+        leader = self.leading.get(msg.session) or self.text.leading.get(msg.session)
+        if leader is not None and sender not in leader.roster:
+            # Only a node of the session can become its origin: the client re-attaches
+            # through one of them (roles.attach), never through a stranger.
+            self.refuse("Attach from a node outside the session")
+            return
         log.info("session %s: origin moves to %s at step %d", msg.session, msg.origin,
                  msg.next_step)
-        if leader is not None:
-            leader.set_origin(msg.origin, msg.next_step)
+        if msg.session in self.leading:
+            self.leading[msg.session].set_origin(msg.origin, msg.next_step)
         elif self.text.attach(msg):          # a text session this node leads
             pass
         elif msg.session in self.finished:

@@ -37,9 +37,8 @@ from dwarfmesh.config import (
     ONLINE_ETA,
     OPEN_RESEND_S,
     PERPLEXITY_TAU,
-    PREFILL_TIMEOUT_S,
 )
-from dwarfmesh.deadlines import reply_bound, resend_interval
+from dwarfmesh.deadlines import prefill_bound, reply_bound, resend_interval
 from dwarfmesh.membership import Member, outranks
 from dwarfmesh.protocol import (
     Deposed,
@@ -187,6 +186,7 @@ class LeaderSession:
         self._frames, self._ahead = dict(preset or {}), {}
         self._waiter = asyncio.get_running_loop().create_future()
         send(None)
+        t0 = time.monotonic()
         if local is not None:
             out = await local
             if not isinstance(out, Frame):
@@ -195,7 +195,7 @@ class LeaderSession:
             self._frames[self.me.node_id] = out
             self._maybe_done()
         first = step == 0 and self.resume_from is None
-        limit = (PREFILL_TIMEOUT_S if first
+        limit = (prefill_bound(time.monotonic() - t0) if first
                  else reply_bound(self._slowest_s, self.step_timeout_s))
         deadline = None if first else self.step_deadline_s
         try:
