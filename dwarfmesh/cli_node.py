@@ -20,7 +20,16 @@ log = logging.getLogger("dwarfmesh")
 
 async def run_node(args: argparse.Namespace) -> None:
     """`dwarfmesh node`: load the model, join the mesh, serve until SIGINT/SIGTERM."""
-    from dwarfmesh.engine import Engine
+    from dwarfmesh.config import state_dir
+    from dwarfmesh.process import IdentityInUse, fd_limit_kept, lock_identity, raise_fd_limit
+
+    try:
+        lock_identity(state_dir(), args.name)     # held (fd left open) until the process exits
+    except IdentityInUse as exc:
+        raise CliError(str(exc)) from None
+    with fd_limit_kept():                         # mlx-lm would lower it at import
+        from dwarfmesh.engine import Engine
+    log.debug("file descriptor limit: %d", raise_fd_limit())
     from dwarfmesh.models import resolve_model
     from dwarfmesh.node import Node, NodeOptions
     from dwarfmesh.security import resolve_key

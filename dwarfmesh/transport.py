@@ -30,7 +30,12 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from dwarfmesh import protocol, security
-from dwarfmesh.config import MAX_MESSAGE_BYTES, RECONNECT_IVL_MAX_MS, RECONNECT_IVL_MS
+from dwarfmesh.config import (
+    HANDSHAKE_TIMEOUT_S,
+    MAX_MESSAGE_BYTES,
+    RECONNECT_IVL_MAX_MS,
+    RECONNECT_IVL_MS,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +67,12 @@ def _is_client_request(body: list[Any]) -> bool:
 def _apply_common(sock: zmq.Socket) -> None:
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+    # A connection that has not finished the ZMTP handshake this long is closed (libzmq's
+    # default is 30 s): idle TCP connections from a stranger do not pile up.
+    sock.setsockopt(zmq.HANDSHAKE_IVL, int(HANDSHAKE_TIMEOUT_S * 1000))
+    # A peer that vanished without a FIN (cable pulled, laptop asleep) is noticed by TCP.
+    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 60)
     sock.setsockopt(zmq.SNDHWM, SNDHWM)
     sock.setsockopt(zmq.RCVHWM, SNDHWM)
 
@@ -85,6 +96,7 @@ class Transport:
         self.dropped: Counter[str] = Counter()      # inbound messages rejected, by reason
         self.send_failures = 0
         self._last_drop_log: dict[str, float] = {}
+        self.limits = protocol.Limits()             # the node sets its model's, once loaded
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -158,11 +170,15 @@ class Transport:
         if address in self._dealers:
             return
         sock = self._ctx.socket(zmq.DEALER)
-        _apply_common(sock)
-        sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
-        security.apply_client(sock, self.key)
-        sock.connect(f"tcp://{address}")
+        try:
+            _apply_common(sock)
+            sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+            sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
+            security.apply_client(sock, self.key)
+            sock.connect(f"tcp://{address}")
+        except zmq.ZMQError:
+            sock.close(linger=0)
+            raise
         self._dealers[address] = sock
         self._tasks[f"dealer:{address}"] = asyncio.create_task(
             self._recv_loop(sock, address), name=f"dealer:{address}")
@@ -233,7 +249,7 @@ class Transport:
             except (zmq.ZMQError, AttributeError):
                 peer_ip = ""
             try:
-                msg = protocol.decode([f.buffer for f in body])
+                msg = protocol.decode([f.buffer for f in body], self.limits)
             except protocol.ProtocolError as exc:
                 self._drop(f"malformed: {str(exc)[:60]}", peer_ip or address or "?")
                 if is_router and _is_client_request(body):
@@ -249,6 +265,11 @@ class Transport:
             except Exception:  # noqa: BLE001 - a handler bug must not kill the receive loop
                 log.exception("handler failed on %s from %s", type(msg).__name__, peer_ip)
                 self.dropped["handler error"] += 1
+
+    def drop(self, reason: str, where: str) -> None:
+        """Count a message the node refused (and log it, at most once per reason per
+        interval, with the running count): a flood of them costs a counter, not a log."""
+        self._drop(reason, where)
 
     def _drop(self, reason: str, where: str) -> None:
         key = reason.split(":")[0] if reason.startswith("malformed") else reason
