@@ -197,9 +197,18 @@ def _key_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _api_key_arg(parser: argparse.ArgumentParser) -> None:
+    """What guards the HTTP API: shared by `node --http-port` and `serve`."""
     parser.add_argument("--api-key", default=os.environ.get("DWARFMESH_API_KEY"),
                         metavar="KEY", help="HTTP requests must carry 'Authorization: Bearer "
-                        "KEY' (default: $DWARFMESH_API_KEY; none = no check)")
+                        "KEY' (default: $DWARFMESH_API_KEY; none = no check). Set one to "
+                        "expose the API beyond this machine")
+    parser.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                        help="a web origin allowed to call the API from a browser, e.g. "
+                             "http://localhost:3000 (repeatable; '*' = any; default: none)")
+    parser.add_argument("--http-allow-host", action="append", default=[], metavar="NAME",
+                        help="a host name the API answers to besides IP addresses, "
+                             "localhost and the bind address (repeatable; guards against "
+                             "DNS rebinding)")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -293,7 +302,8 @@ async def _run_serve(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stopped.set)
     try:
         await serve(address, args.host, args.http_port, stopped, key=_client_key(args),
-                    api_key=args.api_key)
+                    api_key=args.api_key, cors_origins=args.cors_origin,
+                    allow_hosts=args.http_allow_host)
     except OSError as exc:
         raise CliError(f"cannot serve HTTP on {args.host}:{args.http_port}: "
                        f"{exc.strerror}") from None

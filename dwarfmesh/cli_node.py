@@ -64,7 +64,8 @@ async def run_node(args: argparse.Namespace) -> None:
         from dwarfmesh.api import ApiServer
         own = args.host if args.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
         api = ApiServer(f"{own}:{node.transport.port}", key=key, host=args.http_host,
-                        port=args.http_port, api_key=args.api_key)
+                        port=args.http_port, api_key=args.api_key,
+                        cors_origins=args.cors_origin, allow_hosts=args.http_allow_host)
         try:
             await api.start()
         except OSError as exc:
