@@ -3,9 +3,8 @@ plain ZeroMQ DEALER sending well-formed messages, or raw TCP) against real node
 processes, with the outcome asserted: the node lives, its heartbeats go on, what it
 refused is counted, and the mesh's answer is exactly what it is without the stranger.
 
-Tests marked `# needs authority (lead's branch)` depend on the node accepting session
-messages only from the node the session says may send them, and reclaiming slots from
-sessions that never progress; they fail until that work is merged.
+The rows that need the node to accept session messages only from the node the session
+says may send them are in `test_hostile_authority.py`.
 """
 
 from __future__ import annotations
@@ -13,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import threading
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -40,9 +39,14 @@ def answer(address: str, max_tokens: int = TOKENS, prompt: str = PROMPT) -> dict
 
 @pytest.fixture(scope="module")
 def hostile_mesh(tiny_models, tmp_path_factory):
+    with two_nodes(tiny_models, tmp_path_factory.mktemp("hostile")) as mesh:
+        yield mesh
+
+
+@contextmanager
+def two_nodes(tiny_models, cache):
     """Two nodes (tiny models; node0's context cut to CONTEXT). Yields a dict: addrs, procs,
     ports, the state dir, the reference answer (before any stranger)."""
-    cache = tmp_path_factory.mktemp("hostile")
     short = cache / "m1-short"
     shutil.copytree(tiny_models[0], short)
     config = json.loads((short / "config.json").read_text())
@@ -224,86 +228,3 @@ def test_a_second_node_with_a_live_nodes_identity_refuses_to_start(hostile_mesh,
     errors = [line for line in text.splitlines() if "error" in line]
     assert len(errors) == 1, text
     assert hostile_mesh["procs"][0].poll() is None
-
-
-# --- rows that need the lead's authority work -----------------------------------------------
-
-
-def _live_session(address: str, deadline_s: float = 20.0) -> str:
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        for n in peers_of(address, timeout=5):
-            if n["leader_of"]:
-                return n["leader_of"][0]
-        time.sleep(0.05)
-    raise AssertionError("no session became live")
-
-
-@pytest.mark.timeout(240)
-def test_injected_session_messages_do_not_touch_a_live_answer(hostile_mesh):
-    # needs authority (lead's branch)
-    addr = hostile_mesh["addrs"][0]
-    ref = whole_mesh_answer(addr, max_tokens=200)
-    out: dict = {}
-    runner = threading.Thread(target=lambda: out.update(answer(addr, max_tokens=200)))
-    runner.start()
-    sid = _live_session(addr)
-    strangers = [Stranger(a) for a in hostile_mesh["addrs"]]
-    try:
-        for s in strangers:
-            for step in range(0, 200, 7):
-                s.send(P.Token(sid, step, 5, 0, "INJECTED", False))
-            s.send(P.Attach(sid, "", 0))
-            s.send(P.Attach(sid, "stranger1", 0))
-            s.send(P.Resume(sid, "stranger1", 0))
-            s.send(P.End(sid, "eos", {"text": "INJECTED ANSWER BY A STRANGER"}))
-            s.send(P.Cancel(sid))
-    finally:
-        for s in strangers:
-            s.close()
-    runner.join(timeout=180)
-    assert out.get("text") == ref["text"]
-
-
-@pytest.mark.timeout(240)
-def test_stranger_opens_do_not_hold_session_slots(hostile_mesh):
-    # needs authority (lead's branch)
-    s = Stranger(hostile_mesh["addrs"][0])
-    try:
-        for i in range(16):
-            s.send(P.Open(f"hog{i}", "g", "g", ["g"], P.GenParams(), False,
-                          np.array([1, 2, 3], np.uint32)))
-        s.flush()
-    finally:
-        s.close()
-    time.sleep(2)
-    assert_unharmed(hostile_mesh)
-
-
-@pytest.mark.timeout(240)
-def test_a_hello_then_silence_does_not_stall_an_answer(hostile_mesh):
-    # needs authority (lead's branch)
-    addr = hostile_mesh["addrs"][0]
-    fingerprint = me(addr)["fingerprint"]
-    ref = whole_mesh_answer(addr, max_tokens=10)
-    s = Stranger(addr)
-    stop_beating = threading.Event()
-
-    def beat():                          # alive by heartbeats, never answers an Open
-        while not stop_beating.is_set():
-            s.send(hello("silent", fingerprint=fingerprint))
-            stop_beating.wait(0.5)
-
-    beater = threading.Thread(target=beat)
-    beater.start()
-    try:
-        time.sleep(1)
-        t0 = time.monotonic()
-        out = answer(addr, max_tokens=10)
-        assert time.monotonic() - t0 < 30
-        assert out["text"] == ref["text"]
-    finally:
-        stop_beating.set()
-        beater.join()
-        s.close()
-    time.sleep(4)
