@@ -99,11 +99,20 @@ _FIELD_CHARS = {"session": SESSION_CHARS, "request": SESSION_CHARS, "conversatio
                 "reason": REASON_CHARS}
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_NAMES = ("session", "request", "conversation", "node_id", "sender", "leader", "origin",
+          "name", "fingerprint", "model")
+
+
 def _strings(msg: Any) -> None:
     for name, most in _FIELD_CHARS.items():
         value = getattr(msg, name, None)
         if isinstance(value, str) and len(value) > most:
             raise ProtocolError(f"{type(msg).__name__}.{name}: longer than {most} characters")
+    for name in _NAMES:                     # they end up in logs: no forged log lines
+        value = getattr(msg, name, None)
+        if isinstance(value, str) and _CONTROL.search(value):
+            raise ProtocolError(f"{type(msg).__name__}.{name}: control characters")
     for name in ("step", "next_step"):
         if getattr(msg, name, 0) < 0:
             raise ProtocolError(f"{type(msg).__name__}.{name}: negative")

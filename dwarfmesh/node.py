@@ -289,8 +289,8 @@ class Node:
 
     async def _handle(self, msg: Any, origin: Origin) -> None:
         roles, client = self.roles, origin.identity
-        if isinstance(msg, P.Refuse):
-            log.error("peer %s refused us: %s", msg.node_id, msg.reason)
+        if isinstance(msg, P.Refuse):          # counted, and logged at most once a while
+            self.transport.drop("refused by a peer", f"{msg.node_id}: {msg.reason}")
         elif isinstance(msg, P.Start):
             await roles.lead(msg)
         elif isinstance(msg, P.Open):
