@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 import zmq
 
 from dwarfmesh import protocol as P
+from dwarfmesh.bounds import MAX_GOSSIP, MAX_LEADING
 from dwarfmesh.config import (
     DEFAULT_PORT,
     HEARTBEAT_INTERVAL_S,
@@ -149,9 +151,13 @@ class Node:
 
     def _hello(self) -> P.Hello:
         me = self.me
+        # A receiver takes at most MAX_GOSSIP addresses: in a larger mesh, a different
+        # sample each beat still reaches every peer.
+        gossip = [m.address for m in self.membership.peers.values()]
+        gossip = sorted(random.sample(gossip, min(len(gossip), MAX_GOSSIP)))
         return P.Hello(me.node_id, me.name, me.model, me.fingerprint, me.vocab_size,
-                       PROTOCOL_VERSION, me.address, me.weight, sorted(self.roles.leading),
-                       sorted(m.address for m in self.membership.peers.values()))
+                       PROTOCOL_VERSION, me.address, me.weight,
+                       sorted(self.roles.leading)[:MAX_LEADING], gossip)
 
     def _dial(self, address: str) -> None:
         try:

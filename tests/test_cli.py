@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-
 from meshutil import ROOT, free_port, node_env
 
 pytestmark = pytest.mark.timeout(120)
