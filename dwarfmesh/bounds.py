@@ -21,17 +21,20 @@ from typing import Any
 
 import numpy as np
 
+from dwarfmesh.config import MAX_PROMPT_TOKENS
 from dwarfmesh.messages import (
     Attach,
     Candidates,
     Commit,
     Frame,
+    Generate,
     Hello,
     Open,
     Proposal,
     ProtocolError,
     Resume,
     Scores,
+    Start,
     TextFrame,
     TextOpen,
     Token,
@@ -60,6 +63,12 @@ MAX_CANDIDATES = 32
 # (a UTF-8 byte is at most one token) bounds that batch; honest rounds are far below
 # (a few members, a word or a line each).
 CANDIDATE_BATCH_BYTES = 2048
+# A prompt sent as text (Start, Generate, TextOpen) is tokenized by the receiver: at most
+# this many characters (the HTTP API's limit too), and, where the receiver's context is
+# known, at most TEXT_BYTES_PER_TOKEN UTF-8 bytes per token of it (honest text runs at
+# 3-5 bytes a token; this bounds what a prompt of one-byte tokens can cost).
+MAX_PROMPT_CHARS = 4 * MAX_PROMPT_TOKENS
+TEXT_BYTES_PER_TOKEN = 8
 
 _HOST = re.compile(r"[0-9A-Za-z._%:\[\]-]{1,253}")
 
@@ -192,7 +201,8 @@ def _token(msg: Token, limits: Limits) -> None:
         raise ProtocolError("Token: text too long")
 
 
-def _text_open(msg: TextOpen, _limits: Limits) -> None:
+def _text_open(msg: TextOpen, limits: Limits) -> None:
+    _text_prompt(msg, limits)
     _ids(msg.members, MAX_MEMBERS, "TextOpen.members")
     if msg.mode not in ("rank", "fuse") or not 1 <= msg.propose_tokens <= MAX_PROPOSE_TOKENS:
         raise ProtocolError("TextOpen: mode or propose_tokens out of range")
@@ -236,10 +246,21 @@ def _commit(msg: Commit, _limits: Limits) -> None:
         raise ProtocolError("Commit: text too long or propose_tokens out of range")
 
 
+def _text_prompt(msg: Start | Generate | TextOpen, limits: Limits) -> None:
+    texts = [msg.prompt, *(str(t.get("content", "")) for t in msg.messages)]
+    if sum(len(t) for t in texts) > MAX_PROMPT_CHARS:
+        raise ProtocolError(f"{type(msg).__name__}: a prompt of more than {MAX_PROMPT_CHARS} "
+                            "characters")
+    if limits.context is not None and (sum(_utf8(t) for t in texts)
+                                       > TEXT_BYTES_PER_TOKEN * limits.context):
+        raise ProtocolError(f"{type(msg).__name__}: a prompt far past this node's context")
+
+
 def _none(_msg: Any, _limits: Limits) -> None:
     pass
 
 
 _BY_TYPE = {Hello: _hello, Open: _open, Frame: _frame, Token: _token, TextOpen: _text_open,
             Proposal: _proposal, Candidates: _candidates, Scores: _scores,
-            TextFrame: _text_frame, Commit: _commit, Resume: _none, Attach: _none}
+            TextFrame: _text_frame, Commit: _commit, Start: _text_prompt,
+            Generate: _text_prompt, Resume: _none, Attach: _none}
