@@ -29,7 +29,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from dwarfmesh import protocol, security
+from dwarfmesh import admission, protocol, security
 from dwarfmesh.config import (
     HANDSHAKE_TIMEOUT_S,
     MAX_MESSAGE_BYTES,
@@ -97,6 +97,7 @@ class Transport:
         self.send_failures = 0
         self._last_drop_log: dict[str, float] = {}
         self.limits = protocol.Limits()             # the node sets its model's, once loaded
+        self.cap: admission.ConnectionCap | None = None
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -105,13 +106,15 @@ class Transport:
         router = self._ctx.socket(zmq.ROUTER)
         _apply_common(router)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        if self.key is not None:
-            await self._start_auth()
-            security.apply_server(router, self.key)
-            monitor = router.get_monitor_socket(
-                zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
-            self._tasks["monitor"] = asyncio.create_task(self._monitor_loop(monitor))
+        # ZAP consults the handler on every handshake, open mesh or not: the mesh key (if
+        # any) and the per-address connection cap (admission.py) both live there.
+        await self._start_auth()
+        router.zap_domain = b"dwarfmesh"
+        security.apply_server(router, self.key)
+        monitor = router.get_monitor_socket(
+            admission.EVENTS | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+        self._tasks["monitor"] = asyncio.create_task(self._monitor_loop(monitor))
         bind_host = "*" if self.host in ("", "0.0.0.0") else self.host
         if self.port:
             router.bind(f"tcp://{bind_host}:{self.port}")
@@ -122,10 +125,16 @@ class Transport:
         return self.port
 
     async def _start_auth(self) -> None:
-        """ZAP handler: admit only peers that hold the mesh's key pair; count the others."""
+        """ZAP handler: admit only peers that hold the mesh's key pair (with a key) and
+        addresses under the connection cap; count the others."""
         from zmq.auth.asyncio import AsyncioAuthenticator
 
         transport = self
+        self._auth = AsyncioAuthenticator(self._ctx)
+        self._auth.start()
+        self.cap = admission.ConnectionCap(self._auth)
+        if self.key is None:
+            return
 
         class MeshKeyOnly:
             def callback(self, domain: str, client_key: bytes) -> bool:
@@ -134,17 +143,20 @@ class Transport:
                     transport._drop("refused: wrong mesh key", "zap")
                 return ok
 
-        self._auth = AsyncioAuthenticator(self._ctx)
-        self._auth.start()
         self._auth.configure_curve_callback("dwarfmesh", credentials_provider=MeshKeyOnly())
 
     async def _monitor_loop(self, monitor: zmq.asyncio.Socket) -> None:
         try:
             while True:
                 event = parse_monitor_message(await monitor.recv_multipart())
-                if event["event"] != zmq.EVENT_HANDSHAKE_FAILED_AUTH:   # ZAP counted those
-                    self._drop("refused: handshake failed (no or another mesh key?)",
-                               str(event.get("endpoint", b""), "utf-8", "replace"))
+                where = str(event.get("endpoint", b""), "utf-8", "replace")
+                if event["event"] & admission.EVENTS:
+                    self.cap.event(event)
+                elif event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                    if self.key is None:            # with a key, ZAP counted those itself
+                        self._drop("refused: too many connections from one address", where)
+                else:
+                    self._drop("refused: handshake failed (no or another mesh key?)", where)
         finally:
             monitor.close(linger=0)
 

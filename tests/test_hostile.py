@@ -17,9 +17,11 @@ from contextlib import contextmanager
 
 import numpy as np
 import pytest
+import zmq
 from meshutil import free_port, peers_of, start_node, stop, wait_for_mesh
 from stranger import Stranger, closed_by_server, dropped, hello, idle_connections, me, open_fds
 
+from dwarfmesh import admission
 from dwarfmesh import protocol as P
 from dwarfmesh.client import MeshClient
 from dwarfmesh.transport import DROP_LOG_INTERVAL_S
@@ -211,6 +213,44 @@ def test_idle_tcp_connections_are_closed_and_the_node_answers(hostile_mesh):
             s.close()
     time.sleep(1)
     assert open_fds(pid) - fds_before < 100
+    assert_unharmed(hostile_mesh)
+
+
+@pytest.mark.timeout(120)
+def test_one_address_holds_a_bounded_number_of_zmq_connections(hostile_mesh):
+    port = hostile_mesh["ports"][0]
+    ctx = zmq.Context()
+    socks = []
+
+    def answered(n: int) -> int:
+        """Open n DEALERs from 127.0.0.2 (not this host's own address), ask each for the
+        peers; how many got an answer."""
+        new = []
+        for _ in range(n):
+            d = ctx.socket(zmq.DEALER)
+            d.setsockopt(zmq.LINGER, 0)
+            d.connect(f"tcp://127.0.0.2:0;127.0.0.1:{port}")
+            new.append(d)
+            time.sleep(0.01)          # one at a time, as a flood from one host arrives
+        socks.extend(new)
+        for d in new:
+            d.send_multipart(P.encode(P.PeersRequest("cap")))
+        time.sleep(5)
+        return sum(1 for d in new if d.poll(0))
+
+    try:
+        got = answered(100)
+        assert admission.MAX_PER_ADDRESS - 4 <= got <= admission.MAX_PER_ADDRESS + 4, got
+        for d in socks:
+            d.close(linger=0)
+        socks.clear()
+        time.sleep(1)
+        assert answered(4) == 4            # the address is admitted again once under the cap
+    finally:
+        for d in socks:
+            d.close(linger=0)
+        ctx.term()
+    assert count(dropped(hostile_mesh["addrs"][0]), "refused: too many connections") > 0
     assert_unharmed(hostile_mesh)
 
 
