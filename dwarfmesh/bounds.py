@@ -249,11 +249,12 @@ def _commit(msg: Commit, _limits: Limits) -> None:
 def _text_prompt(msg: Start | Generate | TextOpen, limits: Limits) -> None:
     texts = [msg.prompt, *(str(t.get("content", "")) for t in msg.messages)]
     if sum(len(t) for t in texts) > MAX_PROMPT_CHARS:
-        raise ProtocolError(f"{type(msg).__name__}: a prompt of more than {MAX_PROMPT_CHARS} "
-                            "characters")
-    if limits.context is not None and (sum(_utf8(t) for t in texts)
-                                       > TEXT_BYTES_PER_TOKEN * limits.context):
-        raise ProtocolError(f"{type(msg).__name__}: a prompt far past this node's context")
+        raise ProtocolError(f"{type(msg).__name__}: prompt too long: more than "
+                            f"{MAX_PROMPT_CHARS} characters")
+    size = sum(_utf8(t) for t in texts)
+    if limits.context is not None and size > TEXT_BYTES_PER_TOKEN * limits.context:
+        raise ProtocolError(f"{type(msg).__name__}: prompt too long: {size} bytes, far past "
+                            f"this node's context of {limits.context} tokens")
 
 
 def _none(_msg: Any, _limits: Limits) -> None:
