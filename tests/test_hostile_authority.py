@@ -36,7 +36,7 @@ def _live_session(address: str, deadline_s: float = 20.0) -> str:
     raise AssertionError("no session became live")
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(120)
 def test_injected_session_messages_do_not_touch_a_live_answer(authority_mesh):
     # needs authority (lead's branch)
     addr = authority_mesh["addrs"][0]
@@ -62,7 +62,7 @@ def test_injected_session_messages_do_not_touch_a_live_answer(authority_mesh):
     assert out.get("text") == ref["text"]
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(120)
 def test_a_hello_then_silence_does_not_stall_an_answer(authority_mesh):
     # needs authority (lead's branch)
     addr = authority_mesh["addrs"][0]
@@ -91,7 +91,7 @@ def test_a_hello_then_silence_does_not_stall_an_answer(authority_mesh):
     time.sleep(4)
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(120)
 def test_a_copycat_that_answers_with_impossible_frames_does_not_steer_or_stall(authority_mesh):
     # needs authority (lead's branch): its frames are dropped (test_hostile), so it is a
     # member that never answers, which only the lead's work leaves out in time
@@ -143,7 +143,7 @@ def test_a_copycat_that_answers_with_impossible_frames_does_not_steer_or_stall(a
     time.sleep(4)
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(120)
 def test_stranger_opens_do_not_hold_session_slots(authority_mesh):
     # needs authority (lead's branch)
     s = Stranger(authority_mesh["addrs"][0])
