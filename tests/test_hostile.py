@@ -19,7 +19,16 @@ import numpy as np
 import pytest
 import zmq
 from meshutil import free_port, peers_of, start_node, stop, wait_for_mesh
-from stranger import Stranger, closed_by_server, dropped, hello, idle_connections, me, open_fds
+from stranger import (
+    Stranger,
+    closed_by_server,
+    dropped,
+    hello,
+    idle_connections,
+    me,
+    open_fds,
+    rss_mb,
+)
 
 from dwarfmesh import admission
 from dwarfmesh import protocol as P
@@ -164,6 +173,25 @@ def test_impossible_log_probabilities_are_dropped(hostile_mesh):
         s.close()
     assert count(dropped(addr), "malformed") - before == 5
     time.sleep(4)                    # the copycat expires (it would be asked to prefill)
+    assert_unharmed(hostile_mesh)
+
+
+@pytest.mark.timeout(180)
+def test_candidates_too_big_to_score_are_dropped(hostile_mesh):
+    addr, pid = hostile_mesh["addrs"][0], hostile_mesh["procs"][0].pid
+    rss0 = rss_mb(pid)
+    before = count(dropped(addr), "malformed")
+    s = Stranger(addr)
+    try:
+        s.send(P.TextOpen("t1", "g", "g", ["g"], P.GenParams(), False, "rank", "hello", [],
+                          12))
+        s.send(P.Candidates("t1", 0, [" the" * 600] * 48, [False] * 48))   # was 0.9 -> 3.2 GB
+        s.send(P.Candidates("t1", 0, [" the"] * 33, [False] * 33))
+        s.flush()
+    finally:
+        s.close()
+    assert count(dropped(addr), "malformed") - before == 2
+    assert rss_mb(pid) - rss0 < 50
     assert_unharmed(hostile_mesh)
 
 
