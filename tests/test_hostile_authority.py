@@ -1,4 +1,4 @@
-"""Hostile peers, the rows of the security issue's table that need *authority*: session
+"""Hostile peers, the attacks that need *authority* to stop: session
 messages accepted only from the node the session's state says may send them, a Hello
 before anything counts, and slots reclaimed from sessions that never progress.
 
