@@ -1,4 +1,4 @@
-"""Hostile peers: the attacks a stranger on the LAN was seen to make, replayed by a stranger (a
+"""Hostile peers: the attacks a stranger on the LAN was seen to make, replayed (by a
 plain ZeroMQ DEALER sending well-formed messages, or raw TCP) against real node
 processes, with the outcome asserted: the node lives, its heartbeats go on, what it
 refused is counted, and the mesh's answer is exactly what it is without the stranger.

@@ -1,5 +1,4 @@
-"""Hostile peers, the attacks that need *authority* to stop: session
-messages accepted only from the node the session's state says may send them, a Hello
+"""Hostile peers, the attacks that need *authority* to stop: session messages accepted only from the node the session's state says may send them, a Hello
 before anything counts, and slots reclaimed from sessions that never progress.
 
 Every test here is marked `# needs authority (lead's branch)`: each fails until that work
