@@ -1,5 +1,6 @@
-"""Hostile peers, the attacks that need *authority* to stop: session messages accepted only from the node the session's state says may send them, a Hello
-before anything counts, and slots reclaimed from sessions that never progress.
+"""Hostile peers, the attacks that need *authority* to stop: session messages accepted
+only from the node the session's state says may send them, a Hello before anything
+counts, and slots reclaimed from sessions that never progress.
 
 Every test here is marked `# needs authority (lead's branch)`: each fails until that work
 is merged. They run on their own mesh (a stranger's 16 Opens would hold its slots).

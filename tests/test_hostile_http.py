@@ -1,5 +1,6 @@
 """Hostile HTTP: what a web page in the user's browser, or a stranger reaching the API,
-can do to a node's OpenAI-compatible API, against a real node process; and the guards' allow-lists on an in-process server."""
+can do to a node's OpenAI-compatible API, against a real node process; and the guards'
+allow-lists on an in-process server."""
 
 from __future__ import annotations
 
