@@ -48,7 +48,7 @@ MODEL_CHARS = 256
 REASON_CHARS = 512
 TOKEN_TEXT_CHARS = 4096        # the text one Token adds
 MAX_MEMBERS = 512              # node ids listed in one session's Open / TextOpen
-MAX_LEADING = 256              # sessions one Hello says its sender leads
+MAX_LEADING = 256              # sessions (their tags) one Hello says its sender leads
 MAX_GOSSIP = 64                # peer addresses in one Hello
 MAX_VOCAB = 1 << 24
 MAX_WEIGHT = 1e6
@@ -105,12 +105,12 @@ def check(msg: Any, limits: Limits | None = None) -> None:
 _FIELD_CHARS = {"session": SESSION_CHARS, "request": SESSION_CHARS, "conversation": SESSION_CHARS,
                 "node_id": ID_CHARS, "sender": ID_CHARS, "leader": ID_CHARS, "origin": ID_CHARS,
                 "name": ID_CHARS, "fingerprint": ID_CHARS, "model": MODEL_CHARS,
-                "reason": REASON_CHARS}
+                "reason": REASON_CHARS, "incarnation": ID_CHARS}
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _NAMES = ("session", "request", "conversation", "node_id", "sender", "leader", "origin",
-          "name", "fingerprint", "model")
+          "name", "fingerprint", "model", "incarnation")
 
 
 def _strings(msg: Any) -> None:
@@ -122,7 +122,7 @@ def _strings(msg: Any) -> None:
         value = getattr(msg, name, None)
         if isinstance(value, str) and _CONTROL.search(value):
             raise ProtocolError(f"{type(msg).__name__}.{name}: control characters")
-    for name in ("step", "next_step"):
+    for name in ("step", "next_step", "term"):
         if getattr(msg, name, 0) < 0:
             raise ProtocolError(f"{type(msg).__name__}.{name}: negative")
     if getattr(msg, "forward_ms", 0.0) < 0:

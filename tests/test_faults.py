@@ -7,16 +7,14 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from types import SimpleNamespace
 
 import pytest
+from meshutil import mesh, peers_of, session_led_by, stop
+from mlx_lm import load, stream_generate
 
 import dwarfmesh  # noqa: F401
 from dwarfmesh.client import MeshClient
-from dwarfmesh.membership import rank_for_session
 from dwarfmesh.protocol import GenParams
-from meshutil import mesh, peers_of, stop
-from mlx_lm import load, stream_generate
 
 PROMPT = "def quicksort(xs):"
 TOKENS = 400
@@ -36,16 +34,6 @@ def reference(slow_model):
     ids = [r.token for r in stream_generate(model, tok, PROMPT, max_tokens=TOKENS)]
     assert len(ids) > KILL_AFTER + 20, "the reference stops too early to test a kill"
     return ids
-
-
-def session_led_by(leader_id: str, node_ids: list[str], avoid_second: str | None = None) -> str:
-    """A conversation id whose rendezvous leader is `leader_id`."""
-    members = [SimpleNamespace(node_id=n) for n in node_ids]
-    for i in range(10_000):
-        ranked = rank_for_session(f"conv-{i}", members)
-        if ranked[0].node_id == leader_id and ranked[1].node_id != avoid_second:
-            return f"conv-{i}"
-    raise AssertionError("no session id found")
 
 
 def run_with_kill(address: str, session: str, victim, kill_after: int):
