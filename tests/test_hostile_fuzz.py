@@ -56,8 +56,8 @@ def random_message(rng: np.random.Generator, sessions: list[str], senders: list[
     kind = int(rng.integers(17))
     addr = f"127.0.0.1:{int(rng.integers(1, 65536))}"
     return [
-        lambda: P.Hello(f"fz{int(rng.integers(50))}", _text(rng)[:40], "m", "fp", 320, 1,
-                        addr, 1.0, [s], [addr] * int(rng.integers(3))),
+        lambda: P.Hello(f"fz{int(rng.integers(50))}", _text(rng)[:40], "m", "fp", 320,
+                        P.PROTOCOL_VERSION, addr, 1.0, [s], [addr] * int(rng.integers(3))),
         lambda: P.Refuse(who, _text(rng)),
         lambda: P.Frame(s, step, who, _int(rng, 0), abs(_float(rng)) % 1.0,
                         opt(-abs(_float(rng))), _int(rng, -1, 319), opt(abs(_float(rng))),
