@@ -2,8 +2,9 @@
 only from the node the session's state says may send them, a Hello before anything
 counts, and slots reclaimed from sessions that never progress.
 
-Every test here is marked `# needs authority (lead's branch)`: each fails until that work
-is merged. They run on their own mesh (a stranger's 16 Opens would hold its slots).
+Every test here is marked `# needs authority (lead's branch)`: each depends on that work
+and fails where it is not in. They run on their own mesh (a stranger's 16 Opens would
+hold its slots, were they accepted).
 """
 
 from __future__ import annotations
