@@ -42,6 +42,10 @@ from dwarfmesh.messages import (
 
 # Log-probabilities computed in float32 and sent in float16 may round a hair past zero.
 ROUNDING = 1e-3
+# A text session's "log p of the committed piece" is log P(ids(text + piece)) -
+# log P(ids(text)): re-encoding can merge across the cut and make it positive (seen: +9
+# nats, Qwen's "\n\n"). It is bounded, not signed.
+TEXT_LOGP_SLACK = 16.0
 ID_CHARS = 64                  # node ids, node names, fingerprints
 SESSION_CHARS = 128            # session and request ids
 MODEL_CHARS = 256
@@ -237,7 +241,8 @@ def _text_frame(msg: TextFrame, _limits: Limits) -> None:
     if not 0.0 <= msg.rest_mass <= 1.0:
         raise ProtocolError("TextFrame: rest_mass out of range")
     _logp(msg.eos_logp, "TextFrame.eos_logp")
-    _logp(msg.prev_logp, "TextFrame.prev_logp")
+    if msg.prev_logp is not None and msg.prev_logp > TEXT_LOGP_SLACK:
+        raise ProtocolError("TextFrame.prev_logp: more than a re-encoding can gain")
     _nll(msg.prompt_nll, "TextFrame.prompt_nll")
 
 

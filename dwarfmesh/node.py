@@ -181,7 +181,7 @@ class Node:
     def refused(self, why: str) -> None:
         """A message the session tables would not act on (see roles.py: authority)."""
         self.refusals[why] += 1
-        self.transport.drop(f"refused: {why}", "session")
+        self.transport._drop(f"refused: {why}", "session")
 
     def _dial(self, address: str) -> None:
         try:

@@ -81,6 +81,11 @@ def test_log_probabilities_and_nlls_have_their_signs():
     refused(P.Frame(**{**base, "prev_logp": 3e38}))
     refused(P.Frame(**{**base, "prompt_nll": -3e38}))
     refused(P.Proposal("s", 0, "n", 0, " x", False, 0, -1.0, 1.0))
+    text = dict(session="s", step=1, sender="n", text_hash=0, rest_mass=0.1, eos_logp=-2.0,
+                prev_logp=9.0, prompt_nll=None, forward_ms=1.0, texts=["a"],
+                logprobs=np.array([-1.0], np.float16))
+    ok(P.TextFrame(**text))            # a re-encoded piece can gain (see TEXT_LOGP_SLACK)
+    refused(P.TextFrame(**{**text, "prev_logp": 3e38}))
 
 
 def test_candidates_are_bounded_in_count_and_bytes():
