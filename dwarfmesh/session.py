@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -56,6 +57,8 @@ from dwarfmesh.session_stats import SessionStats
 log = logging.getLogger(__name__)
 
 Send = Callable[[str, Any], int]     # (node_id, message) -> bytes sent
+FRAME_LOGP_SLACK = 0.01              # float16 rounding of a frame's log-probabilities
+MIN_LOGP = -1e3                      # keeps online weights finite whatever a member claims
 
 
 class PromptTooLong(ValueError):
@@ -356,10 +359,11 @@ class LeaderSession:
                 return reason, text
             t_step = time.perf_counter()
             local = self.engine.step(self.session, tok, p.top_k)
+            fused_on = frames
             frames = await self._gather(step + 1, lambda only, m=token_msg: self._broadcast(
                 m, only), local)
             self.stats.stepped(time.perf_counter() - t_step, frames)
-            self._learn(frames)
+            self._learn(frames, fused_on, tok)
         return "length", text
 
     def _replay_committed(self, committed: list[int]) -> str:
@@ -374,11 +378,12 @@ class LeaderSession:
                                        False, self.term))
         return self._detok.text if committed else ""
 
-    def _learn(self, frames: dict[str, Frame]) -> None:
+    def _learn(self, frames: dict[str, Frame], fused_on: dict[str, Frame], tok: int) -> None:
         if self.params.weights == "online" and frames:
             present = [m for m in self.weights if m in frames]
             fusion.online_step(self.weights, present,
-                               np.array([frames[m].prev_logp for m in present]),
+                               np.array([earned_logp(frames[m].prev_logp, fused_on.get(m), tok)
+                                         for m in present]),
                                eta=ONLINE_ETA, alpha=ONLINE_ALPHA)
 
     def _initial_weights(self, frames: dict[str, Frame]) -> dict[str, float]:
@@ -418,6 +423,23 @@ class LeaderSession:
                 step + 1, lambda only: self._to(token_msg, behind if only is None else only),
                 local, preset=ahead)
         return prompt_ids, committed, frames
+
+
+def earned_logp(claimed: float | None, frame: Frame | None, token: int) -> float:
+    """A member's log p of the committed token, as far as its own frame for that step
+    backs it: a member cannot earn weight by claiming, after the fact, a probability its
+    frame did not give (an honest member's exact value agrees with its float16 frame)."""
+    claimed = 0.0 if claimed is None else claimed
+    if frame is None:
+        return claimed
+    def backed(value: float) -> float:      # float16 keeps ~11 bits: allow its rounding
+        return value + FRAME_LOGP_SLACK + abs(value) * 2.0 ** -10
+
+    hit = np.nonzero(frame.ids == token)[0]
+    if hit.size:
+        return max(min(claimed, backed(float(frame.logprobs[hit[0]]))), MIN_LOGP)
+    floor = math.log(frame.rest_mass) if frame.rest_mass > 0 else MIN_LOGP
+    return max(min(claimed, backed(float(np.min(frame.logprobs))), floor), MIN_LOGP)
 
 
 async def _ready(value: Any) -> Any:

@@ -263,3 +263,23 @@ def test_a_new_text_leader_adopts_a_commit_only_some_members_got(mixed_models, t
     assert s["adopted_steps"] == 1 and s["resumed_at_step"] == 1
     assert old_piece and pieces[0] == old_piece[0]
     assert "".join(pieces) == s["text"] and s["steps"] == len(pieces) > 1
+
+
+def test_a_member_earns_online_weight_only_for_what_its_frame_said():
+    """A member's claimed log p of the committed token is capped by its own frame for that
+    step: in its top-k, the frame's value; outside, its smallest top-k value and its rest
+    mass. An honest member's exact value passes unchanged (within float16 rounding)."""
+    import numpy as np
+
+    from dwarfmesh.session import earned_logp
+
+    frame = P.Frame("s", 3, "m", 0, 0.25, None, -1, None, 1.0,
+                    np.array([7, 9, 4], np.uint32), np.array([-0.5, -1.5, -2.0], np.float16))
+    assert earned_logp(-0.5001, frame, 7) == pytest.approx(-0.5001)      # honest, in top-k
+    assert earned_logp(0.0, frame, 7) == pytest.approx(-0.49, abs=1e-3)  # a lie, capped
+    assert earned_logp(0.0, frame, 11) == pytest.approx(-1.99, abs=3e-3)  # outside: capped
+    assert earned_logp(-3.0, frame, 11) == -3.0                          # honest, outside
+    low = P.Frame("s", 3, "m", 0, 1e-6, None, -1, None, 1.0,
+                  np.array([7], np.uint32), np.array([0.0], np.float16))
+    assert earned_logp(-0.1, low, 11) == pytest.approx(np.log(1e-6))    # rest mass bounds it
+    assert earned_logp(None, None, 5) == 0.0
