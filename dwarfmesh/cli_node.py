@@ -20,14 +20,18 @@ log = logging.getLogger("dwarfmesh")
 
 async def run_node(args: argparse.Namespace) -> None:
     """`dwarfmesh node`: load the model, join the mesh, serve until SIGINT/SIGTERM."""
-    from dwarfmesh.engine import Engine
-    from dwarfmesh.models import resolve_model
+    from dwarfmesh.engine.choose import make_engine
+    from dwarfmesh.models import ModelError
     from dwarfmesh.node import Node, NodeOptions
     from dwarfmesh.security import resolve_key
 
     key = resolve_key(args.mesh_key)
-    path = resolve_model(args.model, pull=True, progress=True)
-    engine = Engine(path, model_name=args.model if "/" not in args.model else None)
+    name = args.model if "/" not in args.model else None
+    try:
+        engine, why = make_engine(args.model, getattr(args, "engine", "auto"), model_name=name)
+    except (ValueError, ModelError) as exc:
+        raise CliError(str(exc).splitlines()[0]) from None
+    log.info("engine %s: %s", engine.engine_name, why)
     log.info("loading %s ...", engine.model_name)
     try:
         await engine.load()

@@ -36,6 +36,7 @@ class Member:
     weight: float = 1.0
     leading: tuple[str, ...] = ()
     last_seen: float = 0.0
+    engine: str = ""            # "mlx" | "llamacpp": shown by `dwarfmesh peers`
 
 
 @dataclass

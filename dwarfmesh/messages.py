@@ -82,6 +82,7 @@ class Hello:
     weight: float              # static weight (--weight)
     leading: list[str]         # sessions this node leads right now
     peers: list[str]           # addresses of the peers this node sees alive (gossip)
+    engine: str = ""            # what runs its model: "mlx" | "llamacpp" (display only)
 
 
 @dataclass(frozen=True)

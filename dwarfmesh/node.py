@@ -81,7 +81,8 @@ class Node:
         port = await self.transport.start()
         host = self.opts.host if self.opts.host not in ("", "0.0.0.0") else ""
         me = Member(self.node_id, self.opts.name, self.engine.model_name, self.engine.fingerprint,
-                    self.engine.vocab_size, f"{host}:{port}", self.opts.weight)
+                    self.engine.vocab_size, f"{host}:{port}", self.opts.weight,
+                    engine=getattr(self.engine, "engine_name", ""))
         self.membership = Membership(me=me)
         for addr in self.opts.peers:
             self._targets[addr] = "static"
@@ -144,7 +145,7 @@ class Node:
         me = self.me
         return P.Hello(me.node_id, me.name, me.model, me.fingerprint, me.vocab_size,
                        PROTOCOL_VERSION, me.address, me.weight, sorted(self.roles.leading),
-                       sorted(m.address for m in self.membership.peers.values()))
+                       sorted(m.address for m in self.membership.peers.values()), me.engine)
 
     def _dial(self, address: str) -> None:
         self.transport.connect(address)
@@ -205,7 +206,8 @@ class Node:
         host, _, port = hello.address.rpartition(":")
         address = hello.address if host else f"{origin.peer_ip}:{port}"
         member = Member(hello.node_id, hello.name, hello.model, hello.fingerprint,
-                        hello.vocab_size, address, hello.weight, tuple(hello.leading))
+                        hello.vocab_size, address, hello.weight, tuple(hello.leading),
+                        engine=hello.engine)
         if self.membership.peer_up(member, time.monotonic()):
             log.info("peer %s joined: %s at %s", hello.name, hello.model, address)
             if origin.identity is not None:
@@ -291,7 +293,7 @@ class Node:
         for m in self.membership.alive():
             me = m.node_id == self.node_id
             entry = {
-                "node_id": m.node_id, "name": m.name, "model": m.model,
+                "node_id": m.node_id, "name": m.name, "model": m.model, "engine": m.engine,
                 "address": m.address,   # ":port" = the address the client reached
                 "fingerprint": m.fingerprint, "vocab_size": m.vocab_size, "weight": m.weight,
                 "leader_of": sorted(self.roles.leading) if me else list(m.leading),

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dwarfmesh.fusion import pool
+
 # Re-exported: where proposals are cut is text handling the engine shares with fusion.
 from dwarfmesh.textcut import complete_text, proposal_cut, utf8_len  # noqa: F401
 
