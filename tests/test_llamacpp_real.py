@@ -25,6 +25,11 @@ def pulled(name: str) -> None:
         pytest.skip(f"{name} is not pulled (run `dwarfmesh pull {name}`)")
 
 
+def kl(p: np.ndarray, q: np.ndarray) -> float:
+    """KL(p || q) of two log-probability vectors, nats."""
+    return float(np.sum(np.exp(p.astype(np.float64)) * (p - q)))
+
+
 def engine(name: str, kind: str):
     e = make_engine(name, kind, pull=False)[0]
     e.load_sync()
@@ -86,11 +91,17 @@ def test_gemma3_sliding_window_trims_back_past_its_window_on_llamacpp():
         assert len(ids) == 700
         lcp.open_sync("c", ids, 16)
         lcp.close_sync("c", keep=True)
+        old = lcp._sessions["c"].logprobs
         turn = ids[:600] + ids[100:160]                  # the next turn diverges at 600
         assert lcp.open_sync("c", turn, 16).reused == 600
         lcp.open_sync("f", turn, 16)
-        diff = np.abs(lcp._sessions["c"].logprobs - lcp._sessions["f"].logprobs).max()
-        assert diff < 5e-3, diff
+        fresh, trimmed = lcp._sessions["f"].logprobs, lcp._sessions["c"].logprobs
+        # Batched kernels round differently (a few tenths of a nat in the far tail, KL
+        # 1e-4 measured, the same as appending without any trim); a window that kept
+        # stale entries would predict from another context (KL of whole nats).
+        assert kl(fresh, trimmed) < 1e-3
+        assert int(fresh.argmax()) == int(trimmed.argmax())
+        assert kl(fresh, old) > 0.1
     finally:
         lcp.shutdown()
 

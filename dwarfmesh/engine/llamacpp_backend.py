@@ -58,6 +58,24 @@ def physical_cores() -> int:
     return max(len(cores) or len(allowed), 1)
 
 
+_LOG_CALLBACK: Any = None      # held here: llama.cpp keeps only the C pointer
+
+
+def _log_callback(lc: Any) -> Any:
+    """llama.cpp's log lines into this module's logger at debug level (it prints a screen
+    of model details on every load, and warnings such as a context longer than trained,
+    which is by design here: the KV buffer is shared by all sessions)."""
+    global _LOG_CALLBACK
+    if _LOG_CALLBACK is None:
+        @lc.llama_log_callback
+        def forward(level: int, text: bytes, user_data: Any) -> None:
+            line = text.decode("utf-8", "replace").rstrip()
+            if line:
+                log.debug("llama.cpp: %s", line)
+        _LOG_CALLBACK = forward
+    return _LOG_CALLBACK
+
+
 @dataclass
 class Seq:
     """A session's KV cache: a sequence id and how many positions it holds."""
@@ -90,7 +108,7 @@ class LlamaCppBackend:
                              "or use --engine mlx") from None
         from mlx_lm.utils import load_tokenizer
 
-        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)   # its load chatter
+        lc.llama_log_set(_log_callback(lc), ctypes.c_void_p(0))
         self._lc = lc
         lc.llama_backend_init()
         mparams = lc.llama_model_default_params()
