@@ -7,6 +7,8 @@ installed (`scripts/setup smollm2-135m gemma-3-270m` does both on CPU-only Linux
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from meshutil import free_port, generate_cli, peers_of, start_node, stop, wait_for_mesh
@@ -48,7 +50,9 @@ def test_the_ggufs_own_tokenizer_fuses_by_id_with_the_mlx_import(name):
 
     lcp = make_engine(name, "llamacpp", pull=False)[0]
     tok_dir, eos = lcp.backend.tokenizer_dir, lcp.backend.eos_ids
-    mlx_tok = load_tokenizer(models.converted_dir_for(name))
+    converted = models.converted_dir_for(name)     # what the mlx engine loads (no weights)
+    config = json.loads((converted / "config.json").read_text())
+    mlx_tok = load_tokenizer(converted, eos_token_ids=config["eos_token_id"])
     ours = load_tokenizer(tok_dir, eos_token_ids=eos)
     assert tokenizer_fingerprint(ours) == tokenizer_fingerprint(mlx_tok)
     assert set(ours.eos_token_ids) == set(mlx_tok.eos_token_ids)

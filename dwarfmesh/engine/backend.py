@@ -62,6 +62,8 @@ class Backend(Protocol):
     def release(self) -> None:
         """No session holds a cache any more: return pooled memory to the system."""
 
+    # optional: close() frees the model once the engine has stopped
+
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """A hash of the vocabulary (token -> id) and special tokens: equal means fusable by id."""

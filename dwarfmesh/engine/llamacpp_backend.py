@@ -101,6 +101,11 @@ class LlamaCppBackend:
         self.n_vocab = 0
 
     def load(self) -> Loaded:
+        # llama.cpp's OpenMP threads spin after every decode by default: on a machine with
+        # as many cores as threads they then take the CPU from the event loop that must
+        # forward the frame (measured: 2.0 ms a token hand-off spinning, 0.16 ms passive).
+        # Read once, when libgomp loads with llama_cpp below.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         try:
             import llama_cpp as lc
         except ImportError as e:
@@ -163,6 +168,16 @@ class LlamaCppBackend:
 
     def release(self) -> None:
         pass                    # the KV buffer is allocated once, for the context's life
+
+    def close(self) -> None:
+        """Free the context and the model (the engine has stopped)."""
+        lc = self._lc
+        if lc is None or self.ctx is None:
+            return
+        lc.llama_batch_free(self.batch)
+        lc.llama_free(self.ctx)
+        lc.llama_model_free(self.model)
+        self.ctx = self.model = self.mem = None
 
     # --- evaluation -----------------------------------------------------------------
 

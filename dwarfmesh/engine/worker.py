@@ -142,8 +142,12 @@ class Engine:
         self._closed = True
         if self._thread is not None:
             self._jobs.put(None)
-            if wait:
-                self._thread.join()
+            if not wait:
+                return
+            self._thread.join()
+        close = getattr(self.backend, "close", None)
+        if close is not None:           # nothing runs on the model any more
+            close()
 
     # --- model thread -------------------------------------------------------------------
 
