@@ -14,7 +14,8 @@ For each model (a pulled short name):
 
 Owns this comparison only; nodes are started by `bench.speed.running_mesh`.
 
-    .venv/bin/python bench/engines.py --models smollm2-135m,qwen2.5-coder-0.5b \
+    .venv/bin/python bench/engines.py \
+        --models smollm2-135m,qwen2.5-coder-0.5b,qwen2.5-coder-1.5b:llamacpp \
         --agreement smollm2-135m --json bench/results/engines.json
 """
 
@@ -120,7 +121,9 @@ def main() -> None:
     result: dict = {"command": " ".join(sys.argv), "prompt": PROMPT, "tokens": args.tokens,
                     "threads": threads, "cpu_count": os.cpu_count(),
                     "started": time.strftime("%Y-%m-%d %H:%M:%S"), "models": {}}
-    for name in [m for m in args.models.split(",") if m]:
+    for spec in [m for m in args.models.split(",") if m]:
+        name, _, only = spec.partition(":")      # name:llamacpp runs that engine only
+        engines = only.split("+") if only else args.engines.split(",")
         gguf = models.gguf_path_for(name)
         if not gguf.is_file():
             result["models"][name] = {"error": f"{name} is not pulled (dwarfmesh pull {name})"}
@@ -130,7 +133,7 @@ def main() -> None:
         res["llama_cpp_alone"] = {k: alone.get(k) for k in
                                   ("tokens_per_s", "inter_token_p50_ms", "steps", "threads",
                                    "llama_cpp_version", "error")}
-        for engine in args.engines.split(","):
+        for engine in engines:
             res[f"node_{engine}"] = one_node(name, engine, args.tokens, Path(args.work))
             log.info("%s on %s: %.1f tok/s", name, engine, res[f"node_{engine}"]["tokens_per_s"])
         lc = res.get("node_llamacpp")
