@@ -119,6 +119,8 @@ def main() -> None:
 
     threads = physical_cores()
     result: dict = {"command": " ".join(sys.argv), "prompt": PROMPT, "tokens": args.tokens,
+                    # the nodes set PASSIVE themselves; llama.cpp alone here runs with this
+                    "omp_wait_policy_llama_cpp_alone": os.environ.get("OMP_WAIT_POLICY"),
                     "threads": threads, "cpu_count": os.cpu_count(),
                     "started": time.strftime("%Y-%m-%d %H:%M:%S"), "models": {}}
     for spec in [m for m in args.models.split(",") if m]:
