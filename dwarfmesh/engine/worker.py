@@ -94,6 +94,12 @@ class Engine:
     def engine_name(self) -> str:
         return self.backend.name
 
+    @property
+    def model(self) -> Any:
+        """The backend's model object (an mlx-lm Module on mlx: the quality bench drives it
+        directly, off the engine thread, with no session open)."""
+        return getattr(self.backend, "model", None)
+
     # --- asyncio side -------------------------------------------------------------------
 
     def _serve(self) -> None:
