@@ -68,6 +68,49 @@ def _settle(fut: asyncio.Future, ok: bool, value: Any) -> None:
         fut.set_exception(value)
 
 
+class ModelThread:
+    """The one thread every model call runs on, fed by a queue. Engines may share one
+    (in-process tests of several nodes: mlx wants one thread)."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self.closed = False
+
+    def _serve(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            loop, fut, fn, args = job
+            try:
+                ok, value = True, fn(*args)
+            except BaseException as exc:  # noqa: BLE001  (errors travel back as values)
+                ok, value = False, exc
+            try:
+                loop.call_soon_threadsafe(_settle, fut, ok, value)
+            except RuntimeError:            # the loop has closed: nobody is waiting
+                pass
+
+    async def run(self, fn, *args):
+        if self.closed:
+            raise RuntimeError("the engine is shut down")
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._serve, name="engine", daemon=True)
+            self._thread.start()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._jobs.put((loop, fut, fn, args))
+        return await fut
+
+    def stop(self, wait: bool) -> None:
+        self.closed = True
+        if self._thread is not None:
+            self._jobs.put(None)
+            if wait and self._thread is not threading.current_thread():
+                self._thread.join()
+
+
 class Engine:
     """Serves top-k frames for many sessions from one backend, on one thread."""
 
@@ -80,9 +123,7 @@ class Engine:
         self.model_path = str(model_path or "")
         self.model_name = model_name or Path(self.model_path).name or backend.name
         self._sessions: dict[str, Session] = {}
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._closed = False
+        self._pool = ModelThread()
         self.text = TextSessions(self)
         self.tokenizer: Any = None
         self.vocab_size = 0
@@ -102,31 +143,8 @@ class Engine:
 
     # --- asyncio side -------------------------------------------------------------------
 
-    def _serve(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            loop, fut, fn, args = job
-            try:
-                ok, value = True, fn(*args)
-            except BaseException as exc:  # noqa: BLE001  (errors travel back as values)
-                ok, value = False, exc
-            try:
-                loop.call_soon_threadsafe(_settle, fut, ok, value)
-            except RuntimeError:            # the loop has closed: nobody is waiting
-                pass
-
     async def _run(self, fn, *args):
-        if self._closed:
-            raise RuntimeError("the engine is shut down")
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._serve, name="engine", daemon=True)
-            self._thread.start()
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        self._jobs.put((loop, fut, fn, args))
-        return await fut
+        return await self._pool.run(fn, *args)
 
     async def load(self) -> None:
         await self._run(self.load_sync)
@@ -145,12 +163,9 @@ class Engine:
 
     def shutdown(self, wait: bool = True) -> None:
         """Stop taking work; with wait, also let the model thread finish and exit."""
-        self._closed = True
-        if self._thread is not None:
-            self._jobs.put(None)
-            if not wait:
-                return
-            self._thread.join()
+        self._pool.stop(wait)
+        if not wait:
+            return
         close = getattr(self.backend, "close", None)
         if close is not None:           # nothing runs on the model any more
             close()
