@@ -88,8 +88,12 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 
 @contextmanager
 def running_mesh(models: list[str], *, work_dir: Path,
-                 ready_deadline_s: float = READY_DEADLINE_S) -> Iterator[list[str]]:
-    """One node per model (an mlx-lm dir or any `--model` spec); yield their addresses."""
+                 ready_deadline_s: float = READY_DEADLINE_S, node_args: list[str] = (),
+                 before_stop=None) -> Iterator[list[str]]:
+    """One node per model (an mlx-lm dir or any `--model` spec); yield their addresses.
+
+    `node_args` go to every node (e.g. `--engine llamacpp`); `before_stop(procs)` runs
+    while the nodes are still alive (e.g. to read their peak memory)."""
     work_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, DWARFMESH_STATE=str(work_dir), PYTHONUNBUFFERED="1")
     addrs = [f"127.0.0.1:{_free_port()}" for _ in models]
@@ -98,7 +102,7 @@ def running_mesh(models: list[str], *, work_dir: Path,
         for i, (model, addr) in enumerate(zip(models, addrs)):
             cmd = [sys.executable, "-m", "dwarfmesh", "node", "--model", str(model),
                    "--name", f"bench{i}", "--host", "127.0.0.1",
-                   "--port", addr.rpartition(":")[2], "--no-mdns"]
+                   "--port", addr.rpartition(":")[2], "--no-mdns", *node_args]
             if i:
                 cmd += ["--peer", addrs[0]]
             with open(work_dir / f"bench{i}.log", "w") as out:
@@ -122,6 +126,8 @@ def running_mesh(models: list[str], *, work_dir: Path,
                     pass
             time.sleep(POLL_S)
         yield addrs
+        if before_stop is not None:
+            before_stop(procs)
     finally:
         _stop(procs)
 

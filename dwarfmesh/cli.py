@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="short name (smollm2-135m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b, "
                         "gemma-3-270m; pulled on first use), a .gguf file, an mlx-lm model "
                         "directory, or a Hugging Face id")
+    n.add_argument("--engine", choices=("auto", "mlx", "llamacpp"), default="auto",
+                   help="what runs the model: mlx (Apple silicon, NVIDIA) or llama.cpp "
+                        "(CPU-only machines; runs the GGUF as is); default auto picks by "
+                        "hardware and says why in the log")
     n.add_argument("--name", default=default_node_name(), help="node name (default: hostname)")
     n.add_argument("--host", default="0.0.0.0",
                    help="address to bind and advertise (default: all interfaces)")
@@ -259,11 +263,12 @@ async def _run_peers(args: argparse.Namespace) -> None:
     from rich.table import Table
 
     table = Table(title=f"dwarfmesh: {len(nodes)} node(s)")
-    for col in ("name", "model", "address", "tokenizer", "leads"):
+    for col in ("name", "model", "engine", "address", "tokenizer", "leads"):
         table.add_column(col)
     for node in nodes:
         table.add_row(node["name"] + (" *" if node.get("self") else ""), node["model"],
-                      node["address"], node["fingerprint"][:8], str(len(node["leader_of"])))
+                      node.get("engine", ""), node["address"], node["fingerprint"][:8],
+                      str(len(node["leader_of"])))
     Console().print(table)
 
 

@@ -28,15 +28,21 @@ async def run_node(args: argparse.Namespace) -> None:
     except IdentityInUse as exc:
         raise CliError(str(exc)) from None
     with fd_limit_kept():                         # mlx-lm would lower it at import
-        from dwarfmesh.engine import Engine
-    log.debug("file descriptor limit: %d", raise_fd_limit())
-    from dwarfmesh.models import resolve_model
+        from dwarfmesh.engine.choose import make_engine
+        from dwarfmesh.models import ModelError
     from dwarfmesh.node import Node, NodeOptions
     from dwarfmesh.security import resolve_key
 
     key = resolve_key(args.mesh_key)
-    path = resolve_model(args.model, pull=True, progress=True)
-    engine = Engine(path, model_name=args.model if "/" not in args.model else None)
+    name = args.model if "/" not in args.model else None
+    try:
+        with fd_limit_kept():                     # (the choice may import mlx-lm too)
+            engine, why = make_engine(args.model, getattr(args, "engine", "auto"),
+                                      model_name=name)
+    except (ValueError, ModelError) as exc:
+        raise CliError(str(exc).splitlines()[0]) from None
+    log.debug("file descriptor limit: %d", raise_fd_limit())
+    log.info("engine %s: %s", engine.engine_name, why)
     log.info("loading %s ...", engine.model_name)
     try:
         await engine.load()

@@ -37,6 +37,7 @@ class Member:
     leading: tuple[str, ...] = ()
     last_seen: float = 0.0
     incarnation: str = ""          # changes when the node restarts (same id, new process)
+    engine: str = ""            # "mlx" | "llamacpp": shown by `dwarfmesh peers`
 
 
 @dataclass

@@ -90,6 +90,7 @@ class Hello:
     leading: list[str]         # sessions this node leads right now
     peers: list[str]           # addresses of the peers this node sees alive (gossip)
     incarnation: str = ""      # random per process start: a restarted node (same id) is new
+    engine: str = ""            # what runs its model: "mlx" | "llamacpp" (display only)
 
 
 @dataclass(frozen=True)

@@ -212,6 +212,17 @@ def pull(name: str, *, progress: bool = True) -> Path:
     return _pull_and_convert(name, progress=progress)
 
 
+def pull_gguf(name: str, *, progress: bool = True) -> Path:
+    """Fetch short name `name`'s verified GGUF (no conversion: llama.cpp runs it as is)."""
+    if name not in SHORT_NAMES:
+        raise ModelError(f"unknown model '{name}' (known: {', '.join(SHORT_NAMES)})")
+    gguf = gguf_path_for(name)
+    with _lock(name):
+        if not gguf.is_file():
+            _fetch_gguf(SHORT_NAMES[name], gguf, progress=progress)
+    return gguf
+
+
 def _pull_and_convert(name: str, *, progress: bool) -> Path:
     out = converted_dir_for(name)
     with _lock(name):  # a second process waits here, then finds the work done

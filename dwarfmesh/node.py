@@ -104,7 +104,8 @@ class Node:
         host = self.opts.host if self.opts.host not in ("", "0.0.0.0") else ""
         me = Member(self.node_id, self.opts.name, self.engine.model_name, self.engine.fingerprint,
                     self.engine.vocab_size, f"{host}:{port}", self.opts.weight,
-                    incarnation=self.incarnation)
+                    incarnation=self.incarnation,
+                    engine=getattr(self.engine, "engine_name", ""))
         self.membership = Membership(me=me)
         for addr in self.opts.peers:
             self._targets[addr] = "static"
@@ -171,7 +172,7 @@ class Node:
         gossip = sorted(random.sample(gossip, min(len(gossip), MAX_GOSSIP)))
         return P.Hello(me.node_id, me.name, me.model, me.fingerprint, me.vocab_size,
                        PROTOCOL_VERSION, me.address, me.weight,
-                       self.leading_tags()[:MAX_LEADING], gossip, self.incarnation)
+                       self.leading_tags()[:MAX_LEADING], gossip, self.incarnation, me.engine)
 
     def leading_tags(self) -> list[str]:
         """The sessions this node leads, as public tags: a session id is its client's
@@ -286,7 +287,7 @@ class Node:
         address = hello.address if host else f"{origin.peer_ip}:{port}"
         member = Member(hello.node_id, hello.name, hello.model, hello.fingerprint,
                         hello.vocab_size, address, hello.weight, tuple(hello.leading),
-                        incarnation=hello.incarnation)
+                        incarnation=hello.incarnation, engine=hello.engine)
         if self.membership.peer_up(member, time.monotonic()):
             log.info("peer %s joined: %s at %s", hello.name, hello.model, address)
             if origin.identity is not None:
@@ -386,7 +387,7 @@ class Node:
         for m in self.membership.alive():
             me = m.node_id == self.node_id
             entry = {
-                "node_id": m.node_id, "name": m.name, "model": m.model,
+                "node_id": m.node_id, "name": m.name, "model": m.model, "engine": m.engine,
                 "address": m.address,   # ":port" = the address the client reached
                 "fingerprint": m.fingerprint, "vocab_size": m.vocab_size, "weight": m.weight,
                 "leader_of": self.leading_tags() if me else list(m.leading),

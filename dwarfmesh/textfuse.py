@@ -45,6 +45,9 @@ import numpy as np
 
 from dwarfmesh.fusion import pool
 
+# Re-exported: where proposals are cut is text handling the engine shares with fusion.
+from dwarfmesh.textcut import complete_text, proposal_cut, utf8_len  # noqa: F401
+
 TEXT_HASH_START = 0x6477_6D65_7368_0000     # hash of the empty answer
 Candidate = tuple[str, bool]                 # (text, ends the answer)
 
@@ -56,42 +59,9 @@ def text_hash(h: int, piece: str) -> int:
     return int.from_bytes(digest, "little")
 
 
-def utf8_len(text: str) -> int:
-    return len(text.encode("utf-8", "surrogatepass"))
-
-
 def units(text: str, eos: bool) -> int:
     """What a candidate's NLL is divided by: its UTF-8 bytes, plus one for end-of-text."""
     return max(utf8_len(text) + int(eos), 1)
-
-
-def complete_text(text: str) -> str:
-    """`text` without a trailing incomplete character (a decoder's U+FFFD placeholders)."""
-    return text.rstrip("\ufffd")
-
-
-def proposal_cut(text: str, *, done: bool) -> int | None:
-    """Where a proposed continuation ends, as an index into `text`, or None (go on).
-
-    Leading whitespace belongs to the proposal. After the first non-space character:
-    a newline ends it (before the newline: the next proposal starts the line); when
-    generation is `done` (token budget spent) it ends at the last word boundary (before
-    a whitespace that follows a non-space), or takes everything when there is none. So a
-    proposal never ends inside a word unless a single word outlasts the budget, and the
-    next proposal starts with the whitespace that separates them.
-    """
-    start = len(text) - len(text.lstrip())
-    if start == len(text):
-        return len(text) if done and text else None
-    newline = text.find("\n", start)
-    if newline >= 0:
-        return newline
-    if not done:
-        return None
-    for i in range(len(text) - 1, start, -1):
-        if text[i].isspace() and not text[i - 1].isspace():
-            return i
-    return len(text)
 
 
 def unique_candidates(proposals: Sequence[Candidate]) -> tuple[list[Candidate], list[int]]:

@@ -16,6 +16,8 @@ from dwarfmesh.models import ModelError, resolve_model
 from dwarfmesh.rank import RANK_CHUNK_TOKENS
 
 PROMPT = "def quicksort(xs):"
+# These compare the nodes with mlx-lm itself (test_llamacpp_real has the llama.cpp side)
+MLX = ["--engine", "mlx"]
 
 
 def pulled(name: str):
@@ -40,7 +42,7 @@ def test_smollm2_two_nodes_reproduce_its_greedy_output(smollm2, tmp_path):
     model, tok = load(str(smollm2))
     model.set_dtype(mx.float32)
     own = [r.token for r in stream_generate(model, tok, PROMPT, max_tokens=24)]
-    with mesh(["smollm2-135m", "smollm2-135m"], tmp_path) as (addrs, _procs):
+    with mesh(["smollm2-135m", "smollm2-135m"], tmp_path, extra=MLX) as (addrs, _procs):
         nodes = peers_of(addrs[0])
         out = generate_cli(addrs[1], PROMPT, "--max-tokens", "24", cache=tmp_path)
     assert {n["model"] for n in nodes} == {"smollm2-135m"}
@@ -67,7 +69,7 @@ def test_real_mixed_pair_ranks_past_gemmas_sliding_window(smollm2, gemma, tmp_pa
     for ref in refs.values():
         ref.model.set_dtype(mx.float32)       # as the engine runs it on the CPU
     assert len(refs["gemma-3-270m"].tok.encode(prompt)) > 512
-    with mesh(["smollm2-135m", "gemma-3-270m"], tmp_path) as (addrs, _procs):
+    with mesh(["smollm2-135m", "gemma-3-270m"], tmp_path, extra=MLX) as (addrs, _procs):
         out = generate_cli(addrs[1], prompt, "--max-tokens", "24", cache=tmp_path, timeout=600)
     assert out["mode"] == "rank"              # auto: two tokenizers -> ranking by text
     assert sorted(out["members"]) == ["node0", "node1"] and out["dropped"] == []
