@@ -23,6 +23,7 @@ step (seed, step), so a new leader draws what the old one would have drawn.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
@@ -294,6 +295,9 @@ class LeaderSession:
                 raise PromptTooLong(f"prompt too long: {len(prompt_ids)} tokens, this "
                                     f"mesh takes at most {limit - 1}")
             self._hash, committed = prefix_hash(prompt_ids), []
+            if self.messages and not p.chat:
+                # A chat session, also for whoever takes it over (it gets the params only).
+                self.params = p = dataclasses.replace(p, chat=True)
             open_msg = Open(self.session, self.me.node_id, self.origin,
                             [m.node_id for m in self.members], p, self.keep,
                             np.asarray(prompt_ids, dtype=np.uint32))
@@ -369,7 +373,8 @@ class LeaderSession:
     def _replay_committed(self, committed: list[int]) -> str:
         """Detokenize the tokens committed before this leader (a takeover): for the text,
         and for re-attaching clients and members behind, who may need their Tokens."""
-        self._detok = self.engine.detokenizer()
+        self._detok = answer_detokenizer(self.engine.detokenizer(),
+                                         chat=self.params.chat)
         for i, t in enumerate(committed):
             self._detok.add_token(t)
             if i >= len(self.sent):
@@ -423,6 +428,19 @@ class LeaderSession:
                 step + 1, lambda only: self._to(token_msg, behind if only is None else only),
                 local, preset=ahead)
         return prompt_ids, committed, frames
+
+
+def answer_detokenizer(detok: Any, *, chat: bool) -> Any:
+    """mlx-lm's streaming detokenizer for an answer. It drops the first token's leading
+    space (right for a chat reply's first word); a completion continues its prompt, where
+    that space is text (`def f():\n` + `    return ...` keeps its indentation)."""
+    if chat:
+        return detok
+    if hasattr(detok, "trim_space"):                        # SentencePiece-style
+        detok.trim_space = False
+    elif hasattr(detok, "_maybe_trim_space"):               # byte-level BPE
+        detok._maybe_trim_space = lambda text: text
+    return detok
 
 
 def earned_logp(claimed: float | None, frame: Frame | None, token: int) -> float:

@@ -283,3 +283,33 @@ def test_a_member_earns_online_weight_only_for_what_its_frame_said():
                   np.array([7], np.uint32), np.array([0.0], np.float16))
     assert earned_logp(-0.1, low, 11) == pytest.approx(np.log(1e-6))    # rest mass bounds it
     assert earned_logp(None, None, 5) == 0.0
+
+
+@pytest.mark.timeout(120)
+def test_a_completion_keeps_the_leading_space_of_its_first_token(engines, tiny_models):
+    """A completion continues its prompt: the first token's leading space is text (code's
+    indentation), unlike a chat reply's first word. The streamed pieces and the summary
+    text must be exactly the tokenizer's decoding of the answer's tokens."""
+    model, tok = load(str(tiny_models[0]))
+    from tiny import TOKENIZER_TEXT
+
+    words = TOKENIZER_TEXT.split()[:40]
+    grams = (" ".join(words[i:j]) for i in range(len(words))
+             for j in range(i + 1, min(i + 4, len(words))))
+    prompt = next(p for p in grams            # one whose answer starts with a space
+                  if tok.decode([next(stream_generate(model, tok, p, max_tokens=1)).token]
+                                ).startswith(" "))
+    net = Net(engines)
+    session = "completion-space"
+    req = P.Generate(session, prompt, GenParams(max_tokens=12, weights="equal"), [], "")
+
+    async def go():
+        net.generate("node0", req)
+        return await asyncio.wait_for(net.end(60), 60)
+
+    end = asyncio.run(go())
+    ids = end.summary["token_ids"]
+    want = tok.decode([t for t in ids if t not in tok.eos_token_ids])
+    assert want.startswith(" ")
+    assert end.summary["text"] == want
+    assert "".join(t.text for t in net.streamed()) == want
