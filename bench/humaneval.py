@@ -185,6 +185,7 @@ def run_system(system: System, problems: dict, order: list[str], args, store, pr
     run = {"id": f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv[1:],
            "git_commit": _git_commit(), "machine": _machine(), "problems_run": 0,
+           "sandbox_isolated": _isolated(), "max_tokens": args.max_tokens,
            "generation_s": 0.0}
     work = OUT_DIR / "nodes" / run["id"] / system.name.replace("/", "_")
     t_start = time.monotonic()
@@ -242,6 +243,11 @@ def score_file(path: Path, problems: dict, args, store, progress) -> bool:
         store.update(name, record=(task, {**verdict, "completion": samples[task]}))
         progress.update(bar, advance=1)
     return True
+
+
+def _isolated() -> bool:
+    from bench import sandbox
+    return sandbox.isolation()["isolated"]
 
 
 def _limits(args):
