@@ -199,6 +199,7 @@ def _record(res, wall_s: float, system: System, verdict: dict, completion: str,
         wire = (s.get("wire_bytes_per_token") or 0.0) * steps
     return {**verdict, "completion": completion, "completion_from": source,
             "streamed_text": res.text, "streamed_passed": streamed["passed"],
+            "token_ids": list(s.get("token_ids") or []),
             "streamed_status": streamed["status"],
             "finish_reason": s.get("finish_reason"), "tokens": tokens, "steps": steps,
             "bytes": len(completion.encode()), "wall_s": round(wall_s, 3),
