@@ -182,7 +182,7 @@ def completion_of(res, prompt: str, decoder: TokenText | None) -> tuple[str, str
     """(completion, how it was obtained): id sessions' tokens decoded in context, else the
     session's text; cut at the first stop string."""
     s = res.summary
-    if decoder is not None and s.get("mode") is None and s.get("token_ids"):
+    if decoder is not None and s.get("mode", "fuse-ids") == "fuse-ids" and s.get("token_ids"):
         text = decoder(prompt, list(s["token_ids"]))
         if text is not None:
             return cut_at_stops(text), "token ids decoded after the prompt"

@@ -349,6 +349,7 @@ def test_two_problems_with_the_real_smollm2_through_node_processes_and_resume(
         # leading space at most (mlx-lm's streaming detokenizer), never anything else
         decoded = he.TokenText(str(model))(problems[task]["prompt"], r["token_ids"])
         assert r["completion"] == he.cut_at_stops(decoded)
+        assert r["completion_from"] == "token ids decoded after the prompt"
         streamed = he.cut_at_stops(r["streamed_text"])
         assert r["completion"] in (streamed, " " + streamed)
         # the verdict recorded is the sandbox's verdict on that completion
