@@ -210,13 +210,22 @@ def _record(res, wall_s: float, system: System, verdict: dict, completion: str,
             "weights_at_end": s.get("weights"), "loadavg_1min": os.getloadavg()[0]}
 
 
+def pending(order: list[str], results: dict, n_models: int, *,
+            redo_degraded: bool = False) -> list[str]:
+    """Problems of `order` to run: those without a record, and with `redo_degraded` those
+    an ensemble answered with fewer members than it has (a member dropped mid-answer)."""
+    return [t for t in order if t not in results
+            or (redo_degraded and results[t].get("members_kept", n_models) < n_models)]
+
+
 def run_system(system: System, problems: dict, order: list[str], args, store, progress) -> bool:
     """Every problem of `order` this system has no record for; True if all went through."""
     from bench import speed
     from dwarfmesh.models import resolve_model
     from dwarfmesh.protocol import GenParams
 
-    todo = [t for t in order if t not in store.done(system.name)]
+    results = store.load()["systems"].get(system.name, {}).get("results", {})
+    todo = pending(order, results, len(system.models), redo_degraded=args.redo_degraded)
     bar = progress.add_task(system.name, total=len(order), completed=len(order) - len(todo))
     if not todo:
         return True
@@ -345,6 +354,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                    help="most tokens per completion (default: %(default)s)")
     p.add_argument("--top-k", type=int, default=64, help="frame size (default: %(default)s)")
+    p.add_argument("--redo-degraded", action="store_true",
+                   help="run again the problems an ensemble answered after losing a member "
+                        "(their records are replaced)")
     p.add_argument("--timeout", type=float, default=10.0,
                    help="wall-clock seconds per problem's tests (default: %(default)s)")
     args = p.parse_args(argv)

@@ -247,6 +247,15 @@ def test_systems_subset_and_stops(problems):
     assert he.cut_at_stops("    return x  # fine\n") == "    return x  # fine\n"
 
 
+@pytest.mark.timeout(10)
+def test_pending_problems_are_the_unrecorded_and_optionally_the_degraded():
+    order = ["t1", "t2", "t3", "t4"]
+    results = {"t1": {"members_kept": 2}, "t2": {"members_kept": 1}, "t4": {}}
+    assert he.pending(order, results, 2) == ["t3"]
+    assert he.pending(order, results, 2, redo_degraded=True) == ["t2", "t3"]
+    assert he.pending(order, {}, 1) == order
+
+
 @pytest.mark.timeout(30)
 def test_results_file_resumes_merges_and_refuses_another_protocol(tmp_path):
     path = tmp_path / "r.json"
