@@ -345,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"interrupted: results so far are in {args.json}; run again to resume")
         return 130
     report.print_report(data, console)
+    args.json.with_suffix(".md").write_text(report.markdown(data))
     if args.plot:
         why_not = report.plot(data, args.plot)
         console.print(f"plot: {args.plot}" if why_not is None else f"no plot: {why_not}")

@@ -176,6 +176,26 @@ def differences_table(data: dict) -> Table:
     return t
 
 
+def markdown(data: dict) -> str:
+    """The systems and differences tables as markdown (for the README and review)."""
+    rows = ["| system | problems | passed | pass@1 % | 95% interval | s/problem | tokens/s | "
+            "tokens | wire B/token | × slowest member |", "|---" * 10 + "|"]
+    for name, e in data["systems"].items():
+        c, ens = e.get("cost", {}), data.get("ensembles", {}).get(name, {})
+        lo, hi = e["interval_95"]
+        rows.append(f"| `{name}` | {e['problems']} | {e['passed']} | {_pct(e['pass_at_1'])} | "
+                    f"{_pct(lo)}–{_pct(hi)} | {_f(c.get('wall_s_per_problem_mean'), '.1f')} | "
+                    f"{_f(c.get('tokens_per_s'), '.2f')} | {_f(c.get('tokens_generated'), 'd')} "
+                    f"| {_f(c.get('wire_bytes_per_token'), '.0f')} | "
+                    f"{_f(ens.get('time_over_slowest_member'), '.2f')} |")
+    rows += ["", "| A vs B | problems | both | neither | only A | only B | p (exact McNemar) |",
+             "|---|---|---|---|---|---|---|"]
+    for pair, d in data["comparisons"].items():
+        rows.append(f"| {pair} | {d['problems']} | {d['both']} | {d['neither']} | "
+                    f"{len(d['only_a'])} | {len(d['only_b'])} | {d['p_value']:.3g} |")
+    return "\n".join(rows) + "\n"
+
+
 def print_report(data: dict, console: Console | None = None) -> None:
     console = console or Console()
     console.print(systems_table(data))

@@ -224,6 +224,8 @@ def test_summary_of_an_ensemble_shows_where_it_loses_and_its_time_ratio():
     assert ens["time_over_slowest_member"] == pytest.approx(15 / 6)
     assert e["cost"]["wire_bytes_per_token"] == pytest.approx(400.0)
     assert set(s["comparisons"]) == {"a vs a+b@rank", "a vs b", "a+b@rank vs b"}
+    md = report.markdown(s)
+    assert "| `a+b@rank` | 3 | 2 | 66.7 |" in md and "| a vs b | 3 | 1 | 1 | 1 | 0 |" in md
 
 
 # --- the runner's pieces ------------------------------------------------------------------
