@@ -237,7 +237,7 @@ def plot(data: dict, out: Path) -> str | None:
                    color="#dd8452", zorder=3, label="published (bf16, chat protocol)")
     for i, n in enumerate(names):
         ax.text(i, 1, f"n={data['systems'][n]['problems']}", ha="center", fontsize=8,
-                color="white")
+                color="#222222")
     ax.set_xticks(list(xs), [n.replace("+", "+\n") for n in names], fontsize=7)
     ax.set_ylabel("pass@1 %")
     ax.set_ylim(0, 100)
