@@ -377,10 +377,10 @@ class LeaderSession:
                                          chat=self.params.chat)
         for i, t in enumerate(committed):
             self._detok.add_token(t)
+            piece = self._detok.last_segment      # read every time: the next is new text
             if i >= len(self.sent):
                 after = self._hashes[i + 1] if i + 1 < len(self._hashes) else self._hash
-                self.sent.append(Token(self.session, i, t, after, self._detok.last_segment,
-                                       False, self.term))
+                self.sent.append(Token(self.session, i, t, after, piece, False, self.term))
         return self._detok.text if committed else ""
 
     def _learn(self, frames: dict[str, Frame], fused_on: dict[str, Frame], tok: int) -> None:

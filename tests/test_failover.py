@@ -86,6 +86,10 @@ def test_a_new_leader_sends_a_member_the_token_it_missed(engines, reference):
     assert [t.step for t in net.streamed()] == list(range(len(reference)))
     assert s["leader"] == "node1" and s["term"] == 1
     assert sorted(s["members"]) == ["node1", "node2"]   # caught up, not dropped
+    text = engines[0].tokenizer.decode([t for t in reference
+                                        if t not in engines[0].eos_ids])
+    # (a UTF-8 character the length limit cut in two is never streamed)
+    assert "".join(t.text for t in net.streamed()) == s["text"] == text.rstrip("\ufffd")
 
 
 @pytest.mark.timeout(120)
@@ -144,6 +148,7 @@ def test_a_paused_leader_is_deposed_and_the_answer_stays_exact(engines, referenc
     assert s["token_ids"] == reference
     assert s["leader"] == "node1" and s["term"] == 1
     assert [t.step for t in net.streamed()] == list(range(len(reference)))
+    assert "".join(t.text for t in net.streamed()) == s["text"]
     assert led.deposed is not None and led.deposed.term == 1
     assert session not in old.roles.leading
 
