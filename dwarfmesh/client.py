@@ -26,7 +26,7 @@ from dwarfmesh.security import MeshKey, apply_client
 
 REPLY_TIMEOUT_S = 10.0
 POLL_TICK_S = 0.2
-PROBE_AFTER_S = 3.0        # silent this long: check the node is alive; twice: attach elsewhere
+PROBE_AFTER_S = 2.0        # silent this long: check the node is alive; twice: attach elsewhere
 FIRST_ANSWER_S = 5.0       # a node that does not list its peers this soon: try the next
 
 
@@ -208,7 +208,8 @@ class MeshClient:
     async def _go_elsewhere(self, request: P.Generate, next_step: int) -> Any:
         """The node stopped answering: re-attach to the session on the next node that
         answers (it streams from `next_step`), or, where no node knows the session yet
-        (the request died with its node), ask that node again. Returns the first message
+        (the request died with its node before anything was streamed), ask that node
+        again. Returns the first message
         that node sent, for the caller to handle."""
         session = request.conversation or request.request
         dead = self.address
@@ -220,6 +221,8 @@ class MeshClient:
             msg = P.decode(await self._sock.recv_multipart())
             if isinstance(msg, P.Error) and msg.request == session and \
                     msg.message == "unknown session":
+                if next_step:
+                    continue      # a fresh answer would not continue what was shown
                 await self._sock.send_multipart(P.encode(request))
                 return None
             return msg

@@ -25,7 +25,9 @@ liveness window (`HEARTBEAT_INTERVAL_S * LIVENESS`, 3 s) and R the resend interv
 - client: any message from its node. Asks again: a probe every `PROBE_AFTER_S`, then
   the next node it knows. Gives up: `CLIENT_TIMEOUT_S` for the whole answer.
 
-A peer is dead only when the mesh's own heartbeats say so (silent past L). An mDNS
+A peer is dead only when the mesh's own heartbeats say so (silent past L). A takeover
+is refused by members and the origin while they still hear from the current leader
+(within `LEASE_S`, L/2): the claimer was the one cut off. An mDNS
 goodbye or expiry is a hint to check, never a death certificate.
 """
 
@@ -35,6 +37,7 @@ from dwarfmesh.config import HEARTBEAT_INTERVAL_S, LIVENESS, PREFILL_TIMEOUT_S, 
 
 LIVENESS_S = HEARTBEAT_INTERVAL_S * LIVENESS
 RESEND_S = HEARTBEAT_INTERVAL_S       # a silent member is asked again this often
+LEASE_S = LIVENESS_S / 2              # a leader heard from this recently is not replaced
 STRAGGLER_FACTOR = 4.0                # a frame this many forwards late is not coming
 MEMBER_IDLE_S = 30.0                  # a member frees a session its leader left this long
 MIN_PREFILL_WAIT_S = 15.0             # the least a leader waits for a member's first frame

@@ -45,7 +45,8 @@ Send = Callable[[str, Any], int]
 
 
 class MemberSession:
-    def __init__(self, open_msg: Open, *, me: str, engine: Any, send: Send) -> None:
+    def __init__(self, open_msg: Open, *, me: str, engine: Any, send: Send,
+                 fresh: Callable[[str], bool] = lambda _node: False) -> None:
         self.session = open_msg.session
         self.leader = open_msg.leader
         self.origin = open_msg.origin
@@ -54,6 +55,7 @@ class MemberSession:
         self.keep = open_msg.keep
         self.prompt_ids = [int(t) for t in open_msg.prompt_ids]
         self.me, self.engine, self.send = me, engine, send
+        self.fresh = fresh             # heard from that node within the lease (deadlines)
         self.committed: list[int] = []
         self.hashes: list[int] = []    # the prefix hash before each committed token
         self.term = 0                  # the leader's term (see follow)
@@ -95,10 +97,13 @@ class MemberSession:
             return True
         if sender not in self.members:
             return False
-        if outranks(self.session, (term, sender), (self.term, self.leader)):
+        if outranks(self.session, (term, sender), (self.term, self.leader)) and (
+                self.leader == sender or not self.fresh(self.leader)):
             self.leader, self.term = sender, term
             self.last_heard = time.monotonic()
             return True
+        # A weaker claim, or a takeover while our leader is still heard from (the
+        # claimer was cut off, not the leader): it is told who leads.
         self.send(sender, Deposed(self.session, self.leader, self.term))
         return False
 

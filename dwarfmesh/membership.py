@@ -105,15 +105,19 @@ class Succession:
     leader: str          # the next leader ("" when abstaining)
 
 
-def successor(session: str, members: list[str], alive: set[str], me: str) -> Succession:
+def successor(session: str, members: list[str], alive: set[str], me: str,
+              origin: str | None = None) -> Succession:
     """Who leads `session` after its leader died, as seen by member `me` (pure).
 
     The first surviving member by rendezvous rank takes over; the others wait for its
-    Resume. A member that sees less than half of a session of three or more abstains: it
-    is probably the one cut off, and taking over would make a second leader."""
+    Resume. A member that sees less than half of a session of three or more abstains,
+    unless it still sees the session's origin (the client's side of a cut is the one that
+    matters, and the last survivors of a mesh must go on): otherwise it is probably the
+    one cut off, with no client to answer."""
     ranked = [m.node_id for m in rank_for_session(session, [_Id(i) for i in members])
               if m.node_id in alive]
-    if not ranked or (len(members) > 2 and 2 * len(ranked) < len(members)):
+    minority = len(members) > 2 and 2 * len(ranked) < len(members)
+    if not ranked or (minority and (origin is None or origin not in alive)):
         return Succession("abstain", "")
     return Succession("take-over" if ranked[0] == me else "wait", ranked[0])
 

@@ -42,6 +42,7 @@ from dwarfmesh.config import (
     default_node_name,
     node_id_for,
 )
+from dwarfmesh.deadlines import LEASE_S
 from dwarfmesh.gossip import DialPolicy
 from dwarfmesh.membership import Member, Membership
 from dwarfmesh.roles import SessionRoles
@@ -178,6 +179,14 @@ class Node:
         """The sessions this node leads, as public tags: a session id is its client's
         capability (it may attach with it), so it is never shown to other nodes."""
         return sorted(P.session_tag(s) for s in [*self.roles.leading, *self.roles.text.leading])
+
+    def fresh(self, node_id: str) -> bool:
+        """Heard from `node_id` within the lease: a takeover of a session it leads is
+        refused (deadlines.LEASE_S)."""
+        if node_id == self.node_id:
+            return True
+        peer = self.membership.peers.get(node_id)
+        return peer is not None and time.monotonic() - peer.last_seen < LEASE_S
 
     def refused(self, why: str) -> None:
         """A message the session tables would not act on (see roles.py: authority)."""

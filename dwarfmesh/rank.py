@@ -169,8 +169,11 @@ class TextLeaderSession(TextFailover):
         """A member or the origin follows a leader of a later term: stop leading."""
         if sender not in self.roster | {self.origin} or msg.leader not in self.roster:
             return
-        if self.deposed is None and outranks(self.session, (msg.term, msg.leader),
-                                             (self.term, self.me.node_id)):
+        if self.deposed is None and sender != self.origin and not outranks(
+                self.session, (msg.term, msg.leader), (self.term, self.me.node_id)):
+            self.member_lost(sender)      # it follows another leader, whose lease holds
+            return
+        if self.deposed is None:          # a better claim, or the client's node says so
             log.warning("session %s: deposed: %s leads term %d now", self.session, msg.leader,
                         msg.term)
             self.deposed = msg

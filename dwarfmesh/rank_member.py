@@ -84,6 +84,7 @@ class TextMemberSession:
         self.taken_over = False
         self.resumed_by: str | None = None   # the leader whose Resume this member answered
         self.me, self.engine, self.send = me, engine, send
+        self.fresh: Callable[[str], bool] = lambda _node: False   # set by TextSessions
         self.step = 0                       # the step this member answers next
         self.hash = textfuse.TEXT_HASH_START
         self.answer = ""
@@ -101,7 +102,8 @@ class TextMemberSession:
             return True
         if sender not in self.members:
             return False
-        if outranks(self.session, (term, sender), (self.term, self.leader)):
+        if outranks(self.session, (term, sender), (self.term, self.leader)) and (
+                self.leader == sender or not self.fresh(self.leader)):
             self.leader, self.term = sender, term
             self.last_heard = time.monotonic()
             return True
@@ -368,6 +370,7 @@ class TextSessions:
             return
         member = TextMemberSession(msg, me=node.node_id, engine=node.engine,
                                    send=node.send_to)
+        member.fresh = node.fresh
         self.members[msg.session] = member
         await member.open()
 
@@ -433,7 +436,7 @@ class TextSessions:
         for session, member in list(self.members.items()):
             if member.leader != node_id or member.closed or member.taken_over:
                 continue
-            nxt = successor(session, member.members, alive, node.node_id)
+            nxt = successor(session, member.members, alive, node.node_id, member.origin)
             if nxt.action == "abstain":
                 # We see less than half of the session: we are probably the ones cut off,
                 # and taking over would make a second leader. Leave it to the majority.

@@ -67,14 +67,16 @@ class ClientStream:
     acked: bool = False
     request: Any = None            # the Generate (a copy re-sent by the client is the same)
 
-    def follow(self, session: str, sender: str, term: int) -> bool | None:
-        """True: from the stream's leader (now). False: a weaker claim. None: not a
-        member of the session at all."""
+    def follow(self, session: str, sender: str, term: int, fresh) -> bool | None:
+        """True: from the stream's leader (now). False: a weaker claim, or a stronger one
+        while the current leader is still heard from (a cut-off member's takeover). None:
+        not a member of the session at all."""
         if (sender, term) == (self.leader, self.term):
             return True
         if sender not in self.members and sender != self.leader:
             return None
-        if outranks(session, (term, sender), (self.term, self.leader)):
+        if outranks(session, (term, sender), (self.term, self.leader)) and not fresh(
+                self.leader):
             self.leader, self.term, self.leader_lost_at = sender, term, None
             return True
         return False
@@ -171,7 +173,7 @@ class SessionRoles:
         client = self.clients.get(msg.session)
         if client is None:
             return
-        follows = client.follow(msg.session, sender, msg.term)
+        follows = client.follow(msg.session, sender, msg.term, self.node.fresh)
         if follows is None:
             self.refuse("session message from a non-member")
             return
@@ -374,7 +376,8 @@ class SessionRoles:
             node.send_to(sender, P.Leave(msg.session, node.node_id,
                                          "busy: your share of this node's sessions is taken"))
             return
-        member = MemberSession(msg, me=node.node_id, engine=node.engine, send=node.send_to)
+        member = MemberSession(msg, me=node.node_id, engine=node.engine, send=node.send_to,
+                               fresh=node.fresh)
         member.term = msg.term
         self.member_of[msg.session] = member
         await member.open()
@@ -458,7 +461,7 @@ class SessionRoles:
         for session, member in list(self.member_of.items()):
             if member.leader != node_id or member.closed or member.taken_over:
                 continue
-            nxt = successor(session, member.members, alive, node.node_id)
+            nxt = successor(session, member.members, alive, node.node_id, member.origin)
             if nxt.action == "abstain":
                 log.warning("session %s: leader %s unreachable but so is most of the "
                             "session; not taking over", session, node_id)
