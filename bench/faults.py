@@ -149,7 +149,7 @@ def table(sk: str, stats: dict[str, dict[str, Any]], args: argparse.Namespace) -
     tab = Table(title=f"fault bench, {sk} sessions: 3 hosts, {args.tokens} tokens, "
                       f"answer timeout {args.answer_timeout:.0f} s (recovery in s)")
     for col in ("fault", "trials", "completed", "exact", "recovery p50", "p95", "max",
-                "stalled", "mesh resets"):
+                "stalled", "took over", "leader left on", "mesh resets"):
         tab.add_column(col, justify="left" if col == "fault" else "right")
     for kind, st in stats.items():
         ok = st["exact"] == st["trials"] and (st["recovery_max_s"] or 0) <= 6.0
@@ -158,7 +158,8 @@ def table(sk: str, stats: dict[str, dict[str, Any]], args: argparse.Namespace) -
                     f"[{style}]{st['exact']}[/{style}]", s(st["recovery_p50_s"]),
                     s(st["recovery_p95_s"]), s(st["recovery_max_s"],
                                                 st["recovery_max_is_lower_bound"]),
-                    str(st["stalled"]), str(st["mesh_resets"]))
+                    str(st["stalled"]), str(st["took_over"]), str(st["leader_left_running"]),
+                    str(st["mesh_resets"]))
     return tab
 
 

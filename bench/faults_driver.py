@@ -1,11 +1,12 @@
-"""The fault bench's client: runs inside host0's namespace, one JSON object a line.
+"""The fault benches' client (bench/faults.py, scripts/netns-mesh): runs inside host0's
+namespace, one JSON object a line.
 
 Reads requests on stdin, answers on stdout (the bench owns the timing and the faults;
 this process only asks and records when each piece arrived):
 
     {"op": "peers", "address": A} -> {"op": "peers", "nodes": [...]} or {"error": ...}
-    {"op": "generate", "address", "session", "prompt", "tokens", "mode", "fault_after",
-     "timeout"} ->
+    {"op": "generate", "address", "session", "prompt", "tokens", "fault_after",
+     "mode" (default auto), "timeout" (default 60 s)} ->
         {"event": "sent", "at": T}  just before the request leaves,
         {"event": "fault", "at": T} once `fault_after` pieces streamed (0: never),
         {"op": "result", "ok", "text", "summary", "pieces", "times", "error"}
@@ -26,6 +27,7 @@ import time
 from typing import Any
 
 PEERS_TIMEOUT_S = 2.0
+DEFAULT_TIMEOUT_S = 60.0      # one answer, faults and recovery included
 GOODBYE_REPEATS = 3           # python-zeroconf sends its own goodbyes 3 times, 250 ms apart
 GOODBYE_GAP_S = 0.25
 
@@ -52,12 +54,12 @@ async def generate(req: dict[str, Any], pieces: list[str], times: list[float]) -
         if len(pieces) == req["fault_after"]:
             emit({"event": "fault", "at": times[-1]})
 
-    params = GenParams(max_tokens=req["tokens"], weights="equal", mode=req["mode"])
+    params = GenParams(max_tokens=req["tokens"], weights="equal", mode=req.get("mode", "auto"))
     async with MeshClient(req["address"]) as c:
         emit({"event": "sent", "at": time.monotonic()})
         return await asyncio.wait_for(
             c.generate(req["prompt"], params, on_text=on_text, conversation=req["session"]),
-            req["timeout"])
+            req.get("timeout", DEFAULT_TIMEOUT_S))
 
 
 def goodbye(node_id: str, address: str) -> None:
@@ -115,7 +117,7 @@ def main() -> None:
                 result = asyncio.run(generate(req, pieces, times))
                 out.update(ok=True, text=result.text, summary=result.summary)
             except asyncio.TimeoutError:
-                out["error"] = f"no end within {req['timeout']:.0f}s"
+                out["error"] = f"no end within {req.get('timeout', DEFAULT_TIMEOUT_S):.0f}s"
             except Exception as exc:          # noqa: BLE001
                 out["error"] = f"{type(exc).__name__}: {exc}" if str(exc) else repr(exc)
             emit({**out, "pieces": pieces, "times": times})

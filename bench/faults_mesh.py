@@ -100,6 +100,7 @@ class FaultMesh:
         self._lines: queue.Queue[str | None] = queue.Queue()
         self.driver: Any = None
         self.mdns_dropped: set[int] = set()
+        self.leading: dict[str, list[str]] = {}    # node -> sessions it leads, last asked
 
     # --- processes ------------------------------------------------------------------
 
@@ -226,6 +227,7 @@ class FaultMesh:
             for n in nodes:
                 if n.get("self"):
                     failures[host.name] = n.get("stats", {}).get("send_failures", 0)
+                    self.leading[host.name] = list(n.get("leader_of", []))
             if views[host.name] == sorted(h.name for h in self.hosts):
                 self.ids.update({n["name"]: n["node_id"] for n in nodes})
         return views, failures
@@ -281,6 +283,12 @@ class FaultMesh:
                               time.monotonic(), events, pending)
 
     # --- what the nodes said --------------------------------------------------------
+
+    def takeovers(self, session: str, since: float) -> list[str]:
+        """Nodes whose log says they took `session` over (id or text) since `since`."""
+        return sorted({line.split(" ", 1)[0] for line in self.log_excerpt(
+            since, time.time(), (f"session {session}: ",), limit=10_000)
+            if "taking over" in line})
 
     def log_excerpt(self, since: float, until: float, needles: tuple[str, ...],
                     limit: int = 24) -> list[str]:

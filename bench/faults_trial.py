@@ -136,6 +136,8 @@ class Trial:
     longest_gap_s: float | None = None
     rejoin_s: float | None = None
     mesh_reset: bool = False
+    took_over: list[str] = field(default_factory=list)     # logged taking the session over
+    leading_after_end: list[str] = field(default_factory=list)  # a second leader still on
     log: list[str] = field(default_factory=list)
 
     def line(self, of: int) -> str:
@@ -147,6 +149,9 @@ class Trial:
         verdict = "exact" if self.exact else f"NOT exact ({self.mismatch or self.error})"
         return (f"{self.sk} {self.kind:7} {self.trial + 1}/{of} {self.mode}: leader {leader}, "
                 f"victim {who}: {verdict}, recovery {rec}"
+                + (f", took over: {','.join(self.took_over)}" if self.took_over else "")
+                + (f", STILL LEADING after the end: {','.join(self.leading_after_end)}"
+                   if self.leading_after_end else "")
                 + (", MESH RESET" if self.mesh_reset else ""))
 
     def as_json(self) -> dict[str, Any]:
@@ -170,8 +175,10 @@ def run_kind(ctx: TrialContext, kind: str, i: int, rng: Any) -> Trial:
         answer = mesh.answer(ctx.request(p.session, mode, t.fault_after), p.actions)
     finally:
         t.rejoin_s, t.mesh_reset = heal(mesh, answer, args.rejoin_timeout)
+    t.leading_after_end = sorted(n for n, ss in mesh.leading.items() if p.session in ss)
+    t.took_over = mesh.takeovers(p.session, wall0)
     judge(ctx, t, answer, before + answer.events)
-    if not t.exact or (t.recovery_s or 0) > 6.0:
+    if not t.exact or (t.recovery_s or 0) > 6.0 or t.leading_after_end:
         t.log = mesh.log_excerpt(wall0, time.time(), (p.session, *LOG_NEEDLES))
     return t
 
@@ -294,6 +301,8 @@ def summarize(trials: list[Trial], kinds: list[str]) -> dict[str, dict[str, Any]
             "recovery_max_is_lower_bound": bool(top and top.recovery_lower_bound),
             "stalled": sum(not t.completed for t in ts),
             "mesh_resets": sum(t.mesh_reset for t in ts),
+            "took_over": sum(bool(t.took_over) for t in ts),
+            "leader_left_running": sum(bool(t.leading_after_end) for t in ts),
             "failures": [f"{t.trial}: {t.mismatch or t.error}" for t in ts if not t.exact],
         }
     return out
