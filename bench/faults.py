@@ -70,7 +70,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="comma-separated fault kinds, in order (default: all, see below)")
     p.add_argument("--trials", type=int, default=2, help="trials per kind (default 2)")
     p.add_argument("--tokens", type=int, default=120,
-                   help="max tokens per answer (default 120)")
+                   help="max tokens per answer, id sessions (default 120)")
+    p.add_argument("--text-tokens", type=int, default=200,
+                   help="max tokens per answer, text sessions (default 200: rank commits a "
+                        "word or more a step, ~13 pieces)")
     p.add_argument("--answer-timeout", type=float, default=30.0, metavar="S",
                    help="give up on an answer after S seconds (default 30; the goal is a "
                         "recovery under 6 s)")
@@ -97,8 +100,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error(f"--kinds: unknown {bad}; choose from {', '.join(KINDS)}")
     if args.trials < 1:
         p.error("--trials must be at least 1")
-    if not 20 <= args.tokens <= 2000:
-        p.error("--tokens must be between 20 and 2000")
+    if not (20 <= args.tokens <= 2000 and 20 <= args.text_tokens <= 2000):
+        p.error("--tokens and --text-tokens must be between 20 and 2000")
     if args.answer_timeout < 5 or args.rejoin_timeout < 10:
         p.error("--answer-timeout must be at least 5 and --rejoin-timeout at least 10")
     return args
@@ -132,8 +135,10 @@ def run_session_kind(sk: str, args: argparse.Namespace, workdir: Path, doc: dict
         ctx = TrialContext.warm_up(sk, mesh, models[0], args, WARMUP_RUNS, err)
         doc["sessions"][sk] = {"reference": ctx.describe(), "faults": {}, "trials": []}
         rng = random.Random(args.seed)
-        for kind in args.fault_kinds:
-            for i in range(args.trials):
+        # Round by round (trial i of every kind, then i + 1), so a run stopped early
+        # still has about as many trials of every kind.
+        for i in range(args.trials):
+            for kind in args.fault_kinds:
                 t = run_kind(ctx, kind, i, rng)
                 trials.append(t)
                 err.print(t.line(args.trials))
@@ -150,7 +155,8 @@ def table(sk: str, stats: dict[str, dict[str, Any]], args: argparse.Namespace) -
     def s(v: float | None, lower: bool = False) -> str:
         return "-" if v is None else f"{'≥' if lower else ''}{v:.2f}"
 
-    tab = Table(title=f"fault bench, {sk} sessions: 3 hosts, {args.tokens} tokens, "
+    tokens = args.tokens if sk == "id" else args.text_tokens
+    tab = Table(title=f"fault bench, {sk} sessions: 3 hosts, {tokens} tokens, "
                       f"answer timeout {args.answer_timeout:.0f} s (recovery in s)")
     for col in ("fault", "trials", "completed", "exact", "recovery p50", "p95", "max",
                 "stalled", "took over", "leader left on", "mesh resets"):
@@ -189,6 +195,7 @@ def main(argv: list[str]) -> int:
     t0 = time.monotonic()
     doc: dict[str, Any] = {"command": "bench/faults.py " + " ".join(argv),
                            "git_commit": _git_commit(), "hosts": 3, "tokens": args.tokens,
+                           "text_tokens": args.text_tokens,
                            "answer_timeout_s": args.answer_timeout,
                            "trials_per_kind": args.trials, "seed": args.seed,
                            "kinds": {k: KINDS[k] for k in args.fault_kinds},

@@ -82,7 +82,7 @@ class TrialContext:
         best = None
         for prompt in PROMPTS:
             ids = [r.token for r in stream_generate(m, tok, prompt,
-                                                    max_tokens=self.args.tokens)]
+                                                    max_tokens=self.tokens)]
             detok = tok.detokenizer
             segments = []
             for t in ids:
@@ -95,11 +95,15 @@ class TrialContext:
         self.ref_text["auto"] = text
         self.eos = set(int(i) for i in tok.eos_token_ids)
 
+    @property
+    def tokens(self) -> int:
+        return self.args.tokens if self.sk == "id" else self.args.text_tokens
+
     def text_of_reference(self) -> str:
         return self.ref_text.get("auto", "")
 
     def request(self, session: str, mode: str, fault_after: int) -> dict[str, Any]:
-        return {"session": session, "prompt": self.prompt, "tokens": self.args.tokens,
+        return {"session": session, "prompt": self.prompt, "tokens": self.tokens,
                 "mode": mode, "fault_after": fault_after, "timeout": self.args.answer_timeout}
 
     def describe(self) -> dict[str, Any]:
