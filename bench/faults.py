@@ -54,6 +54,7 @@ from bench.faults_kinds import KINDS  # noqa: E402
 from bench.faults_trial import TrialContext, run_kind, summarize  # noqa: E402
 
 SESSIONS = ("id", "text")
+T_START = time.monotonic()
 SUBNET = "10.199.8.0/24"
 MESH_DEADLINE_S = 150.0
 WARMUP_RUNS = 2
@@ -80,6 +81,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--rejoin-timeout", type=float, default=60.0, metavar="S",
                    help="after healing, wait this long for the mesh to re-form before "
                         "restarting every node (default 60)")
+    p.add_argument("--time-budget", type=float, default=0.0, metavar="S",
+                   help="start no trial after S seconds (0: none); the JSON says so")
     p.add_argument("--seed", type=int, default=11, help="seed of durations and moments")
     p.add_argument("--subnet", default=SUBNET, help=f"the bridge's /24 (default {SUBNET})")
     p.add_argument("--json", type=Path, metavar="OUT", help="write every trial here (also "
@@ -139,6 +142,11 @@ def run_session_kind(sk: str, args: argparse.Namespace, workdir: Path, doc: dict
         # still has about as many trials of every kind.
         for i in range(args.trials):
             for kind in args.fault_kinds:
+                if args.time_budget and time.monotonic() - T_START > args.time_budget:
+                    doc["stopped"] = (f"--time-budget {args.time_budget:.0f}s spent in round "
+                                      f"{i + 1}: fewer than {args.trials} trials of some kinds")
+                    err.print(f"{sk}: {doc['stopped']}")
+                    return trials
                 t = run_kind(ctx, kind, i, rng)
                 trials.append(t)
                 err.print(t.line(args.trials))
@@ -255,6 +263,8 @@ def run_jobs(argv: list[str], args: argparse.Namespace, workdir: Path, doc: dict
             continue
         doc["sessions"].update(child["sessions"])
         doc["failure"] += f"{sk}: {child['failure']}; " if child["failure"] else ""
+        if child.get("stopped"):
+            doc.setdefault("stopped", {})[sk] = child["stopped"]
         doc["run_s"] = max(doc.get("run_s", 0), child["run_s"] + time.monotonic() - t0)
     for sk, res in doc["sessions"].items():
         out.print(table(sk, res["faults"], args))
