@@ -188,7 +188,7 @@ def main(argv: list[str]) -> int:
 
     from bench.faults_mesh import RunError
 
-    out, err = Console(width=max(Console().width, 110)), Console(stderr=True, width=110)
+    out, err = Console(width=max(Console().width, 132)), Console(stderr=True, width=132)
     why = netns_unavailable()
     if why is not None:
         err.print(f"faults: cannot run: {why}")
