@@ -223,9 +223,9 @@ def _run_key(args: argparse.Namespace) -> None:
           "with --mesh-key FILE (the default path is used automatically).")
 
 
-async def _connect(args: argparse.Namespace) -> str:
-    from dwarfmesh.client import find_node
-    return args.connect or await find_node()
+async def _connect(args: argparse.Namespace) -> str | list[str]:
+    from dwarfmesh.client import find_nodes
+    return args.connect or await find_nodes()
 
 
 async def _run_peers(args: argparse.Namespace) -> None:

@@ -9,18 +9,35 @@ node decides *whether* this member takes over (`membership.rank_for_session`);
 Tokens are queued and drained together: a member that fell behind (a straggler under
 `--step-deadline`) feeds every queued token through the model in one forward and sends
 one frame for the newest step, so it catches up instead of stalling the session.
+
+Only the session's leader is followed (`follow`): messages from the leader of the
+highest (term, rendezvous rank) claim this member has seen. A would-be leader with a
+weaker claim (paused, cut off, or deposed by a takeover) is answered `Deposed`. A copy of
+a Token this member already applied is answered with its frame again: that is how a
+leader asks for a frame it lost.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from dwarfmesh.protocol import Frame, GenParams, Leave, Open, Token, extend_hash, prefix_hash
+from dwarfmesh.membership import outranks
+from dwarfmesh.protocol import (
+    Deposed,
+    Frame,
+    GenParams,
+    Leave,
+    Open,
+    Token,
+    extend_hash,
+    prefix_hash,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +55,9 @@ class MemberSession:
         self.prompt_ids = [int(t) for t in open_msg.prompt_ids]
         self.me, self.engine, self.send = me, engine, send
         self.committed: list[int] = []
+        self.hashes: list[int] = []    # the prefix hash before each committed token
+        self.term = 0                  # the leader's term (see follow)
+        self.last_heard = time.monotonic()   # from the leader (idle sessions are freed)
         self.hash = prefix_hash(self.prompt_ids)
         self.last_frame: Frame | None = None
         self.closed = False
@@ -65,6 +85,23 @@ class MemberSession:
             self.last_frame = self._frame(out)
             self._send_frame()
 
+    def follow(self, sender: str, term: int) -> bool:
+        """Whether a leader's message from `sender` in `term` is this session's leader's.
+
+        A claim that beats the current leader's (a takeover whose Resume this member has
+        not seen yet) is followed from now on; a weaker one is told who leads."""
+        if (sender, term) == (self.leader, self.term):
+            self.last_heard = time.monotonic()
+            return True
+        if sender not in self.members:
+            return False
+        if outranks(self.session, (term, sender), (self.term, self.leader)):
+            self.leader, self.term = sender, term
+            self.last_heard = time.monotonic()
+            return True
+        self.send(sender, Deposed(self.session, self.leader, self.term))
+        return False
+
     def token(self, msg: Token) -> None:
         """Queue a committed token; the drain task applies it (with any that follow)."""
         self._queue.append(msg)
@@ -78,6 +115,8 @@ class MemberSession:
                 return
             batch, self._queue = self._queue, []
             new: list[int] = []
+            hashes: list[int] = []
+            h = self.hash
             final = False
             for msg in sorted(batch, key=lambda m: m.step):
                 step = len(self.committed) + len(new)
@@ -88,28 +127,43 @@ class MemberSession:
                     continue
                 if msg.step > step:
                     return await self._diverged(msg.step, "a token is missing")
-                expected = extend_hash(self.hash, msg.token_id)
+                expected = extend_hash(h, msg.token_id)
                 if msg.prefix_hash != expected:
                     return await self._diverged(msg.step)
-                self.hash = expected
+                hashes.append(h)
+                h = expected
                 new.append(msg.token_id)
                 final = final or msg.final
             if not new:
                 self._send_frame()           # a leader that lost our frame gets it again
                 return
             if final:
-                self.committed.extend(new)
+                self._commit(new, hashes, h)
                 await self._close()
                 return
             out = await self.engine.step(self.session, new, self.params.top_k)
-            self.committed.extend(new)
+            # Committed state changes only with the KV cache, under the lock: a takeover
+            # that captures it (`state`, under the same lock) sees them agree.
+            self._commit(new, hashes, h)
             self.last_frame = self._frame(out)
             self._send_frame()
 
-    def resume(self, new_leader: str) -> None:
-        """A new leader took over: send it our latest frame."""
-        self.leader = new_leader
+    def _commit(self, new: list[int], hashes: list[int], h: int) -> None:
+        self.committed.extend(new)
+        self.hashes.extend(hashes)
+        self.hash = h
+
+    def resume(self, new_leader: str, term: int) -> None:
+        """A new leader took over (`follow` checked its claim): send it our latest frame
+        (one behind it gets the Tokens it lacks in answer)."""
+        self.leader, self.term = new_leader, term
         self._send_frame()
+
+    def resend(self) -> None:
+        """The leader sent its Open again: it lost our first frame, or is asking."""
+        self.last_heard = time.monotonic()
+        if not self._lock.locked():
+            self._send_frame()
 
     async def end(self) -> None:
         async with self._lock:
@@ -130,7 +184,11 @@ class MemberSession:
             self.closed = True
             await self.engine.close(self.session, keep=self.keep)
 
-    def state(self) -> dict[str, Any]:
-        """What a takeover needs (see session.LeaderSession.resume)."""
-        return {"prompt_ids": np.asarray(self.prompt_ids), "committed": list(self.committed),
-                "hash": self.hash, "last_frame": self.last_frame}
+    async def state(self) -> dict[str, Any]:
+        """What a takeover needs (see session.LeaderSession.resume), taken when no step
+        is in flight, so the committed tokens, their hashes, the last frame and the KV
+        cache all agree."""
+        async with self._lock:
+            return {"prompt_ids": np.asarray(self.prompt_ids),
+                    "committed": list(self.committed), "hashes": list(self.hashes),
+                    "hash": self.hash, "last_frame": self.last_frame, "term": self.term}

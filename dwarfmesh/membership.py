@@ -36,6 +36,7 @@ class Member:
     weight: float = 1.0
     leading: tuple[str, ...] = ()
     last_seen: float = 0.0
+    incarnation: str = ""          # changes when the node restarts (same id, new process)
 
 
 @dataclass
@@ -82,6 +83,43 @@ def rank_for_session(session: str, members: list[Member]) -> list[Member]:
     """Members in leadership order for `session`: the first leads, the next takes over."""
     return sorted(members, key=lambda m: (rendezvous_score(session, m.node_id), m.node_id),
                   reverse=True)
+
+
+def outranks(session: str, claim: tuple[int, str], current: tuple[int, str]) -> bool:
+    """Whether a leadership claim (term, node id) beats the current one for `session`.
+
+    A later term wins (a takeover claims the term after the one it took over from); in
+    one term, the higher rendezvous rank (two survivors that each saw themselves first).
+    A total order, so every node that sees both claims follows the same leader."""
+    def key(c: tuple[int, str]) -> tuple[int, int, str]:
+        return c[0], rendezvous_score(session, c[1]), c[1]
+    return key(claim) > key(current)
+
+
+@dataclass(frozen=True)
+class Succession:
+    """What a member does when its session's leader is gone (`successor`)."""
+
+    action: str          # take-over | wait | abstain
+    leader: str          # the next leader ("" when abstaining)
+
+
+def successor(session: str, members: list[str], alive: set[str], me: str) -> Succession:
+    """Who leads `session` after its leader died, as seen by member `me` (pure).
+
+    The first surviving member by rendezvous rank takes over; the others wait for its
+    Resume. A member that sees less than half of a session of three or more abstains: it
+    is probably the one cut off, and taking over would make a second leader."""
+    ranked = [m.node_id for m in rank_for_session(session, [_Id(i) for i in members])
+              if m.node_id in alive]
+    if not ranked or (len(members) > 2 and 2 * len(ranked) < len(members)):
+        return Succession("abstain", "")
+    return Succession("take-over" if ranked[0] == me else "wait", ranked[0])
+
+
+@dataclass(frozen=True)
+class _Id:
+    node_id: str
 
 
 def elect_leader(session: str, members: list[Member]) -> Member:

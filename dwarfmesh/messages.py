@@ -82,6 +82,7 @@ class Hello:
     weight: float              # static weight (--weight)
     leading: list[str]         # sessions this node leads right now
     peers: list[str]           # addresses of the peers this node sees alive (gossip)
+    incarnation: str = ""      # random per process start: a restarted node (same id) is new
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ class Start:
     params: GenParams
     messages: list[dict[str, Any]]   # chat turns (role, content); used instead of prompt
     keep: bool                 # a conversation: members keep the KV cache for the next turn
+    term: int = 0              # > 0: the origin re-elected after the first leader died
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,7 @@ class Open:
     params: GenParams
     keep: bool                 # keep the KV cache after End (multi-turn); else free it
     prompt_ids: np.ndarray = _array("<u4", MAX_PROMPT_TOKENS)
+    term: int = 0              # the leader's term (Start.term)
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,7 @@ class Token:
     prefix_hash: int           # hash of the committed ids including this token
     text: str                  # the text this token adds (leader's detokenizer)
     final: bool                # no frame is wanted after this token; an End follows
+    term: int = 0              # the sender's leadership term (fencing; see Resume)
 
 
 @dataclass(frozen=True)
@@ -161,6 +165,7 @@ class End:
     session: str
     reason: str                # eos | length | stop | error:... | cancelled
     summary: dict[str, Any]
+    term: int = 0              # the sender's leadership term
 
 
 @dataclass(frozen=True)
@@ -179,12 +184,29 @@ class Resume:
 
     Members answer with their latest frame (which may be one step ahead, if they got a
     token the dead leader sent to only some); the origin streams from the new leader.
+
+    `term` fences leadership: the first leader of a session has term 0, and a takeover
+    claims the term after the one it took over from. Members and the origin follow the
+    leader with the highest (term, rendezvous rank) they have seen and answer any other
+    would-be leader with `Deposed`, so a paused or cut-off leader can never fork a session.
     """
 
     TAG: ClassVar[int] = 10
     session: str
     leader: str
     step: int
+    term: int = 0
+
+
+@dataclass(frozen=True)
+class Deposed:
+    """Member or origin -> a would-be leader: `session` is led by `leader` in `term` now,
+    not by you. The receiver stops leading it (without an End: the session goes on)."""
+
+    TAG: ClassVar[int] = 12
+    session: str
+    leader: str
+    term: int
 
 
 @dataclass(frozen=True)
@@ -264,6 +286,7 @@ class TextOpen:
     messages: list[dict[str, Any]]   # chat turns; used instead of prompt
     propose_tokens: int        # rank: at most this many of the member's tokens per proposal
                                # (and never past params.max_tokens of its own tokens)
+    term: int = 0              # the leader's term (Start.term)
 
 
 @dataclass(frozen=True)
@@ -291,6 +314,7 @@ class Candidates:
     step: int
     texts: list[str]
     eos: list[bool]
+    term: int = 0              # the sender's leadership term
 
 
 @dataclass(frozen=True)
@@ -336,11 +360,12 @@ class Commit:
     text_hash: int             # of the committed answer including `text`
     final: bool                # nothing is wanted after this; an End follows
     propose_tokens: int        # rank: budget of the next proposal
+    term: int = 0              # the sender's leadership term
 
 
 TEXT_MESSAGES: tuple[type, ...] = (TextOpen, Proposal, Candidates, Scores, TextFrame, Commit)
 
 MESSAGES: tuple[type, ...] = (
-    Hello, Refuse, Start, Open, Frame, Token, End, Leave, Resume, Attach,
+    Hello, Refuse, Start, Open, Frame, Token, End, Leave, Resume, Deposed, Attach,
     PeersRequest, PeersReply, Generate, Cancel, Error, *TEXT_MESSAGES,
 )

@@ -10,14 +10,23 @@ A node plays three roles at once, per session:
 Peers are found by mDNS (`discovery`) and by static `--peer` addresses; both only give an
 address to dial. Every heartbeat interval the node sends its `Hello` to every address it
 dials; a peer silent for `LIVENESS` intervals is dropped and every session it was in goes
-on without it. Long work (prefill, steps) runs in tasks, never in the receive loop.
+on without it. Only the heartbeats decide who is alive: an mDNS goodbye (which multicast
+loss or a forged packet can produce) only makes the node say Hello at once. A peer whose
+Hello carries a new incarnation restarted: it is dropped from every session and joins
+afresh. Long work (prefill, steps) runs in tasks, never in the receive loop.
+
+Nothing but a Hello counts from a connection that has not said Hello: every other node
+message is dropped and counted (`refused`), and the sender handed to the session tables
+is the peer the message came from, never a field of the message (roles.py: authority).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,8 +45,10 @@ from dwarfmesh.transport import Origin, Transport
 log = logging.getLogger(__name__)
 
 _LOCAL = Origin("local", None, "", None, 0)
+_CLIENT_REQUESTS = (P.PeersRequest, P.Generate, P.Cancel)
 MAX_IDENTITIES = 4096          # routing ids remembered (peers reconnect with new ones)
 SWEEP_EVERY_BEATS = 30          # look for idle conversation caches every 30 heartbeats
+SWEEP_MEMBERS_EVERY_BEATS = 5   # look for member sessions whose leader went quiet
 
 
 @dataclass
@@ -68,6 +79,8 @@ class Node:
         self._addr_of: dict[str, str] = {}            # node_id -> address we dial it on
         self.roles = SessionRoles(self)
         self._by_identity: dict[bytes, str] = {}      # ROUTER routing id -> peer node id
+        self.incarnation = secrets.token_hex(8)        # this process; a restart is new
+        self.refusals: Counter[str] = Counter()        # messages refused by authority
         self._tasks: set[asyncio.Task] = set()
         self._stopped = asyncio.Event()
 
@@ -81,7 +94,8 @@ class Node:
         port = await self.transport.start()
         host = self.opts.host if self.opts.host not in ("", "0.0.0.0") else ""
         me = Member(self.node_id, self.opts.name, self.engine.model_name, self.engine.fingerprint,
-                    self.engine.vocab_size, f"{host}:{port}", self.opts.weight)
+                    self.engine.vocab_size, f"{host}:{port}", self.opts.weight,
+                    incarnation=self.incarnation)
         self.membership = Membership(me=me)
         for addr in self.opts.peers:
             self._targets[addr] = "static"
@@ -143,8 +157,19 @@ class Node:
     def _hello(self) -> P.Hello:
         me = self.me
         return P.Hello(me.node_id, me.name, me.model, me.fingerprint, me.vocab_size,
-                       PROTOCOL_VERSION, me.address, me.weight, sorted(self.roles.leading),
-                       sorted(m.address for m in self.membership.peers.values()))
+                       PROTOCOL_VERSION, me.address, me.weight, self.leading_tags(),
+                       sorted(m.address for m in self.membership.peers.values()),
+                       self.incarnation)
+
+    def leading_tags(self) -> list[str]:
+        """The sessions this node leads, as public tags: a session id is its client's
+        capability (it may attach with it), so it is never shown to other nodes."""
+        return sorted(P.session_tag(s) for s in [*self.roles.leading, *self.roles.text.leading])
+
+    def refused(self, why: str) -> None:
+        """A message the session tables would not act on (see roles.py: authority)."""
+        self.refusals[why] += 1
+        self.transport._drop(f"refused: {why}", "session")
 
     def _dial(self, address: str) -> None:
         self.transport.connect(address)
@@ -153,17 +178,29 @@ class Node:
     async def _heartbeat_loop(self) -> None:
         beats = 0
         while True:
-            for address in list(self._targets):
-                self._dial(address)
-            for dead in self.membership.expire(time.monotonic()):
-                log.warning("peer %s (%s) left: silent past the liveness window", dead.name,
-                            dead.node_id)
-                self._peer_gone(dead.node_id, "")
+            try:
+                await self._beat(beats)
+            except Exception:  # noqa: BLE001 - the heartbeat must outlive any one bad beat
+                log.exception("heartbeat failed; going on")
             beats += 1
-            if beats % SWEEP_EVERY_BEATS == 0:
-                for conv in await self.engine.sweep():
-                    log.info("freed idle conversation %s", conv)
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+
+    async def _beat(self, beats: int) -> None:
+        for address in list(self._targets):
+            try:
+                self._dial(address)
+            except Exception as exc:  # noqa: BLE001 - one bad address must not stop the rest
+                log.warning("cannot dial %s: %s; forgetting it", address, exc)
+                self._targets.pop(address, None)
+        for dead in self.membership.expire(time.monotonic()):
+            log.warning("peer %s (%s) left: silent past the liveness window", dead.name,
+                        dead.node_id)
+            self._peer_gone(dead.node_id, "")
+        if beats % SWEEP_MEMBERS_EVERY_BEATS == 0:
+            await self.roles.sweep()
+        if beats % SWEEP_EVERY_BEATS == 0:
+            for conv in await self.engine.sweep():
+                log.info("freed idle conversation %s", conv)
 
     def _peer_gone(self, node_id: str, why: str) -> None:
         member = self.membership.peer_down(node_id)
@@ -183,10 +220,14 @@ class Node:
             self._dial(address)
 
     def _on_mdns_down(self, node_id: str) -> None:
+        """An mDNS goodbye or expiry: a hint, not a death (multicast is lossy and anyone
+        can send one). Say Hello now; the heartbeats decide whether the peer is gone."""
         address = self._addr_of.get(node_id)
         if address is not None and self._targets.get(address) == "mdns":
             self._targets[address] = "learned"
-        self._peer_gone(node_id, "mDNS goodbye")
+        if address is not None and node_id in self.membership.peers:
+            log.info("mDNS: %s said goodbye; checking with a Hello", node_id)
+            self.transport.send(address, self._hello())
 
     def _on_hello(self, hello: P.Hello, origin: Origin) -> None:
         refusal = P.check_version(hello)
@@ -198,6 +239,11 @@ class Node:
             return
         if hello.node_id == self.node_id:
             return
+        known = self.membership.peers.get(hello.node_id)
+        if known is not None and hello.incarnation != known.incarnation:
+            # The same node id from a new process: the old one died (and its sessions
+            # with it) even if it came back before the liveness window ran out.
+            self._peer_gone(hello.node_id, "restarted (a new incarnation)")
         if origin.identity is not None:
             self._by_identity[origin.identity] = hello.node_id
             if len(self._by_identity) > MAX_IDENTITIES:
@@ -205,7 +251,8 @@ class Node:
         host, _, port = hello.address.rpartition(":")
         address = hello.address if host else f"{origin.peer_ip}:{port}"
         member = Member(hello.node_id, hello.name, hello.model, hello.fingerprint,
-                        hello.vocab_size, address, hello.weight, tuple(hello.leading))
+                        hello.vocab_size, address, hello.weight, tuple(hello.leading),
+                        incarnation=hello.incarnation)
         if self.membership.peer_up(member, time.monotonic()):
             log.info("peer %s joined: %s at %s", hello.name, hello.model, address)
             if origin.identity is not None:
@@ -241,48 +288,61 @@ class Node:
 
     def _dispatch(self, msg: Any, origin: Origin) -> None:
         """Cheap messages are handled inline; anything that may wait runs in a task."""
-        peer = self._by_identity.get(origin.identity) if origin.identity else None
-        if peer is not None:
+        if origin is _LOCAL:
+            sender: str | None = self.node_id
+        else:
+            sender = self._by_identity.get(origin.identity) if origin.identity else None
+        if sender is not None and sender != self.node_id:
             # Any message proves the peer alive: a busy member streaming frames must not be
             # dropped because its heartbeat was late on a loaded machine.
-            self.membership.heard_from(peer, time.monotonic())
+            self.membership.heard_from(sender, time.monotonic())
         if isinstance(msg, P.Hello):
             self._on_hello(msg, origin)
-        elif isinstance(msg, P.Frame):
-            self.roles.frame(msg, origin.size)
-        elif isinstance(msg, P.Leave):
-            self.roles.leave(msg)
-        elif isinstance(msg, (P.Proposal, P.Scores, P.TextFrame)):   # issue 6: text replies
-            self.roles.text.reply(msg, origin.size)
-        else:
-            self.spawn(self._handle(msg, origin))
-
-    async def _handle(self, msg: Any, origin: Origin) -> None:
-        roles, client = self.roles, origin.identity
-        if isinstance(msg, P.Refuse):
+        elif isinstance(msg, _CLIENT_REQUESTS) or (isinstance(msg, P.Attach) and not msg.origin):
+            if origin.identity is not None:
+                self.spawn(self._client_request(msg, origin.identity, sender))
+        elif isinstance(msg, P.Refuse):
             log.error("peer %s refused us: %s", msg.node_id, msg.reason)
-        elif isinstance(msg, P.Start):
-            await roles.lead(msg)
+        elif sender is None or (sender != self.node_id
+                                and sender not in self.membership.peers):
+            self.refused("a node message before its Hello")
+        elif isinstance(msg, P.Frame):
+            self.roles.frame(msg, origin.size, sender)
+        elif isinstance(msg, P.Leave):
+            self.roles.leave(msg, sender)
+        elif isinstance(msg, P.Deposed):
+            self.roles.deposed(msg, sender)
+        elif isinstance(msg, (P.Proposal, P.Scores, P.TextFrame)):
+            self.roles.text.reply(msg, origin.size, sender)
+        else:
+            self.spawn(self._handle(msg, sender))
+
+    async def _handle(self, msg: Any, sender: str) -> None:
+        roles = self.roles
+        if isinstance(msg, P.Start):
+            await roles.lead(msg, sender)
         elif isinstance(msg, P.Open):
-            await roles.open(msg)
+            await roles.open(msg, sender)
         elif isinstance(msg, (P.Token, P.End, P.Resume)):
-            await roles.session_message(msg)
-        elif isinstance(msg, (P.Proposal, P.Scores, P.TextFrame)):   # issue 6: local replies
-            roles.text.reply(msg, 0)
-        elif isinstance(msg, (P.TextOpen, P.Candidates, P.Commit)):  # issue 6: text members
-            await roles.text.handle(msg)
+            await roles.session_message(msg, sender)
+        elif isinstance(msg, (P.TextOpen, P.Candidates, P.Commit)):
+            await roles.text.handle(msg, sender)
         elif isinstance(msg, P.Cancel):
-            roles.cancel(msg.request)
-        elif isinstance(msg, P.Attach) and msg.origin:
-            roles.leader_attach(msg)
-        elif client is None:
-            return                                   # client requests need a reply address
+            roles.cancel(msg.request, sender, None)
         elif isinstance(msg, P.Attach):
+            roles.leader_attach(msg, sender)
+
+    async def _client_request(self, msg: Any, client: bytes, sender: str | None) -> None:
+        roles = self.roles
+        if isinstance(msg, P.Attach):
             roles.attach(msg, client)
         elif isinstance(msg, P.PeersRequest):
             self.transport.reply(client, P.PeersReply(msg.request, self.peer_list()))
         elif isinstance(msg, P.Generate):
             roles.generate(msg, client)
+        elif isinstance(msg, P.Cancel):
+            # From a node (an origin forwarding its client's cancel) or from a client.
+            roles.cancel(msg.request, sender, None if sender else client)
 
     # --- introspection --------------------------------------------------------------------
 
@@ -294,11 +354,11 @@ class Node:
                 "node_id": m.node_id, "name": m.name, "model": m.model,
                 "address": m.address,   # ":port" = the address the client reached
                 "fingerprint": m.fingerprint, "vocab_size": m.vocab_size, "weight": m.weight,
-                "leader_of": sorted(self.roles.leading) if me else list(m.leading),
+                "leader_of": self.leading_tags() if me else list(m.leading),
                 "self": me,
             }
             if me:
-                entry["stats"] = {**self.transport.stats(),
+                entry["stats"] = {**self.transport.stats(), "refused": dict(self.refusals),
                                   "sessions_led": len(self.roles.leading),
                                   "sessions_member": len(self.roles.member_of)}
             out.append(entry)

@@ -18,6 +18,7 @@ one. This module does no I/O.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import types
 import typing
@@ -199,6 +200,12 @@ def check_version(hello: Hello) -> str | None:
         return (f"protocol version mismatch: peer {hello.name} speaks v{hello.version}, "
                 f"this node speaks v{PROTOCOL_VERSION}; upgrade the older one")
     return None
+
+
+def session_tag(session: str) -> str:
+    """The public name of a session (in `leader_of`, Hello.leading): a session id lets
+    whoever holds it attach to the answer, so only its client and the mesh see it."""
+    return hashlib.blake2b(session.encode(), digest_size=6, person=b"dwm-session").hexdigest()
 
 
 # --- the committed prefix hash ------------------------------------------------------------

@@ -37,16 +37,18 @@ import numpy as np
 
 from dwarfmesh import fusion, textfuse
 from dwarfmesh.config import (
+    OPEN_RESEND_S,
     PERPLEXITY_TAU,
     PREFILL_TIMEOUT_S,
-    STEP_TIMEOUT_S,
     TEXT_ONLINE_ALPHA,
     TEXT_ONLINE_ETA,
 )
-from dwarfmesh.membership import Member
+from dwarfmesh.deadlines import reply_bound, resend_interval
+from dwarfmesh.membership import Member, outranks
 from dwarfmesh.protocol import (
     Candidates,
     Commit,
+    Deposed,
     End,
     GenParams,
     Proposal,
@@ -63,6 +65,7 @@ RANK_CHUNK_TOKENS = 12      # most tokens a member proposes per round (before th
 TRACE_STEPS = 32            # steps of per-member detail kept in the summary's "trace"
 
 Send = Callable[[str, Any], int]
+Trigger = Callable[[set[str] | None], None]   # send a round's request (to these members)
 
 
 class TextLeaderSession(TextFailover):
@@ -72,11 +75,12 @@ class TextLeaderSession(TextFailover):
                  members: list[Member], me: Member, engine: Any, send: Send, prompt: str = "",
                  messages: list[dict[str, Any]] | None = None, keep: bool = False,
                  excluded: list[tuple[Member, str]] | None = None,
-                 step_timeout_s: float = STEP_TIMEOUT_S, step_deadline_s: float | None = None,
-                 resume: TextResume | None = None, **_ignored: Any) -> None:
+                 step_timeout_s: float | None = None, step_deadline_s: float | None = None,
+                 resume: TextResume | None = None, term: int = 0, **_ignored: Any) -> None:
         self.session, self.origin, self.params, self.kind = session, origin, params, kind
         self.prompt, self.messages, self.keep = prompt, messages or [], keep
         self.members, self.dropped = list(members), []
+        self.roster = {m.node_id for m in members}   # who may depose this leader (+ origin)
         self.me, self.engine, self.send = me, engine, send
         self.excluded = excluded or []
         self.step_timeout_s, self.step_deadline_s = step_timeout_s, step_deadline_s
@@ -86,6 +90,10 @@ class TextLeaderSession(TextFailover):
         self._hash = textfuse.TEXT_HASH_START
         self.sent: list[Any] = []      # every Commit (and the End) the origin was sent
         self.resume = resume
+        self.term = term
+        self.deposed: Deposed | None = None      # a leader of a later term took over
+        self._caught_up: dict[str, float] = {}   # when a member behind was last re-sent
+        self._slowest_s = 0.0                    # slowest reply seen (reply bounds)
         self._adopting = False          # resumed: still taking Commits a member is ahead by
         self.adopted = 0                # steps taken that way
         self._early: dict[str, tuple[Any, int]] = {}   # replies for a later step, by sender
@@ -114,6 +122,8 @@ class TextLeaderSession(TextFailover):
         if (self._want is None or type(msg) is not self._want[0] or msg.step != self._want[1]
                 or msg.sender not in ids):
             self.late += 1
+            if msg.sender in ids and not isinstance(msg, Scores):
+                self._catch_up(msg)
             return
         problem = ("its text diverged" if msg.text_hash != self._hash
                    else _malformed(msg, self._n_candidates))
@@ -123,6 +133,7 @@ class TextLeaderSession(TextFailover):
             self.member_lost(msg.sender)
             return
         self.wire_bytes += size
+        self._slowest_s = max(self._slowest_s, msg.forward_ms / 1000.0)
         self._replies[msg.sender] = msg
         if not self._any.done():
             self._any.set_result(None)
@@ -137,6 +148,35 @@ class TextLeaderSession(TextFailover):
                         gone[0].name, len(self.members))
             self._maybe_done()
 
+    def _catch_up(self, msg: Proposal | TextFrame) -> None:
+        """A reply for a step already committed: that member missed Commits (lost, or sent
+        by a leader that died before reaching it). Send it what it lacks, at most once per
+        resend interval."""
+        commits = [c for c in self.sent if isinstance(c, Commit)]
+        step = msg.step
+        before = commits[step - 1].text_hash if 0 < step <= len(commits) else (
+            textfuse.TEXT_HASH_START if step == 0 else None)
+        if before != msg.text_hash or step >= len(commits):
+            return
+        now = time.monotonic()
+        if now - self._caught_up.get(msg.sender, 0.0) < resend_interval(self._slowest_s):
+            return
+        self._caught_up[msg.sender] = now
+        for commit in commits[step:]:
+            self.wire_bytes += self.send(msg.sender, commit)
+
+    def on_deposed(self, msg: Deposed, sender: str) -> None:
+        """A member or the origin follows a leader of a later term: stop leading."""
+        if sender not in self.roster | {self.origin} or msg.leader not in self.roster:
+            return
+        if self.deposed is None and outranks(self.session, (msg.term, msg.leader),
+                                             (self.term, self.me.node_id)):
+            log.warning("session %s: deposed: %s leads term %d now", self.session, msg.leader,
+                        msg.term)
+            self.deposed = msg
+            if self._waiter is not None and not self._waiter.done():
+                self._waiter.set_result(None)
+
     def cancel(self) -> None:
         self._cancelled = True
 
@@ -148,30 +188,57 @@ class TextLeaderSession(TextFailover):
     # --- talking to members ---------------------------------------------------------------
 
     def _to_members(self, msg: Any, *, origin_too: bool = False,
-                    dropped_too: bool = False) -> None:
-        targets = [m.node_id for m in self.members + (self.dropped if dropped_too else [])]
+                    dropped_too: bool = False, only: set[str] | None = None) -> None:
+        targets = [m.node_id for m in self.members + (self.dropped if dropped_too else [])
+                   if only is None or m.node_id in only]
         for node_id in targets:
             self.wire_bytes += self.send(node_id, msg)
         if origin_too and self.origin not in targets:
             self.send(self.origin, msg)
 
-    async def _gather(self, kind: type, step: int, send: Callable[[], None],
+    def _trigger(self, msg: Any, origin_too: bool = False) -> Trigger:
+        """Send a round's request: to everyone the first time (and the origin, for a
+        Commit), to the silent members again on a resend."""
+        def send(only: set[str] | None) -> None:
+            self._to_members(msg, origin_too=origin_too and only is None, only=only)
+        return send
+
+    async def _await_all(self, limit: float, send: Trigger, every: float) -> None:
+        """Wait for every member's reply, asking the silent ones again every `every`
+        seconds (a member that already answered answers a copy with its reply again)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + limit
+        while True:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._waiter),
+                                       min(every, max(end - loop.time(), 0.0)))
+                return
+            except asyncio.TimeoutError:
+                if loop.time() >= end:
+                    raise
+                # Everyone, not only the silent: a member that answered answers again, and
+                # hears that its leader is alive (deadlines.MEMBER_IDLE_S).
+                send({m.node_id for m in self.members} - {self.me.node_id})
+
+    async def _gather(self, kind: type, step: int, send: Trigger,
                       phase: str) -> dict[str, Any]:
         """Expect `kind` replies for `step`, send what triggers them, wait for all members
-        (or the timeout, after which the silent ones are dropped)."""
+        (asking the silent ones again; after the bound they are dropped, see deadlines)."""
         t0 = time.perf_counter()
         self._want, self._replies = (kind, step), {}
         self._waiter = asyncio.get_running_loop().create_future()
         self._any = asyncio.get_running_loop().create_future()     # the first reply
-        send()
+        send(None)
         self._maybe_done()
         first = step == 0 and kind is not Scores
-        limit = PREFILL_TIMEOUT_S if first else self.step_timeout_s
+        limit = PREFILL_TIMEOUT_S if first else reply_bound(self._slowest_s,
+                                                            self.step_timeout_s)
+        every = OPEN_RESEND_S if first else resend_interval(self._slowest_s)
         if not first and self.step_deadline_s is not None and await self._deadline(limit):
             pass                                  # decided with what arrived in time
         else:
             try:
-                await asyncio.wait_for(asyncio.shield(self._waiter), limit)
+                await self._await_all(limit, send, every)
             except asyncio.TimeoutError:
                 for m in [m for m in self.members if m.node_id not in self._replies]:
                     log.warning("session %s: %s sent no %s for step %d in %.1fs; leaving it "
@@ -217,17 +284,20 @@ class TextLeaderSession(TextFailover):
         open_msg = TextOpen(self.session, self.me.node_id, self.origin,
                             [m.node_id for m in self.members], p, self.keep,
                             "rank" if self.kind == "rank" else "fuse", self.prompt,
-                            self.messages, RANK_CHUNK_TOKENS)
+                            self.messages, RANK_CHUNK_TOKENS, self.term)
         start = self._restore(RANK_CHUNK_TOKENS) if self.resume else 0
         loop = self._rank if self.kind == "rank" else self._fuse
         reason = await loop(self._send_resume() if self.resume
-                            else (lambda: self._to_members(open_msg)), start)
+                            else self._trigger(open_msg), start)
         summary = text_summary(self, reason)
         if self.resume:     # the first step this leader decided; adopted: see adopt()
             summary.update(resumed_at_step=start + self.adopted, adopted_steps=self.adopted)
-        end = End(self.session, reason, summary)
-        self.sent.append(end)
-        self._to_members(end, origin_too=True, dropped_too=True)
+        if self.term:
+            summary["term"] = self.term
+        if self.deposed is None:
+            end = End(self.session, reason, summary, self.term)
+            self.sent.append(end)
+            self._to_members(end, origin_too=True, dropped_too=True)
         return summary
 
     async def _rank(self, send_open: Callable[[], None], start: int) -> str:
@@ -244,10 +314,12 @@ class TextLeaderSession(TextFailover):
             if not cands:
                 return "error: no member proposed a continuation" if order else \
                     "error: no member answered"
-            ask = Candidates(self.session, step, [t for t, _ in cands], [e for _, e in cands])
+            ask = Candidates(self.session, step, [t for t, _ in cands], [e for _, e in cands],
+                             self.term)
             self._n_candidates = len(cands)
-            scores = await self._gather(Scores, step, lambda a=ask: self._to_members(a),
-                                        "score")
+            scores = await self._gather(Scores, step, self._trigger(ask), "score")
+            if self.deposed is not None:
+                return "deposed"
             scorers = [m.node_id for m in self.members if m.node_id in scores]
             if not scorers:
                 return "error: no member scored the candidates"
@@ -270,8 +342,9 @@ class TextLeaderSession(TextFailover):
                 self._to_members(commit, origin_too=True)
                 return reason
             proposals = await self._gather(Proposal, step + 1,
-                                           lambda c=commit: self._to_members(c, origin_too=True),
-                                           "propose")
+                                           self._trigger(commit, origin_too=True), "propose")
+            if self.deposed is not None:
+                return "deposed"
         return "length"
 
     async def _fuse(self, send_open: Callable[[], None], start: int) -> str:
@@ -306,8 +379,9 @@ class TextLeaderSession(TextFailover):
                 self._to_members(commit, origin_too=True)
                 return reason
             frames = await self._gather(TextFrame, step + 1,
-                                        lambda c=commit: self._to_members(c, origin_too=True),
-                                        "frame")
+                                        self._trigger(commit, origin_too=True), "frame")
+            if self.deposed is not None:
+                return "deposed"
             present = [m for m in frames if frames[m].prev_logp is not None]
             self._learn(present, np.array([frames[m].prev_logp for m in present]))
         return "length"
@@ -335,7 +409,8 @@ class TextLeaderSession(TextFailover):
         else:
             self.step_ms.append((now - self.t_last) * 1000.0)
         self.t_last = now
-        commit = Commit(self.session, step, piece, self._hash, final, RANK_CHUNK_TOKENS)
+        commit = Commit(self.session, step, piece, self._hash, final, RANK_CHUNK_TOKENS,
+                        self.term)
         self.sent.append(commit)
         return commit, reason
 

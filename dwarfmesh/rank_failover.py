@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ class TextFailover:
             return
         log.info("session %s: adopting step %d, committed by the old leader", self.session,
                  commit.step)
+        commit = dataclasses.replace(commit, term=self.term)     # passed on as ours
         self.text, self._hash = self.text + commit.text, commit.text_hash
         self.steps, self.adopted = self.steps + 1, self.adopted + 1
         self.first_bytes = textfuse.utf8_len(self.text)
@@ -60,19 +62,22 @@ class TextFailover:
         for piece in self.resume.pieces:
             self.text, self._hash = self.text + piece, textfuse.text_hash(self._hash, piece)
             self.sent.append(Commit(self.session, self.steps, piece, self._hash, False,
-                                    propose_tokens))
+                                    propose_tokens, self.term))
             self.steps += 1
         self.first_bytes = textfuse.utf8_len(self.text)       # ms_per_byte: ours only
         self._adopting = True
         return self.steps
 
-    def _send_resume(self) -> Callable[[], None]:
+    def _send_resume(self) -> Callable[[set[str] | None], None]:
         """After a takeover: every Commit so far to the members (one that missed the dead
-        leader's last catches up; the others ignore them), then the Resume."""
-        resume = Resume(self.session, self.me.node_id, self.steps)
+        leader's last catches up; the others ignore them), then the Resume in this
+        leader's term; one ahead sends the Commits this leader lacks (`adopt`). The
+        silent ones are sent the Resume again."""
+        resume = Resume(self.session, self.me.node_id, self.steps, self.term)
 
-        def send() -> None:
-            for commit in self.sent:
-                self._to_members(commit)
-            self._to_members(resume, origin_too=True)
+        def send(only: set[str] | None) -> None:
+            if only is None:
+                for commit in self.sent:
+                    self._to_members(commit)
+            self._to_members(resume, origin_too=only is None, only=only)
         return send

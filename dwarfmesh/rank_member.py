@@ -13,7 +13,10 @@ tail). Per message from the leader, in arrival order (one lock):
   just committed, for online weights);
 - `End`: free (or keep, for a conversation) the cache.
 
-A member that cannot go on (engine busy, diverged text, an error) sends `Leave`.
+A member that cannot go on (engine busy, diverged text, an error) sends `Leave`. As on
+the id path, only the leader of the best (term, rank) claim is followed (`follow`), and a
+copy of a request this member already answered (the leader asking again for a reply it
+lost) is answered with the same reply.
 
 Failover, as on the id path (`roles.py`): when the leader dies, every member ranks the
 session's surviving members by the same rendezvous hash; the first takes over (a
@@ -32,9 +35,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import zlib
 from collections.abc import Callable
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -42,11 +45,13 @@ from jinja2 import TemplateError
 
 from dwarfmesh import textfuse
 from dwarfmesh.config import FAILOVER_GRACE_S
-from dwarfmesh.membership import SessionPlan, rank_for_session
+from dwarfmesh.deadlines import MEMBER_IDLE_S
+from dwarfmesh.membership import SessionPlan, outranks, successor
 from dwarfmesh.protocol import (
     Attach,
     Candidates,
     Commit,
+    Deposed,
     End,
     GenParams,
     Leave,
@@ -83,7 +88,31 @@ class TextMemberSession:
         self.hash = textfuse.TEXT_HASH_START
         self.answer = ""
         self.closed = False
+        self.term = msg.term
+        self.last_heard = time.monotonic()   # from the leader (idle sessions are freed)
+        self.last_reply: Any = None          # answered again when the leader asks again
         self._lock = asyncio.Lock()
+
+    def follow(self, sender: str, term: int) -> bool:
+        """Whether a message from `sender` in `term` is this session's leader's (a better
+        claim is followed from now on; a weaker one is told who leads)."""
+        if (sender, term) == (self.leader, self.term):
+            self.last_heard = time.monotonic()
+            return True
+        if sender not in self.members:
+            return False
+        if outranks(self.session, (term, sender), (self.term, self.leader)):
+            self.leader, self.term = sender, term
+            self.last_heard = time.monotonic()
+            return True
+        self.send(sender, Deposed(self.session, self.leader, self.term))
+        return False
+
+    def again(self, kind: type, step: int) -> None:
+        """The leader asked again for the reply to step `step`: send it, if it was made."""
+        if (not self.closed and isinstance(self.last_reply, kind)
+                and self.last_reply.step == step):
+            self.send(self.leader, self.last_reply)
 
     async def open(self) -> None:
         async with self._lock:
@@ -101,6 +130,8 @@ class TextMemberSession:
         async with self._lock:
             if self.closed or msg.step != self.step:
                 return
+            if isinstance(self.last_reply, Scores) and self.last_reply.step == msg.step:
+                return self.again(Scores, msg.step)
             if len(msg.texts) != len(msg.eos) or not msg.texts:
                 return await self._leave("malformed candidates")
             loop = asyncio.get_running_loop()
@@ -109,11 +140,13 @@ class TextMemberSession:
                 nll = await self.engine.score(self.session, list(msg.texts), list(msg.eos))
             except (RuntimeError, ValueError, KeyError) as exc:
                 return await self._leave(f"cannot score: {exc}")
-            self.send(self.leader, Scores(self.session, msg.step, self.me, self.hash, nll,
-                                          (loop.time() - t0) * 1000.0))
+            self._reply(Scores(self.session, msg.step, self.me, self.hash, nll,
+                               (loop.time() - t0) * 1000.0))
 
     async def commit(self, msg: Commit) -> None:
         async with self._lock:
+            if not self.closed and msg.step == self.step - 1:
+                return self.again(Proposal if self.mode == "rank" else TextFrame, self.step)
             if self.closed or msg.step != self.step:
                 return
             expected = textfuse.text_hash(self.hash, msg.text)
@@ -152,7 +185,7 @@ class TextMemberSession:
         async with self._lock:
             if self.closed:
                 return
-            self.leader = self.resumed_by = msg.leader
+            self.resumed_by = msg.leader
             if msg.step > self.step:
                 return await self._leave(f"at step {self.step}, the new leader at {msg.step}")
             for step in range(msg.step, self.step):
@@ -197,7 +230,11 @@ class TextMemberSession:
                                 top.texts, np.asarray(top.logprobs, dtype=np.float16))
         except (RuntimeError, ValueError, KeyError) as exc:
             return await self._leave(f"cannot compute step {self.step}: {exc}")
+        self._reply(msg)
+
+    def _reply(self, msg: Any) -> None:
         if not self.closed:
+            self.last_reply = msg
             self.send(self.leader, msg)
 
     async def _leave(self, reason: str) -> None:
@@ -212,7 +249,9 @@ class TextMemberSession:
 
 
 class TextSessions:
-    """This node's text-level sessions: those it leads and those it is a member of."""
+    """This node's text-level sessions: those it leads and those it is a member of.
+
+    `sender` is always the peer a message came from (see roles.py: authority)."""
 
     def __init__(self, node: Any) -> None:
         self.node = node
@@ -225,7 +264,7 @@ class TextSessions:
             session=start.session, origin=start.origin, params=start.params, kind=plan.kind,
             members=plan.group, me=node.me, engine=node.engine, send=node.send_to,
             prompt=start.prompt, messages=start.messages, keep=start.keep,
-            excluded=plan.excluded, **node.session_timeouts()))
+            excluded=plan.excluded, term=start.term, **node.session_timeouts()))
 
     async def _run(self, leader: TextLeaderSession) -> None:
         session = leader.session
@@ -234,69 +273,33 @@ class TextSessions:
             await leader.run()
         except Exception as exc:  # noqa: BLE001 - report any failure to the client, then log it
             log.exception("session %s failed", session)
-            leader._to_members(End(session, f"error: {exc}", {}), origin_too=True,
+            leader._to_members(End(session, f"error: {exc}", {}, leader.term), origin_too=True,
                                dropped_too=True)
         finally:
-            self.leading.pop(session, None)
-            self.node.roles.keep_finished(session, leader.sent)
-
-    def reply(self, msg: Proposal | Scores | TextFrame, size: int) -> None:
-        leader = self.leading.get(msg.session)
-        if leader is not None:
-            leader.on_reply(msg, size)
-
-    async def handle(self, msg: TextOpen | Candidates | Commit) -> None:
-        leader = self.leading.get(msg.session)
-        if isinstance(msg, Commit) and leader is not None and msg.step >= leader.steps:
-            leader.adopt(msg)            # from a member ahead of this new leader (resume)
-            return
-        if isinstance(msg, Commit):      # the origin streams committed text to its client
-            self.node.roles.to_client(Token(msg.session, msg.step, 0, msg.text_hash, msg.text,
-                                            msg.final))
-        if isinstance(msg, TextOpen):
-            member = TextMemberSession(msg, me=self.node.node_id, engine=self.node.engine,
-                                       send=self.node.send_to)
-            self.members[msg.session] = member
-            await member.open()
-            return
-        member = self.members.get(msg.session)
-        if member is None:
-            return
-        if isinstance(msg, Candidates):
-            await member.candidates(msg)
-        else:
-            await member.commit(msg)
-        if member.closed and self.members.get(msg.session) is member:
-            self._forget(member)
-
-    async def end(self, msg: End) -> None:
-        member = self.members.get(msg.session)
-        if member is not None:
-            self._forget(member)
-            await member.end()
-
-    def _forget(self, member: TextMemberSession) -> None:
-        """A finished member: remember who led, for a client that re-attaches late."""
-        del self.members[member.session]
-        self.node.roles.remember_leader(member.session, member.leader)
-
-    def leave(self, session: str, sender: str, reason: str) -> None:
-        leader = self.leading.get(session)
-        if leader is not None:
-            log.warning("session %s: %s left: %s", session, sender, reason)
-            leader.member_lost(sender)
-
-    def cancel(self, session: str) -> None:
-        leader = self.leading.get(session)
-        if leader is not None:
-            leader.cancel()
-
-    async def resume(self, msg: Resume) -> None:
-        member = self.members.get(msg.session)
-        if member is not None:
-            await member.resume(msg)
-            if member.closed and self.members.get(msg.session) is member:
+            if self.leading.get(session) is leader:
+                del self.leading[session]
+            member = self.members.get(session)
+            if member is not None and member.taken_over:
                 self._forget(member)
+            if leader.deposed is None:
+                self.node.roles.keep_finished(session, leader.sent)
+
+    # --- what the rest of the node asks -------------------------------------------------
+
+    def running(self, session: str) -> bool:
+        member = self.members.get(session)
+        return session in self.leading or (member is not None and not member.closed)
+
+    def members_of(self, session: str) -> set[str]:
+        member = self.members.get(session)
+        return set(member.members) if member is not None else set()
+
+    def term_of(self, session: str) -> int:
+        leader, member = self.leading.get(session), self.members.get(session)
+        return leader.term if leader is not None else member.term if member is not None else 0
+
+    def share_of(self, leader: str) -> int:
+        return sum(1 for m in self.members.values() if m.leader == leader and not m.closed)
 
     def leader_of(self, session: str) -> str:
         """Who leads `session` as far as this node knows ("" if it does not)."""
@@ -305,12 +308,122 @@ class TextSessions:
         member = self.members.get(session)
         return member.leader if member is not None else ""
 
+    # --- messages -----------------------------------------------------------------------
+
+    def reply(self, msg: Proposal | Scores | TextFrame, size: int, sender: str) -> None:
+        leader = self.leading.get(msg.session)
+        if leader is None:
+            return
+        if sender != msg.sender:
+            self.node.refused("text reply sent for another node")
+            return
+        leader.on_reply(msg, size)
+
+    async def handle(self, msg: TextOpen | Candidates | Commit, sender: str) -> None:
+        node = self.node
+        leader = self.leading.get(msg.session)
+        if (isinstance(msg, Commit) and leader is not None and msg.step >= leader.steps
+                and sender in {m.node_id for m in leader.members}):
+            leader.adopt(msg)            # from a member ahead of this new leader (resume)
+            return
+        if isinstance(msg, TextOpen):
+            await self._open(msg, sender)
+            return
+        member = self.members.get(msg.session)
+        if isinstance(msg, Commit) and msg.session in node.roles.clients:
+            # The origin streams committed text to its client.
+            node.roles.to_client(Token(msg.session, msg.step, 0, msg.text_hash, msg.text,
+                                       msg.final, msg.term), sender)
+        # (A member that took over stays this leader's own local member: it is followed.)
+        if member is None or not member.follow(sender, msg.term):
+            return
+        if isinstance(msg, Candidates):
+            await member.candidates(msg)
+        else:
+            await member.commit(msg)
+        if member.closed and self.members.get(msg.session) is member:
+            self._forget(member)
+
+    async def _open(self, msg: TextOpen, sender: str) -> None:
+        node = self.node
+        if sender != msg.leader:
+            node.refused("TextOpen from another node than its leader")
+            return
+        current = self.members.get(msg.session)
+        if current is not None and not current.closed:
+            if (current.leader, current.term) == (msg.leader, msg.term):
+                current.last_heard = time.monotonic()
+                current.again(Proposal if current.mode == "rank" else TextFrame, 0)
+                return
+            if not outranks(msg.session, (msg.term, msg.leader),
+                            (current.term, current.leader)):
+                node.send_to(sender, Deposed(msg.session, current.leader, current.term))
+                return
+            current.closed = True                # superseded by a better claim
+        roles = node.roles
+        if sender != node.node_id and roles._share_of(sender) >= roles._max_share():
+            node.refused("a leader past its share of this node's sessions")
+            node.send_to(sender, Leave(msg.session, node.node_id,
+                                       "busy: your share of this node's sessions is taken"))
+            return
+        member = TextMemberSession(msg, me=node.node_id, engine=node.engine,
+                                   send=node.send_to)
+        self.members[msg.session] = member
+        await member.open()
+
+    async def end(self, msg: End, sender: str) -> None:
+        member = self.members.get(msg.session)
+        if member is not None and member.follow(sender, msg.term):
+            self._forget(member)
+            await member.end()
+
+    def _forget(self, member: TextMemberSession) -> None:
+        """A finished member: remember who led, for a client that re-attaches late."""
+        if self.members.get(member.session) is member:
+            del self.members[member.session]
+        self.node.roles.remember_leader(member.session, member.leader, member.term)
+
+    def leave(self, session: str, sender: str, reason: str) -> None:
+        leader = self.leading.get(session)
+        if leader is not None and sender in {m.node_id for m in leader.members}:
+            log.warning("session %s: %s left: %s", session, sender, reason)
+            leader.member_lost(sender)
+
+    def deposed(self, msg: Deposed, sender: str) -> None:
+        leader = self.leading.get(msg.session)
+        if leader is not None:
+            leader.on_deposed(msg, sender)
+
+    def cancel(self, session: str, sender: str) -> None:
+        leader = self.leading.get(session)
+        if leader is not None and sender == leader.origin:
+            leader.cancel()
+
+    async def resume(self, msg: Resume, sender: str) -> None:
+        member = self.members.get(msg.session)
+        if member is not None and sender == msg.leader and member.follow(sender, msg.term):
+            await member.resume(msg)
+            if member.closed:
+                self._forget(member)
+
     def attach(self, msg: Attach) -> bool:
         """A new origin wants the Commits from `msg.next_step` (the leader's side)."""
         leader = self.leading.get(msg.session)
         if leader is not None:
             leader.set_origin(msg.origin, msg.next_step)
         return leader is not None
+
+    async def sweep(self) -> None:
+        """Free member sessions whose leader has said nothing for `MEMBER_IDLE_S`."""
+        now = time.monotonic()
+        for member in list(self.members.values()):
+            if member.taken_over or now - member.last_heard < MEMBER_IDLE_S:
+                continue
+            self._forget(member)
+            await member.leader_gone(f"nothing from it for {now - member.last_heard:.0f}s")
+            self.node.send_to(member.leader, Leave(member.session, self.node.node_id, "idle"))
+
+    # --- failover -----------------------------------------------------------------------
 
     def peer_gone(self, node_id: str) -> None:
         node = self.node
@@ -320,37 +433,42 @@ class TextSessions:
         for session, member in list(self.members.items()):
             if member.leader != node_id or member.closed or member.taken_over:
                 continue
-            ranked = [m.node_id for m in rank_for_session(session, _ids(member.members))
-                      if m.node_id in alive]
-            if not ranked or (len(member.members) > 2 and 2 * len(ranked) < len(member.members)):
+            nxt = successor(session, member.members, alive, node.node_id)
+            if nxt.action == "abstain":
                 # We see less than half of the session: we are probably the ones cut off,
                 # and taking over would make a second leader. Leave it to the majority.
                 del self.members[session]
                 node.spawn(member.leader_gone("most of the session is unreachable too"))
-            elif ranked[0] == node.node_id:
-                self._take_over(member, alive)
+            elif nxt.action == "take-over":
+                member.taken_over = True
+                node.spawn(self._take_over(member, alive))
             else:
                 log.info("session %s: leader %s gone; %s takes over", session, node_id,
-                         ranked[0])
-                member.leader = ranked[0]
+                         nxt.leader)
+                member.leader = nxt.leader
                 node.spawn(self._await_resume(member))
 
-    def _take_over(self, member: TextMemberSession, alive: set[str]) -> None:
+    async def _take_over(self, member: TextMemberSession, alive: set[str]) -> None:
         node = self.node
-        member.taken_over = True
-        member.leader = node.node_id
+        async with member._lock:          # no step in flight: its text is what was committed
+            resume = member.resume_state()
+            term = member.term + 1
+            member.leader, member.term = node.node_id, term
         peers = {m.node_id: m for m in node.membership.alive()}
         members = [peers[i] for i in member.members if i in alive and i in peers]
         m = member.open_msg
-        log.warning("session %s: leader gone; taking over at step %d with %s", member.session,
-                    member.step, ", ".join(x.name for x in members))
+        log.warning("session %s: leader gone; taking over at step %d (term %d) with %s",
+                    member.session, member.step, term, ", ".join(x.name for x in members))
+        client = node.roles.clients.get(member.session)
+        if client is not None:
+            client.leader, client.term, client.leader_lost_at = node.node_id, term, None
         leader = TextLeaderSession(
             session=member.session, origin=member.origin, params=member.params,
             kind="rank" if member.mode == "rank" else "fuse-text", members=members,
             me=node.me, engine=node.engine, send=node.send_to, prompt=m.prompt,
-            messages=m.messages, keep=member.keep, resume=member.resume_state(),
+            messages=m.messages, keep=member.keep, resume=resume, term=term,
             **node.session_timeouts())
-        node.spawn(self._run(leader))
+        await self._run(leader)
 
     async def _await_resume(self, member: TextMemberSession) -> None:
         """Free a member whose new leader never says so (it died too, or saw otherwise)."""
@@ -360,8 +478,3 @@ class TextSessions:
             if self.members.get(member.session) is member:
                 del self.members[member.session]
             await member.leader_gone(f"{waited_for} never resumed it")
-
-
-def _ids(ids: list[str]) -> list[Any]:
-    """rank_for_session wants objects with a node_id; give it just that."""
-    return [SimpleNamespace(node_id=i) for i in ids]

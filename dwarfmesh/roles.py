@@ -2,13 +2,25 @@
 
 - **origin**: a client's `Generate` arrives; the origin elects the leader from its view
   of the mesh (rendezvous hash over the largest same-tokenizer group), sends it `Start`,
-  and streams `Token`s back to the client exactly once each, in step order.
+  and streams `Token`s back to the client exactly once each, in step order. A Start the
+  leader never acknowledges is sent again, and to the next leader by rank once the first
+  one is dead (with a later term, so the two can never both lead).
 - **leader**: runs `session.LeaderSession`.
 - **member**: runs `member.MemberSession`.
 - **failover**: when a session's leader dies, every member ranks the session's surviving
-  members by the same rendezvous hash; the first one takes over (`LeaderSession` with
-  `resume_from`), the others wait for its `Resume`. A client whose node died re-attaches
-  to another node (`Attach`), which becomes the origin and streams from `next_step`.
+  members by the same rendezvous hash (`membership.successor`); the first one takes over
+  (`LeaderSession` with `resume_from`, in the next term), the others wait for its
+  `Resume`. A client whose node died re-attaches to another node (`Attach`), which
+  becomes the origin and streams from `next_step`.
+
+Authority: every session message is acted on only when it comes from the node that the
+session's state says may send it (`sender` is the peer the transport heard it from, never
+a field of the message): a leader's Tokens, End and Resume only from the leader of the
+best claim (`MemberSession.follow`), frames and Leave from a member of the session,
+Cancel from the session's client or origin. Anything else is dropped and counted
+(`node.refused`). A leader may hold at most `PEER_SESSION_SHARE` of this node's sessions
+as a member, and a member session that hears nothing from its leader for
+`deadlines.MEMBER_IDLE_S` is freed.
 
 The node owns the sockets and the membership; this class owns the session tables.
 """
@@ -18,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from dwarfmesh import protocol as P
@@ -28,19 +40,17 @@ from dwarfmesh.config import (
     OPEN_RESEND_S,
     PREFILL_TIMEOUT_S,
 )
+from dwarfmesh.deadlines import MEMBER_IDLE_S
 from dwarfmesh.member import MemberSession
-from dwarfmesh.membership import (
-    elect_leader,
-    plan_session,  # issue 6: text-level sessions
-    rank_for_session,
-)
-from dwarfmesh.rank_member import TextSessions  # issue 6
+from dwarfmesh.membership import elect_leader, outranks, plan_session, successor
+from dwarfmesh.rank_member import TextSessions
 from dwarfmesh.session import LeaderSession, PromptTooLong
 
 log = logging.getLogger(__name__)
 
 FINISHED_KEEP_S = 120.0        # a leader keeps a finished answer this long for re-attaching
 FINISHED_KEEP_COUNT = 256      # a member remembers who led this many finished sessions
+PEER_SESSION_SHARE = 0.5       # most of this node's session slots one leader may hold
 
 
 @dataclass
@@ -50,9 +60,24 @@ class ClientStream:
     leader: str
     next_step: int
     last_heard: float
+    members: set[str] = field(default_factory=set)   # who may lead it after a failover
+    term: int = 0
     leader_lost_at: float | None = None
     start: Any = None              # the Start message, re-sent until the leader acknowledges
     acked: bool = False
+    request: Any = None            # the Generate (a copy re-sent by the client is the same)
+
+    def follow(self, session: str, sender: str, term: int) -> bool | None:
+        """True: from the stream's leader (now). False: a weaker claim. None: not a
+        member of the session at all."""
+        if (sender, term) == (self.leader, self.term):
+            return True
+        if sender not in self.members and sender != self.leader:
+            return None
+        if outranks(session, (term, sender), (self.term, self.leader)):
+            self.leader, self.term, self.leader_lost_at = sender, term, None
+            return True
+        return False
 
 
 class SessionRoles:
@@ -64,31 +89,59 @@ class SessionRoles:
         # Recently finished sessions, so a client that re-attaches late still gets its
         # answer: as leader, what was streamed; as member, who led.
         self.finished: dict[str, tuple[float, list[Any]]] = {}
-        self.led_by: dict[str, str] = {}
-        self.text = TextSessions(node)   # issue 6: sessions across tokenizers
+        self.led_by: dict[str, tuple[str, int]] = {}   # session -> (leader, term)
+        self.text = TextSessions(node)   # sessions across tokenizers (rank, fuse-text)
+
+    def refuse(self, why: str) -> None:
+        self.node.refused(why)
 
     # --- origin -----------------------------------------------------------------------
 
     def generate(self, req: P.Generate, identity: bytes) -> None:
         node = self.node
         session = req.conversation or req.request
-        if session in self.clients:
+        client = self.clients.get(session)
+        if client is not None:
+            if client.request == req:            # the client sent it again: same answer
+                client.identity = identity
+                return
             node.transport.reply(identity, P.Error(
                 session, f"session {session} is already answering; wait for it"))
             return
-        plan = plan_session(req.params, node.membership.alive())   # issue 6: mode
-        group, excluded = plan.group, plan.excluded
-        leader = elect_leader(session, group)
-        for _member, why in excluded:
+        if self._running_here(session):
+            # The client's node died after the session started; the client asks again
+            # here: stream the one answer from its start, never start a second.
+            self.attach(P.Attach(session, "", 0), identity)
+            return
+        self._start(session, req, identity, term=0, avoid=set())
+
+    def _start(self, session: str, req: P.Generate, identity: bytes, term: int,
+               avoid: set[str]) -> bool:
+        node = self.node
+        alive = [m for m in node.membership.alive() if m.node_id not in avoid]
+        plan = plan_session(req.params, alive)
+        if not plan.group:
+            return False
+        leader = elect_leader(session, plan.group)
+        for _member, why in plan.excluded:
             log.warning("session %s: leaving out %s", session, why)
-        log.info("session %s: leader %s, members %s", session, leader.name,
-                 ", ".join(m.name for m in group))
+        log.info("session %s: leader %s (term %d), members %s", session, leader.name, term,
+                 ", ".join(m.name for m in plan.group))
         start = P.Start(session, node.node_id, req.prompt, req.params, req.messages,
-                        bool(req.conversation))
-        self.clients[session] = ClientStream(identity, session, leader.node_id, 0,
-                                             time.monotonic(), start=start)
+                        bool(req.conversation), term)
+        old = self.clients.get(session)
+        self.clients[session] = ClientStream(
+            identity, session, leader.node_id, old.next_step if old else 0, time.monotonic(),
+            members={m.node_id for m in plan.group}, term=term, start=start, request=req)
         node.send_to(leader.node_id, start)
-        node.spawn(self._watch_client(session))
+        if old is None:
+            node.spawn(self._watch_client(session))
+        return True
+
+    def _running_here(self, session: str) -> bool:
+        member = self.member_of.get(session)
+        return (session in self.leading or (member is not None and not member.closed)
+                or self.text.running(session))
 
     def attach(self, msg: P.Attach, identity: bytes) -> None:
         """A client re-attaches here after its node died: become the session's origin."""
@@ -96,49 +149,75 @@ class SessionRoles:
         member = self.member_of.get(msg.session)
         leader_id = (node.node_id if msg.session in self.leading or msg.session in self.finished
                      else member.leader if member is not None
-                     else self.text.leader_of(msg.session)           # issue 6: text sessions
-                     or self.led_by.get(msg.session, ""))
+                     else self.text.leader_of(msg.session)
+                     or self.led_by.get(msg.session, ("", 0))[0])
         if not leader_id:
             node.transport.reply(identity, P.Error(msg.session, "unknown session"))
             return
+        members = (set(member.members) if member is not None
+                   else self.text.members_of(msg.session))
+        term = member.term if member is not None else self.text.term_of(msg.session)
+        fresh = msg.session not in self.clients
         self.clients[msg.session] = ClientStream(identity, msg.session, leader_id,
-                                                 msg.next_step, time.monotonic())
+                                                 msg.next_step, time.monotonic(),
+                                                 members=members, term=term, acked=True)
         node.send_to(leader_id, P.Attach(msg.session, node.node_id, msg.next_step))
-        node.spawn(self._watch_client(msg.session))
+        # Acknowledge at once: the leader may have nothing to stream yet (prefill).
+        node.transport.reply(identity, P.Resume(msg.session, leader_id, msg.next_step, term))
+        if fresh:
+            node.spawn(self._watch_client(msg.session))
 
-    def to_client(self, msg: P.Token | P.End | P.Resume) -> None:
+    def to_client(self, msg: P.Token | P.End | P.Resume, sender: str) -> None:
         client = self.clients.get(msg.session)
         if client is None:
+            return
+        follows = client.follow(msg.session, sender, msg.term)
+        if follows is None:
+            self.refuse("session message from a non-member")
+            return
+        if not follows:
+            self.node.send_to(sender, P.Deposed(msg.session, client.leader, client.term))
             return
         client.last_heard = time.monotonic()
         client.acked = True
         if isinstance(msg, P.Resume):
-            client.leader, client.leader_lost_at = msg.leader, None
             return
         if isinstance(msg, P.Token):
             if msg.step != client.next_step:
                 return                   # a token already streamed (resent by a new leader)
             client.next_step += 1
         if isinstance(msg, P.End):
-            msg.summary.setdefault("mode", "fuse-ids")   # issue 6: text sessions set theirs
+            msg.summary.setdefault("mode", "fuse-ids")   # text sessions set theirs
         self.node.transport.reply(client.identity, msg)
         if isinstance(msg, P.End):
             del self.clients[msg.session]
+            self.remember_leader(msg.session, client.leader, client.term)
 
     async def _watch_client(self, session: str) -> None:
-        """Tell the client when its leader is gone for good, rather than letting it hang."""
+        """Re-send an unacknowledged Start (to the next leader once the first is dead);
+        tell the client when its leader is gone for good, rather than letting it hang."""
+        tried: set[str] = set()
         while session in self.clients:
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
             client = self.clients.get(session)
             if client is None:
                 return
             now = time.monotonic()
+            alive = (client.leader == self.node.node_id
+                     or client.leader in self.node.membership.peers)
+            if not client.acked and not alive and client.request is not None:
+                # The leader died before it took the session: the next one by rank leads
+                # it, in a later term (should the first be alive after all, it is deposed).
+                tried.add(client.leader)
+                log.warning("session %s: leader %s gone before it started; re-electing",
+                            session, client.leader)
+                if self._start(session, client.request, client.identity, client.term + 1,
+                               tried):
+                    continue
             if not client.acked and now - client.last_heard > OPEN_RESEND_S:
                 # The Start may have been lost (e.g. the leader had just restarted): again.
                 client.last_heard = now
                 self.node.send_to(client.leader, client.start)
-            alive = (client.leader == self.node.node_id
-                     or client.leader in self.node.membership.peers)
             if alive:
                 client.leader_lost_at = None
             elif client.leader_lost_at is None:
@@ -152,17 +231,26 @@ class SessionRoles:
 
     # --- leader -----------------------------------------------------------------------
 
-    async def lead(self, start: P.Start) -> None:
+    async def lead(self, start: P.Start, sender: str) -> None:
         node = self.node
+        if sender != start.origin:
+            self.refuse("Start from another node than its origin")
+            return
+        running = self.leading.get(start.session)
+        if running is not None or start.session in self.text.leading:
+            # A re-sent Start: already running; acknowledge (and stream to this origin).
+            leader = running or self.text.leading[start.session]
+            node.send_to(start.origin, P.Resume(start.session, node.node_id, 0, leader.term))
+            if leader.origin != start.origin:
+                leader.set_origin(start.origin, 0)
+            return
         # Acknowledge (the origin re-sends an unacknowledged Start): "I lead it from step 0".
-        node.send_to(start.origin, P.Resume(start.session, node.node_id, 0))
-        if start.session in self.leading or start.session in self.text_leading():
-            return                                   # a re-sent Start: already running
-        plan = plan_session(start.params, node.membership.alive())  # issue 6: mode
-        log.info("session %s: %s (%s)", start.session, plan.kind, plan.why)  # issue 6
-        if plan.kind != "fuse-ids":                                   # issue 6
-            await self.text.lead(start, plan)                         # issue 6
-            return                                                    # issue 6
+        node.send_to(start.origin, P.Resume(start.session, node.node_id, 0, start.term))
+        plan = plan_session(start.params, node.membership.alive())
+        log.info("session %s: %s (%s)", start.session, plan.kind, plan.why)
+        if plan.kind != "fuse-ids":
+            await self.text.lead(start, plan)
+            return
         group, excluded = plan.group, plan.excluded
         if all(m.node_id != node.node_id for m in group):
             group = [node.me]
@@ -170,11 +258,7 @@ class SessionRoles:
             session=start.session, origin=start.origin, prompt=start.prompt,
             params=start.params, members=group, me=node.me, engine=node.engine,
             send=node.send_to, messages=start.messages, keep=start.keep, excluded=excluded,
-            **node.session_timeouts()))
-
-    def text_leading(self) -> dict[str, Any]:
-        """Sessions this node leads on the text path (issue 6), if that path exists."""
-        return getattr(getattr(self, "text", None), "leading", {}) or {}
+            term=start.term, **node.session_timeouts()))
 
     async def _run_leader(self, session: str, leader: LeaderSession) -> None:
         self.leading[session] = leader
@@ -185,14 +269,18 @@ class SessionRoles:
                 log.warning("session %s: %s", session, exc)
             else:
                 log.exception("session %s failed", session)
-            self.node.send_to(leader.origin, P.End(session, f"error: {exc}", {}))
+            self.node.send_to(leader.origin, P.End(session, f"error: {exc}", {}, leader.term))
             for m in leader.members:
                 if m.node_id != self.node.node_id:
-                    self.node.send_to(m.node_id, P.End(session, "error", {}))
+                    self.node.send_to(m.node_id, P.End(session, "error", {}, leader.term))
         finally:
-            self.leading.pop(session, None)
-            self.member_of.pop(session, None)
-            self.keep_finished(session, leader.sent)
+            if self.leading.get(session) is leader:
+                del self.leading[session]
+            member = self.member_of.get(session)
+            if member is not None and member.taken_over:
+                del self.member_of[session]
+            if leader.deposed is None:
+                self.keep_finished(session, leader.sent)
 
     def keep_finished(self, session: str, sent: list[Any]) -> None:
         """Keep what a finished session streamed, for a client that re-attaches late."""
@@ -202,124 +290,201 @@ class SessionRoles:
             if now - t > FINISHED_KEEP_S:
                 del self.finished[key]
 
-    def frame(self, msg: P.Frame, size: int) -> None:
+    def frame(self, msg: P.Frame, size: int, sender: str) -> None:
         leader = self.leading.get(msg.session)
-        if leader is not None:
-            leader.on_frame(msg, size)
+        if leader is None:
+            return
+        if sender != msg.sender:
+            self.refuse("frame sent for another node")
+            return
+        leader.on_frame(msg, size)
 
-    def leave(self, msg: P.Leave) -> None:
-        self.text.leave(msg.session, msg.sender, msg.reason)   # issue 6
+    def leave(self, msg: P.Leave, sender: str) -> None:
+        if sender != msg.sender:
+            self.refuse("Leave sent for another node")
+            return
+        self.text.leave(msg.session, msg.sender, msg.reason)
         leader = self.leading.get(msg.session)
-        if leader is not None:
+        if leader is not None and msg.sender in leader._ids():
             log.warning("session %s: %s left: %s", msg.session, msg.sender, msg.reason)
             leader.member_lost(msg.sender)
 
-    def leader_attach(self, msg: P.Attach) -> None:
+    def deposed(self, msg: P.Deposed, sender: str) -> None:
         leader = self.leading.get(msg.session)
+        if leader is not None:
+            leader.on_deposed(msg, sender)
+        self.text.deposed(msg, sender)
+
+    def leader_attach(self, msg: P.Attach, sender: str) -> None:
+        if sender != msg.origin:
+            self.refuse("Attach for another node")
+            return
+        leader = self.leading.get(msg.session) or self.text.leading.get(msg.session)
+        if leader is not None and sender not in leader.roster:
+            # Only a node of the session can become its origin: the client re-attaches
+            # through one of them (roles.attach), never through a stranger.
+            self.refuse("Attach from a node outside the session")
+            return
         log.info("session %s: origin moves to %s at step %d", msg.session, msg.origin,
                  msg.next_step)
-        if leader is not None:
-            leader.set_origin(msg.origin, msg.next_step)
-        elif self.text.attach(msg):          # issue 6: a text session this node leads
+        if msg.session in self.leading:
+            self.leading[msg.session].set_origin(msg.origin, msg.next_step)
+        elif self.text.attach(msg):          # a text session this node leads
             pass
         elif msg.session in self.finished:
             for sent in self.finished[msg.session][1][msg.next_step:]:
                 self.node.send_to(msg.origin, sent)
 
-    def cancel(self, session: str) -> None:
+    def cancel(self, session: str, sender: str | None, identity: bytes | None) -> None:
+        """Stop an answer: from its client (to the origin), or from its origin (to the
+        leader). Nobody else may."""
         client = self.clients.get(session)
-        if client is not None and client.leader != self.node.node_id:
-            self.node.send_to(client.leader, P.Cancel(session))
-            return
+        if sender is None:                       # a client: only the one it streams to
+            if client is None or client.identity != identity:
+                self.refuse("Cancel from a client that does not own the session")
+                return
+            if client.leader != self.node.node_id:
+                self.node.send_to(client.leader, P.Cancel(session))
+                return
+            sender = self.node.node_id
         leader = self.leading.get(session)
-        if leader is not None:
+        if leader is not None and sender == leader.origin:
             leader.cancel()
-        self.text.cancel(session)   # issue 6
+        self.text.cancel(session, sender)
 
     # --- member -----------------------------------------------------------------------
 
-    async def open(self, msg: P.Open) -> None:
+    async def open(self, msg: P.Open, sender: str) -> None:
+        node = self.node
+        if sender != msg.leader:
+            self.refuse("Open from another node than its leader")
+            return
         current = self.member_of.get(msg.session)
-        if current is not None and not current.closed and current.leader == msg.leader:
-            return                                   # a re-sent Open: already prefilling
-        member = MemberSession(msg, me=self.node.node_id, engine=self.node.engine,
-                               send=self.node.send_to)
+        if current is not None and not current.closed:
+            if (current.leader, current.term) == (msg.leader, msg.term):
+                current.resend()                 # a re-sent Open: frame again, if ready
+                return
+            if not outranks(msg.session, (msg.term, msg.leader),
+                            (current.term, current.leader)):
+                node.send_to(sender, P.Deposed(msg.session, current.leader, current.term))
+                return
+            current.closed = True                # superseded by a better claim
+        if sender != node.node_id and self._share_of(sender) >= self._max_share():
+            self.refuse("a leader past its share of this node's sessions")
+            node.send_to(sender, P.Leave(msg.session, node.node_id,
+                                         "busy: your share of this node's sessions is taken"))
+            return
+        member = MemberSession(msg, me=node.node_id, engine=node.engine, send=node.send_to)
+        member.term = msg.term
         self.member_of[msg.session] = member
         await member.open()
 
-    async def session_message(self, msg: P.Token | P.End | P.Resume) -> None:
-        self.to_client(msg)
+    def _share_of(self, leader: str) -> int:
+        return (sum(1 for m in self.member_of.values() if m.leader == leader and not m.closed)
+                + self.text.share_of(leader))
+
+    def _max_share(self) -> int:
+        slots = getattr(self.node.engine, "max_sessions", 16)
+        return max(1, int(slots * PEER_SESSION_SHARE))
+
+    async def session_message(self, msg: P.Token | P.End | P.Resume, sender: str) -> None:
+        if msg.session in self.clients:
+            self.to_client(msg, sender)
         if isinstance(msg, P.End):
-            await self.text.end(msg)   # issue 6: a text member frees its state
+            await self.text.end(msg, sender)
         elif isinstance(msg, P.Resume):
-            await self.text.resume(msg)   # issue 6: a text session's new leader
+            await self.text.resume(msg, sender)
         member = self.member_of.get(msg.session)
-        if member is None or member.taken_over:
+        if member is None:
+            if (isinstance(msg, P.Token) and msg.session not in self.clients
+                    and not self.text.running(msg.session) and sender != self.node.node_id):
+                self._stray(msg, sender)
+            return
+        if member.taken_over or not member.follow(sender, msg.term):
             return
         if isinstance(msg, P.Token):
             member.token(msg)
         elif isinstance(msg, P.Resume):
-            member.resume(msg.leader)
+            member.resume(sender, msg.term)
         else:
             await member.end()
         if member.closed:
-            self.member_of.pop(msg.session, None)
-            self.remember_leader(msg.session, member.leader)
+            if self.member_of.get(msg.session) is member:
+                del self.member_of[msg.session]
+            self.remember_leader(msg.session, member.leader, member.term)
 
-    def remember_leader(self, session: str, leader: str) -> None:
-        """Who led a session this node was a member of (for a client re-attaching late)."""
-        self.led_by[session] = leader
+    def _stray(self, msg: P.Token, sender: str) -> None:
+        """A Token for a session this node is not (or no longer) in. A leader that this
+        node knows was outranked learns it was deposed (it woke up after the answer
+        ended); otherwise it learns this node is not a member (e.g. it restarted), so it
+        stops waiting for a frame that will never come."""
+        known = self.led_by.get(msg.session)
+        if known is not None and known[0] != sender and outranks(
+                msg.session, (known[1], known[0]), (msg.term, sender)):
+            self.node.send_to(sender, P.Deposed(msg.session, known[0], known[1]))
+        else:
+            self.node.send_to(sender, P.Leave(msg.session, self.node.node_id,
+                                              "not a member of this session"))
+
+    def remember_leader(self, session: str, leader: str, term: int = 0) -> None:
+        """Who led a session this node was a member or origin of (for a client
+        re-attaching late, and to tell a leader that wakes up late that it was deposed)."""
+        self.led_by[session] = (leader, term)
         while len(self.led_by) > FINISHED_KEEP_COUNT:
             self.led_by.pop(next(iter(self.led_by)))
+
+    async def sweep(self) -> None:
+        """Free member sessions whose leader has said nothing for `MEMBER_IDLE_S` (it
+        died with no one to take over, it was cut off, or it never meant to go on)."""
+        now = time.monotonic()
+        for session, member in list(self.member_of.items()):
+            if member.taken_over or now - member.last_heard < MEMBER_IDLE_S:
+                continue
+            log.warning("session %s: nothing from leader %s for %.0fs; freeing it", session,
+                        member.leader, now - member.last_heard)
+            del self.member_of[session]
+            await member.end()
+            self.node.send_to(member.leader, P.Leave(session, self.node.node_id, "idle"))
+        await self.text.sweep()
 
     # --- failover ---------------------------------------------------------------------
 
     def peer_gone(self, node_id: str) -> None:
         node = self.node
-        self.text.peer_gone(node_id)   # issue 6
+        self.text.peer_gone(node_id)
         for leader in self.leading.values():
             leader.member_lost(node_id)
         alive = {m.node_id for m in node.membership.alive()}
         for session, member in list(self.member_of.items()):
             if member.leader != node_id or member.closed or member.taken_over:
                 continue
-            ranked = [m.node_id for m in rank_for_session(session, _stubs(member.members))
-                      if m.node_id in alive]
-            if not ranked:
-                continue
-            if len(member.members) > 2 and 2 * len(ranked) < len(member.members):
-                # We see less than half of the session: we are probably the ones cut off,
-                # and taking over would make a second leader. Leave it to the majority.
+            nxt = successor(session, member.members, alive, node.node_id)
+            if nxt.action == "abstain":
                 log.warning("session %s: leader %s unreachable but so is most of the "
                             "session; not taking over", session, node_id)
-                continue
-            if ranked[0] == node.node_id:
-                self._take_over(member, alive)
+            elif nxt.action == "take-over":
+                member.taken_over = True
+                node.spawn(self._take_over(member, alive))
             else:
-                member.leader = ranked[0]
+                member.leader = nxt.leader
                 log.info("session %s: leader %s gone; %s takes over", session, node_id,
-                         ranked[0])
+                         nxt.leader)
 
-    def _take_over(self, member: MemberSession, alive: set[str]) -> None:
+    async def _take_over(self, member: MemberSession, alive: set[str]) -> None:
         node = self.node
-        member.taken_over = True
+        state = await member.state()          # no step in flight: state matches the cache
+        term = state["term"] + 1
+        member.leader, member.term = node.node_id, term
         peers = {m.node_id: m for m in node.membership.alive()}
         members = [peers[i] for i in member.members if i in alive and i in peers]
         leader = LeaderSession(
             session=member.session, origin=member.origin, params=member.params,
             members=members, me=node.me, engine=node.engine, send=node.send_to,
-            keep=member.keep, resume_from=member.state(), **node.session_timeouts())
+            keep=member.keep, resume_from=state, term=term, **node.session_timeouts())
+        client = self.clients.get(member.session)
+        if client is not None:
+            client.leader, client.term, client.leader_lost_at = node.node_id, term, None
         if member.origin not in alive:
             log.warning("session %s: its origin is gone too; waiting for a client to attach",
                         member.session)
-        node.spawn(self._run_leader(member.session, leader))
-
-
-def _stubs(ids: list[str]) -> list[Any]:
-    """rank_for_session wants objects with a node_id; give it just that."""
-    return [_Id(i) for i in ids]
-
-
-@dataclass(frozen=True)
-class _Id:
-    node_id: str
+        await self._run_leader(member.session, leader)

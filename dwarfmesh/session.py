@@ -37,11 +37,20 @@ from dwarfmesh.config import (
     ONLINE_ETA,
     OPEN_RESEND_S,
     PERPLEXITY_TAU,
-    PREFILL_TIMEOUT_S,
-    STEP_TIMEOUT_S,
 )
-from dwarfmesh.membership import Member
-from dwarfmesh.protocol import End, Frame, GenParams, Open, Resume, Token, extend_hash, prefix_hash
+from dwarfmesh.deadlines import prefill_bound, reply_bound, resend_interval
+from dwarfmesh.membership import Member, outranks
+from dwarfmesh.protocol import (
+    Deposed,
+    End,
+    Frame,
+    GenParams,
+    Open,
+    Resume,
+    Token,
+    extend_hash,
+    prefix_hash,
+)
 from dwarfmesh.session_stats import SessionStats
 
 log = logging.getLogger(__name__)
@@ -60,21 +69,27 @@ class LeaderSession:
                  me: Member, engine: Any, send: Send, prompt: str = "",
                  messages: list[dict[str, Any]] | None = None, keep: bool = False,
                  excluded: list[tuple[Member, str]] | None = None,
-                 step_timeout_s: float = STEP_TIMEOUT_S, step_deadline_s: float | None = None,
-                 resume_from: dict[str, Any] | None = None) -> None:
+                 step_timeout_s: float | None = None, step_deadline_s: float | None = None,
+                 resume_from: dict[str, Any] | None = None, term: int = 0) -> None:
         self.session, self.origin, self.params = session, origin, params
         self.prompt, self.messages, self.keep = prompt, messages or [], keep
         self.members = list(members)
+        self.roster = {m.node_id for m in members}   # who may depose this leader (+ origin)
         self.me, self.engine, self.send = me, engine, send
         self.excluded = excluded or []
         self.step_timeout_s, self.step_deadline_s = step_timeout_s, step_deadline_s
         self.resume_from = resume_from
+        self.term = term
+        self.deposed: Deposed | None = None      # a leader of a later term took over
         self.stats = SessionStats({m.node_id: m.name for m in members})
         self._expect: set[int] = set()
         self._frames: dict[str, Frame] = {}
         self._ahead: dict[str, Frame] = {}       # frames one step ahead (after a failover)
         self._waiter: asyncio.Future | None = None
         self._hash = 0
+        self._hashes: list[int] = []             # prefix hash before each committed token
+        self._caught_up: dict[str, float] = {}   # when a member behind was last re-sent
+        self._slowest_s = 0.0                    # slowest forward seen (reply bounds)
         self._cancelled = False
         self.own_out: Any = None
         self.tokens: list[int] = []
@@ -85,8 +100,12 @@ class LeaderSession:
 
     def on_frame(self, frame: Frame, size: int) -> None:
         step = min(self._expect) if self._expect else -1
-        if frame.sender not in self._ids() or frame.step not in self._expect:
+        if frame.sender not in self._ids():
+            self.stats.stale_frames += 1
+            return
+        if frame.step not in self._expect:
             self.stats.stale_frames += 1             # after its step was fused, or unknown
+            self._catch_up(frame)
             return
         target = self._frames if frame.step == step else self._ahead
         want = self._hash if frame.step == step else extend_hash(self._hash, frame.last_token)
@@ -97,8 +116,24 @@ class LeaderSession:
             return
         self.stats.frame_bytes += size
         self.stats.wire_bytes += size
+        self._slowest_s = max(self._slowest_s, frame.forward_ms / 1000.0)
         target[frame.sender] = frame
         self._maybe_done()
+
+    def _catch_up(self, frame: Frame) -> None:
+        """A frame for a step already committed: that member missed Tokens (lost, or sent
+        by a leader that died before reaching it). Send it what it lacks, at most once per
+        resend interval (its answer to duplicates is its frame again)."""
+        step = frame.step
+        if not 0 <= step < len(self._hashes) or self._hashes[step] != frame.prefix_hash:
+            return
+        now = time.monotonic()
+        if now - self._caught_up.get(frame.sender, 0.0) < resend_interval(self._slowest_s):
+            return
+        self._caught_up[frame.sender] = now
+        for msg in self.sent[step:len(self._hashes)]:
+            if isinstance(msg, Token):
+                self.stats.wire_bytes += self.send(frame.sender, msg)
 
     def member_lost(self, node_id: str) -> None:
         """The node says this member is gone: stop waiting for it."""
@@ -107,6 +142,21 @@ class LeaderSession:
             log.warning("session %s: member %s left; %d remain", self.session, node_id,
                         len(self.members))
             self._maybe_done()
+
+    def on_deposed(self, msg: Deposed, sender: str) -> bool:
+        """A member or the origin follows a leader of a later term: stop leading (the
+        answer goes on there). Returns whether this leader stepped down."""
+        if sender not in self.roster | {self.origin} or msg.leader not in self.roster:
+            return False
+        if self.deposed is None and outranks(self.session, (msg.term, msg.leader),
+                                             (self.term, self.me.node_id)):
+            log.warning("session %s: deposed: %s leads term %d now", self.session, msg.leader,
+                        msg.term)
+            self.deposed = msg
+            if self._waiter is not None and not self._waiter.done():
+                self._waiter.set_result(None)
+            return True
+        return False
 
     def set_origin(self, origin: str, next_step: int) -> None:
         """A client re-attached through another node: stream there, from `next_step`."""
@@ -127,57 +177,81 @@ class LeaderSession:
 
     # --- gathering frames -------------------------------------------------------------
 
-    async def _gather(self, step: int, send_first: Callable[[], None], local: Any,
+    async def _gather(self, step: int, send: Callable[[set[str] | None], None], local: Any,
                       ahead_ok: bool = False,
                       preset: dict[str, Frame] | None = None) -> dict[str, Frame]:
-        """Expect frames for `step`, send what triggers them, add the local one, wait."""
+        """Expect frames for `step`, send what triggers them, add the local one, wait
+        (asking silent members again, see `deadlines`)."""
         self._expect = {step, step + 1} if ahead_ok else {step}
         self._frames, self._ahead = dict(preset or {}), {}
         self._waiter = asyncio.get_running_loop().create_future()
-        send_first()
+        send(None)
+        t0 = time.monotonic()
         if local is not None:
             out = await local
             if not isinstance(out, Frame):
                 self.own_out, out = out, self._own(step, out)
+            self._slowest_s = max(self._slowest_s, out.forward_ms / 1000.0)
             self._frames[self.me.node_id] = out
             self._maybe_done()
         first = step == 0 and self.resume_from is None
-        limit = PREFILL_TIMEOUT_S if first else self.step_timeout_s
+        limit = (prefill_bound(time.monotonic() - t0) if first
+                 else reply_bound(self._slowest_s, self.step_timeout_s))
         deadline = None if first else self.step_deadline_s
         try:
-            if first:
-                await self._await_first_frames(send_first, limit)
+            if deadline is not None:
+                await asyncio.wait_for(asyncio.shield(self._waiter), deadline)
             else:
-                await asyncio.wait_for(asyncio.shield(self._waiter), deadline or limit)
+                await self._await_frames(send, limit,
+                                         OPEN_RESEND_S if first
+                                         else resend_interval(self._slowest_s))
         except asyncio.TimeoutError:
             if deadline is not None and self._frames:
                 for m in self.members:               # fuse what arrived; the rest are late
                     if m.node_id not in self._frames:
                         self.stats.late_frames[m.node_id] += 1
+            elif deadline is not None:
+                # Not one frame by the deadline: wait as without one, then drop the silent.
+                self._expect = self._expect or {step}
+                await self._gather_rest(send, limit - deadline, step)
             else:
-                for m in list(self.members):
-                    if m.node_id not in self._frames and m.node_id not in self._ahead:
-                        log.warning("session %s: %s sent no frame for step %d in %.1fs; "
-                                    "leaving it out", self.session, m.name, step, limit)
-                        self.member_lost(m.node_id)
+                self._drop_silent(step, limit)
         self._expect = set()
         return dict(self._frames)
 
-    async def _await_first_frames(self, send_open: Callable[[], None], limit: float) -> None:
-        """Wait for every member's first frame, re-sending the Open every few seconds to
-        members not heard from (an Open can be lost to a peer that just restarted; a
-        member that already has it ignores the copy)."""
+    async def _gather_rest(self, send: Callable[[set[str] | None], None], limit: float,
+                           step: int) -> None:
+        try:
+            await self._await_frames(send, max(limit, 0.0), resend_interval(self._slowest_s))
+        except asyncio.TimeoutError:
+            self._drop_silent(step, limit)
+
+    def _drop_silent(self, step: int, limit: float) -> None:
+        for m in list(self.members):
+            if m.node_id not in self._frames and m.node_id not in self._ahead:
+                log.warning("session %s: %s sent no frame for step %d in %.1fs; "
+                            "leaving it out", self.session, m.name, step, limit)
+                self.member_lost(m.node_id)
+
+    async def _await_frames(self, send: Callable[[set[str] | None], None], limit: float,
+                            every: float) -> None:
+        """Wait for every member's frame, re-sending the trigger (Open, Token or Resume)
+        every `every` seconds to the members not heard from: a message can be lost to a
+        peer that just reconnected or restarted, and a member that already has it
+        answers the copy with its frame again."""
         loop = asyncio.get_running_loop()
         end = loop.time() + limit
         while True:
             try:
                 await asyncio.wait_for(asyncio.shield(self._waiter),
-                                       min(OPEN_RESEND_S, max(end - loop.time(), 0.0)))
+                                       min(every, max(end - loop.time(), 0.0)))
                 return
             except asyncio.TimeoutError:
                 if loop.time() >= end:
                     raise
-                send_open()
+                # Everyone, not only the silent: a member that answered answers again (a
+                # frame is small), and hears that its leader is alive (MEMBER_IDLE_S).
+                send(self._ids() - {self.me.node_id})
 
     def _own(self, step: int, out: Any) -> Frame:
         return Frame(self.session, step, self.me.node_id, self._hash, out.rest_mass,
@@ -193,8 +267,14 @@ class LeaderSession:
                 sent.add(m.node_id)
         if isinstance(msg, (Token, End)) and (isinstance(msg, End) or msg.step == len(self.sent)):
             self.sent.append(msg)
-        if not isinstance(msg, Open) and self.origin not in sent:
+        if not isinstance(msg, Open) and self.origin not in sent and (
+                only is None or self.origin in only):
             self.send(self.origin, msg)
+
+    def _to(self, msg: Any, ids: set[str]) -> None:
+        for node_id in ids:
+            if node_id != self.me.node_id:
+                self.stats.wire_bytes += self.send(node_id, msg)
 
     # --- the session --------------------------------------------------------------------
 
@@ -215,32 +295,33 @@ class LeaderSession:
                             [m.node_id for m in self.members], p, self.keep,
                             np.asarray(prompt_ids, dtype=np.uint32))
             local = self.engine.open(self.session, prompt_ids, p.top_k)
-            frames = await self._gather(0, lambda: self._broadcast(
-                open_msg, only={m.node_id for m in self.members} - set(self._frames)), local)
+            frames = await self._gather(0, lambda only: self._broadcast(
+                open_msg, only=({m.node_id for m in self.members} - set(self._frames))
+                if only is None else only), local)
             self.stats.prompt_reused = getattr(self.own_out, "reused", 0)
         self.stats.mark_first_token(t_start)
         try:
             reason, text = await self._decode(committed, frames)
         finally:
-            await self.engine.close(self.session, keep=self.keep)
+            await self.engine.close(self.session, keep=self.keep and self.deposed is None)
         summary = self.stats.summary(
             text=text, tokens=self.tokens, reason=reason, leader=self.me.name,
             members=self.members, excluded=self.excluded, prompt_tokens=len(prompt_ids),
             weights=self.weights)
-        self._broadcast(End(self.session, reason, summary))
+        if self.term:
+            summary["term"] = self.term
+        if self.deposed is None:
+            self._broadcast(End(self.session, reason, summary, self.term))
         return summary
 
     async def _decode(self, committed: list[int], frames: dict[str, Frame]) -> tuple[str, str]:
         p = self.params
         self.tokens = list(committed)
         self.weights = self._initial_weights(frames)
-        detok = self.engine.detokenizer()
-        for i, t in enumerate(committed):
-            detok.add_token(t)
-            if i >= len(self.sent):          # tokens streamed by the old leader, for re-attach
-                self.sent.append(Token(self.session, i, t, 0, detok.last_segment, False))
-        text = detok.text if committed else ""
+        text = self._replay_committed(committed)
         for step in range(len(committed), p.max_tokens):
+            if self.deposed is not None:
+                return "deposed", text
             if not frames:
                 return "error: no member frames", text
             t0 = time.perf_counter()
@@ -258,8 +339,8 @@ class LeaderSession:
             if tok in self.engine.eos_ids:
                 piece, final, reason = "", True, "eos"
             else:
-                detok.add_token(tok)
-                piece = detok.last_segment
+                self._detok.add_token(tok)
+                piece = self._detok.last_segment
                 text += piece
                 cut = _stop_at(text, len(piece), p.stop)
                 if cut is not None:
@@ -267,17 +348,31 @@ class LeaderSession:
                     text, final, reason = text[:cut], True, "stop"
             if self._cancelled:
                 final, reason = True, "cancelled"
+            self._hashes.append(self._hash)
             self._hash = extend_hash(self._hash, tok)
-            token_msg = Token(self.session, step, tok, self._hash, piece, final)
+            token_msg = Token(self.session, step, tok, self._hash, piece, final, self.term)
             if final:
                 self._broadcast(token_msg)
                 return reason, text
             t_step = time.perf_counter()
             local = self.engine.step(self.session, tok, p.top_k)
-            frames = await self._gather(step + 1, lambda m=token_msg: self._broadcast(m), local)
+            frames = await self._gather(step + 1, lambda only, m=token_msg: self._broadcast(
+                m, only), local)
             self.stats.stepped(time.perf_counter() - t_step, frames)
             self._learn(frames)
         return "length", text
+
+    def _replay_committed(self, committed: list[int]) -> str:
+        """Detokenize the tokens committed before this leader (a takeover): for the text,
+        and for re-attaching clients and members behind, who may need their Tokens."""
+        self._detok = self.engine.detokenizer()
+        for i, t in enumerate(committed):
+            self._detok.add_token(t)
+            if i >= len(self.sent):
+                after = self._hashes[i + 1] if i + 1 < len(self._hashes) else self._hash
+                self.sent.append(Token(self.session, i, t, after, self._detok.last_segment,
+                                       False, self.term))
+        return self._detok.text if committed else ""
 
     def _learn(self, frames: dict[str, Frame]) -> None:
         if self.params.weights == "online" and frames:
@@ -294,29 +389,34 @@ class LeaderSession:
         state = self.resume_from
         prompt_ids, committed = list(state["prompt_ids"]), list(state["committed"])
         self._hash = state["hash"]
+        self._hashes = list(state["hashes"])
         step = len(committed)
         own = state["last_frame"]
         if own is None:
             raise RuntimeError("no frame computed yet: nothing to resume from")
-        log.warning("session %s: taking over as leader at step %d", self.session, step)
-        frames = await self._gather(step, lambda: self._broadcast(
-            Resume(self.session, self.me.node_id, step)), _ready(own), ahead_ok=True)
+        log.warning("session %s: taking over as leader at step %d (term %d)", self.session,
+                    step, self.term)
+        self._replay_committed(committed)
+        resume = Resume(self.session, self.me.node_id, step, self.term)
+        frames = await self._gather(step, lambda only: self._broadcast(resume, only),
+                                    _ready(own), ahead_ok=True)
         ahead = dict(self._ahead)
-        if ahead:
+        if ahead and self.deposed is None:
             # Some members got token `step` from the dead leader before it died: adopt it.
             tok = next(iter(ahead.values())).last_token
-            detok = self.engine.detokenizer()
-            for t in committed:
-                detok.add_token(t)
-            _ = detok.last_segment
-            detok.add_token(tok)
+            self._detok.add_token(tok)
+            self._hashes.append(self._hash)
             self._hash = extend_hash(self._hash, tok)
             committed.append(tok)
             behind = {m for m in frames if m != self.me.node_id}
-            token_msg = Token(self.session, step, tok, self._hash, detok.last_segment, False)
+            token_msg = Token(self.session, step, tok, self._hash, self._detok.last_segment,
+                              False, self.term)
+            self.sent.append(token_msg)
+            self.send(self.origin, token_msg)
             local = self.engine.step(self.session, tok, self.params.top_k)
-            frames = await self._gather(step + 1, lambda: self._broadcast(token_msg, behind),
-                                        local, preset=ahead)
+            frames = await self._gather(
+                step + 1, lambda only: self._to(token_msg, behind if only is None else only),
+                local, preset=ahead)
         return prompt_ids, committed, frames
 
 

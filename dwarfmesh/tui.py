@@ -32,7 +32,7 @@ from rich.text import Text
 from dwarfmesh import tui_render as R
 from dwarfmesh.client import MeshClient, MeshError, find_node
 from dwarfmesh.config import HEARTBEAT_INTERVAL_S, cache_dir
-from dwarfmesh.protocol import GenParams, ProtocolError
+from dwarfmesh.protocol import GenParams, ProtocolError, session_tag
 from dwarfmesh.security import MeshKey
 
 log = logging.getLogger(__name__)
@@ -281,7 +281,7 @@ class ChatApp:
                     log.debug("could not list peers mid-answer: %s", exc)
                     return
                 self.state = R.mesh_seen(self.state, nodes)
-                if any(conversation in n.get("leader_of", []) for n in nodes):
+                if any(session_tag(conversation) in n.get("leader_of", []) for n in nodes):
                     return
                 await asyncio.sleep(HEARTBEAT_INTERVAL_S / 2)
 

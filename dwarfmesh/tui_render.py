@@ -19,7 +19,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from dwarfmesh.protocol import GenParams
+from dwarfmesh.protocol import GenParams, session_tag
 
 PANEL_WIDTH = 38
 SIDE_BY_SIDE_MIN = 90          # narrower terminals get the mesh panel under the answer
@@ -96,8 +96,8 @@ def unreachable(state: ChatState, why: str, attempt: int, retry_in: float) -> Ch
 
 def mesh_seen(state: ChatState, nodes: list[dict[str, Any]]) -> ChatState:
     """Fresh peers: the members, and which of them leads this conversation."""
-    leader = next((n["name"] for n in nodes if state.conversation in n.get("leader_of", [])),
-                  state.leader)
+    tag = session_tag(state.conversation)
+    leader = next((n["name"] for n in nodes if tag in n.get("leader_of", [])), state.leader)
     return replace(state, nodes=tuple(nodes), leader=leader)
 
 

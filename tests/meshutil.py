@@ -103,3 +103,21 @@ def generate_cli(address: str, prompt: str, *args: str, cache: Path, timeout=300
         cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout)
+
+
+def session_led_by(leader_id: str, node_ids: list[str], second: str | None = None,
+                   avoid_second: str | None = None) -> str:
+    """A conversation id whose rendezvous leader is `leader_id` (and, if given, whose
+    next in rank is `second`, or is not `avoid_second`)."""
+    from types import SimpleNamespace
+
+    from dwarfmesh.membership import rank_for_session
+
+    members = [SimpleNamespace(node_id=n) for n in node_ids]
+    for i in range(10_000):
+        ranked = [m.node_id for m in rank_for_session(f"conv-{i}", members)]
+        if ranked[0] != leader_id or (second is not None and ranked[1] != second):
+            continue
+        if avoid_second is None or ranked[1] != avoid_second:
+            return f"conv-{i}"
+    raise AssertionError("no session id found")

@@ -7,16 +7,14 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from types import SimpleNamespace
 
 import pytest
+from meshutil import mesh, peers_of, session_led_by, stop
+from mlx_lm import load, stream_generate
 
 import dwarfmesh  # noqa: F401
 from dwarfmesh.client import MeshClient
-from dwarfmesh.membership import rank_for_session
 from dwarfmesh.protocol import GenParams
-from meshutil import mesh, peers_of, stop
-from mlx_lm import load, stream_generate
 
 PROMPT = "def quicksort(xs):"
 TOKENS = 400
@@ -36,16 +34,6 @@ def reference(slow_model):
     ids = [r.token for r in stream_generate(model, tok, PROMPT, max_tokens=TOKENS)]
     assert len(ids) > KILL_AFTER + 20, "the reference stops too early to test a kill"
     return ids
-
-
-def session_led_by(leader_id: str, node_ids: list[str], avoid_second: str | None = None) -> str:
-    """A conversation id whose rendezvous leader is `leader_id`."""
-    members = [SimpleNamespace(node_id=n) for n in node_ids]
-    for i in range(10_000):
-        ranked = rank_for_session(f"conv-{i}", members)
-        if ranked[0].node_id == leader_id and ranked[1].node_id != avoid_second:
-            return f"conv-{i}"
-    raise AssertionError("no session id found")
 
 
 def run_with_kill(address: str, session: str, victim, kill_after: int):
@@ -141,3 +129,96 @@ def test_a_straggler_is_fused_around_and_catches_up(slow_model, reference, tmp_p
     assert "node2" in s["members"]                    # late, not dropped
     assert s["late_frames"].get("node2", 0) >= 1
     assert s["agreement"]["node2"] > 0                # its frames were fused again afterwards
+
+
+@pytest.mark.timeout(300)
+def test_a_paused_leader_is_deposed_when_it_wakes(slow_model, reference, tmp_path):
+    """The leader freezes for 8 s (SIGSTOP: a laptop lid closed), longer than the
+    liveness window, so a member takes over; then it wakes (SIGCONT) and carries on as
+    if nothing happened. The answer must stay exact and one leader's, and the old leader
+    must learn it was deposed and stop leading."""
+    import os
+
+    with mesh([slow_model] * 3, tmp_path) as (addrs, procs):
+        ids = ids_of(peers_of(addrs[0]))
+        session = session_led_by(ids["node1"], list(ids.values()))
+        pieces: list[str] = []
+
+        def on_text(piece: str) -> None:
+            pieces.append(piece)
+            if len(pieces) == KILL_AFTER:
+                os.killpg(procs[1].pid, signal.SIGSTOP)
+                asyncio.get_running_loop().call_later(
+                    8.0, lambda: os.killpg(procs[1].pid, signal.SIGCONT))
+
+        async def go():
+            async with MeshClient(addrs[0]) as c:
+                return await c.generate(PROMPT, GenParams(max_tokens=TOKENS, weights="equal"),
+                                        on_text=on_text, conversation=session)
+        result = asyncio.run(go())
+        os.killpg(procs[1].pid, signal.SIGCONT)           # (if the answer beat the timer)
+        led = None
+        for _ in range(60):
+            own = next(n for n in peers_of(addrs[1], timeout=5) if n.get("self"))
+            led = own["leader_of"]
+            if not led:
+                break
+            time.sleep(0.5)
+    s = result.summary
+    assert s["token_ids"] == reference
+    assert "".join(pieces) == result.text
+    assert s["leader"] in ("node0", "node2") and s["term"] >= 1
+    assert led == []                                       # the old leader stepped down
+
+
+@pytest.mark.timeout(300)
+def test_a_leader_restarted_at_once_with_the_same_id_is_a_new_node(slow_model, reference,
+                                                                   tmp_path):
+    """SIGKILL the leader and start it again right away, same name and state (same node
+    id), before the liveness window notices: its new Hello says it is a new incarnation,
+    so the mesh knows the old one died with its sessions, and the answer completes."""
+    from meshutil import start_node
+
+    with mesh([slow_model] * 3, tmp_path) as (addrs, procs):
+        ids = ids_of(peers_of(addrs[0]))
+        session = session_led_by(ids["node1"], list(ids.values()))
+        port = int(addrs[1].rpartition(":")[2])
+        pieces: list[str] = []
+
+        def on_text(piece: str) -> None:
+            pieces.append(piece)
+            if len(pieces) == KILL_AFTER:
+                stop([procs[1]], signal.SIGKILL)
+                procs.append(start_node(slow_model, "node1", port, tmp_path,
+                                        peers=[addrs[0]]))
+
+        async def go():
+            async with MeshClient(addrs[0]) as c:
+                return await c.generate(PROMPT, GenParams(max_tokens=TOKENS, weights="equal"),
+                                        on_text=on_text, conversation=session)
+        result = asyncio.run(go())
+    s = result.summary
+    assert s["token_ids"] == reference
+    assert "".join(pieces) == result.text
+    assert s["leader"] in ("node0", "node2")
+
+
+@pytest.mark.timeout(300)
+def test_the_client_goes_to_another_node_when_its_node_dies_before_the_first_token(
+        slow_model, reference, tmp_path):
+    """The client knows every node (as mDNS gives them). Its node dies a moment after
+    the request went out, before any token: the client asks the next node, which
+    re-attaches it to the session or starts it, and the one answer completes."""
+    with mesh([slow_model] * 3, tmp_path) as (addrs, procs):
+        ids = ids_of(peers_of(addrs[0]))
+        session = session_led_by(ids["node1"], list(ids.values()))
+
+        async def go():
+            loop = asyncio.get_running_loop()
+            loop.call_later(0.2, stop, [procs[0]], signal.SIGKILL)
+            async with MeshClient(addrs) as c:
+                return await c.generate(PROMPT, GenParams(max_tokens=TOKENS, weights="equal"),
+                                        conversation=session)
+        result = asyncio.run(go())
+    assert result.summary["token_ids"] == reference
+    assert result.text == result.summary["text"]

@@ -19,7 +19,7 @@ from rich.console import Console
 
 from dwarfmesh import tui_render as R
 from dwarfmesh.client import MeshClient
-from dwarfmesh.protocol import GenParams
+from dwarfmesh.protocol import GenParams, session_tag
 
 SUMMARY = {"text": "fused answer", "token_ids": [5, 6, 7], "finish_reason": "eos",
            "leader": "node1", "members": ["node0", "node1"],
@@ -27,7 +27,8 @@ SUMMARY = {"text": "fused answer", "token_ids": [5, 6, 7], "finish_reason": "eos
            "prompt_tokens_reused": 12, "ttft_ms": 42.0, "tokens_per_s": 55.5,
            "agreement": {"node0": 0.75, "node1": 0.5}, "weights": {"node0": 0.6, "node1": 0.4}}
 NODES = [{"name": "node0", "model": "m1", "address": "127.0.0.1:1", "leader_of": []},
-         {"name": "node1", "model": "m2", "address": "127.0.0.1:2", "leader_of": ["c1"]}]
+         {"name": "node1", "model": "m2", "address": "127.0.0.1:2",
+          "leader_of": [session_tag("c1")]}]
 
 
 def text_of(renderable, width: int = 120) -> str:

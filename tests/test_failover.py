@@ -1,0 +1,265 @@
+"""Failover races made certain: real nodes in one process (`inproc.Net`), real engines,
+real messages, and a network that loses exactly the message a race depends on.
+
+Real sockets cannot lose one chosen message (what a SIGKILL leaves in ZeroMQ's queues
+decides that), so these tests replace only the transport. Three copies of one model make
+the expected answer exact whatever the membership: that model's own greedy continuation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from inproc import Net
+from meshutil import session_led_by
+from mlx_lm import load, stream_generate
+
+import dwarfmesh  # noqa: F401  (OpenBLAS preload before mlx)
+from dwarfmesh import protocol as P
+from dwarfmesh.engine import Engine
+from dwarfmesh.protocol import GenParams
+
+PROMPT = "def quicksort(xs):"
+TOKENS = 48
+
+
+@pytest.fixture()
+def engines(tiny_models, tmp_path, monkeypatch):
+    monkeypatch.setenv("DWARFMESH_STATE", str(tmp_path))
+    out = [Engine(str(tiny_models[0]), model_name="tiny") for _ in range(3)]
+    for e in out:
+        e.load_sync()
+        e._pool = out[0]._pool                      # one mlx thread, as in a node
+    yield out
+    for e in out:
+        e.shutdown(wait=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_models):
+    model, tok = load(str(tiny_models[0]))
+    return [r.token for r in stream_generate(model, tok, PROMPT, max_tokens=TOKENS)]
+
+
+def _ids(net: Net) -> dict[str, str]:
+    return {n.opts.name: n.node_id for n in net.nodes.values()}
+
+
+def _request(session: str) -> P.Generate:
+    return P.Generate(session, PROMPT, GenParams(max_tokens=TOKENS, weights="equal"), [],
+                      session)
+
+
+@pytest.mark.timeout(120)
+def test_a_new_leader_sends_a_member_the_token_it_missed(engines, reference):
+    """The leader's last Token reached the member that takes over but not the other one,
+    then the leader died. The new leader is one token ahead of that member: it must send
+    it the Token it lacks (not wait the step timeout for a frame that is not coming), and
+    the member stays in the session."""
+    kill_at = 10
+    net = Net(engines)
+    ids = _ids(net)
+    session = session_led_by(ids["node0"], list(ids.values()), second=ids["node1"])
+    leader = net.node("node0").membership.me.address
+    behind = net.node("node2").membership.me.address
+    sent: set[str] = set()
+
+    def drop(src, dst, msg) -> bool:
+        if src == leader and isinstance(msg, P.Token) and msg.step == kill_at:
+            sent.add(dst)
+            if len(sent) == 2:                       # both members: then node0 dies
+                asyncio.get_running_loop().call_soon(net.kill, "node0")
+            return dst == behind
+        return False
+
+    net.drop = drop
+
+    async def go() -> P.End:
+        net.generate("node2", _request(session))
+        return await asyncio.wait_for(net.end(60), 60)
+
+    end = asyncio.run(go())
+    s = end.summary
+    assert isinstance(end, P.End) and end.reason in ("eos", "length"), end
+    assert s["token_ids"] == reference                  # nothing lost, nothing repeated
+    assert [t.step for t in net.streamed()] == list(range(len(reference)))
+    assert s["leader"] == "node1" and s["term"] == 1
+    assert sorted(s["members"]) == ["node1", "node2"]   # caught up, not dropped
+
+
+@pytest.mark.timeout(120)
+def test_a_paused_leader_is_deposed_and_the_answer_stays_exact(engines, reference):
+    """The leader stops answering (a laptop lid closed, SIGSTOP) and the others take it
+    for dead; a member takes over in term 1. Then the old leader wakes up and goes on as
+    if nothing happened: its Tokens must be refused, it must learn it was deposed and
+    stop, and the client must see one exact answer from the new leader."""
+    net = Net(engines, step_timeout_s=2.0)
+    ids = _ids(net)
+    session = session_led_by(ids["node0"], list(ids.values()), second=ids["node1"])
+    old = net.node("node0")
+    paused = {"on": False}
+    step = old.engine.step
+
+    async def frozen_step(*args, **kwargs):
+        # Nothing runs on a paused machine: its next frame waits for it to wake up.
+        while paused["on"]:
+            await asyncio.sleep(0.02)
+        return await step(*args, **kwargs)
+
+    old.engine.step = frozen_step
+
+    def drop(src, dst, msg) -> bool:
+        if isinstance(msg, P.Token) and msg.step == 8 and src == net.addr("node0") \
+                and not paused["on"]:
+            paused["on"] = True
+            loop = asyncio.get_running_loop()
+            loop.call_soon(_others_give_up)
+            loop.call_later(3.0, _wake_up)
+        return False
+
+    def _wake_up() -> None:
+        paused["on"] = False
+        net.hello("node0")                           # its heartbeats resume
+
+    def _others_give_up() -> None:
+        for name in ("node1", "node2"):
+            net.node(name)._peer_gone(old.node_id, "")
+
+    net.drop = drop
+
+    async def go():
+        net.generate("node2", _request(session))
+        await asyncio.sleep(0.5)
+        led = old.roles.leading[session]
+        end = await asyncio.wait_for(net.end(60), 60)
+        for _ in range(200):                         # the old leader must step down
+            if session not in old.roles.leading:
+                break
+            await asyncio.sleep(0.05)
+        return end, led
+
+    end, led = asyncio.run(go())
+    s = end.summary
+    assert s["token_ids"] == reference
+    assert s["leader"] == "node1" and s["term"] == 1
+    assert [t.step for t in net.streamed()] == list(range(len(reference)))
+    assert led.deposed is not None and led.deposed.term == 1
+    assert session not in old.roles.leading
+
+
+@pytest.mark.timeout(120)
+def test_a_request_whose_leader_just_died_is_led_by_the_next(engines, reference):
+    """The origin elects a leader that died a moment ago (the heartbeats have not told
+    yet): its Start is lost. Once the death is known the origin re-elects, in term 1."""
+    net = Net(engines)
+    ids = _ids(net)
+    session = session_led_by(ids["node1"], list(ids.values()))
+    net.alive.discard(net.addr("node1"))             # dead, but nobody knows yet
+
+    async def go():
+        net.generate("node0", _request(session))
+        await asyncio.sleep(1.5)
+        for name in ("node0", "node2"):
+            net.node(name)._peer_gone(ids["node1"], "")
+        return await asyncio.wait_for(net.end(60), 60)
+
+    end = asyncio.run(go())
+    s = end.summary
+    assert s["token_ids"] == reference
+    assert s["leader"] != "node1" and s["term"] == 1
+
+
+@pytest.mark.timeout(60)
+def test_an_mdns_goodbye_is_a_hint_not_a_death(engines):
+    """A forged or lost-multicast goodbye must not drop a peer whose heartbeats arrive."""
+    net = Net(engines)
+    ids = _ids(net)
+    node0 = net.node("node0")
+
+    async def go():
+        node0._on_mdns_down(ids["node1"])
+        await asyncio.sleep(0)
+    asyncio.run(go())
+    assert ids["node1"] in node0.membership.peers
+
+
+@pytest.mark.timeout(60)
+def test_session_messages_from_a_stranger_or_a_non_leader_are_refused(engines):
+    """Authority: a Token, End or Cancel for a live session is acted on only from the
+    session's leader (or, for Cancel, its client); a message from a connection that never
+    said Hello counts for nothing."""
+    net = Net(engines)
+    ids = _ids(net)
+    session = session_led_by(ids["node0"], list(ids.values()))
+
+    async def go():
+        net.generate("node2", _request(session))
+        await asyncio.sleep(0.3)
+        node2 = net.node("node2")
+        # node1 (a member, not the leader) and an unknown connection try to end it
+        node2._dispatch(P.End(session, "eos", {"text": "INJECTED"}),
+                        _origin(net.addr("node1").encode()))
+        node2._dispatch(P.Token(session, 1, 5, 0, "INJECTED", True), _origin(b"stranger"))
+        node2._dispatch(P.Cancel(session), _origin(b"another-client"))
+        return await asyncio.wait_for(net.end(60), 60)
+
+    end = asyncio.run(go())
+    assert end.reason in ("eos", "length")
+    assert "INJECTED" not in end.summary["text"]
+    assert all("INJECTED" not in t.text for t in net.streamed())
+    refusals = net.node("node2").refusals
+    assert refusals["a node message before its Hello"] >= 1
+    assert refusals["Cancel from a client that does not own the session"] == 1
+
+
+def _origin(identity: bytes):
+    from dwarfmesh.transport import Origin
+    return Origin("router", identity, "127.0.0.1", None, 100)
+
+
+@pytest.mark.timeout(240)
+def test_a_new_text_leader_adopts_a_commit_only_some_members_got(mixed_models, tmp_path,
+                                                                  monkeypatch):
+    """The text-session form of the first test: the dead leader's last Commit reached one
+    member (the client's node, so the client has the piece) but not the member that
+    takes over. The new leader must adopt the piece from the member that has it and go
+    on from there."""
+    monkeypatch.setenv("DWARFMESH_STATE", str(tmp_path))
+    engines = [Engine(str(m), model_name=f"m{i}") for i, m in enumerate(mixed_models)]
+    for e in engines:
+        e.load_sync()
+        e._pool = engines[0]._pool                   # one mlx thread, as in a node
+    net = Net(engines)
+    ids = _ids(net)
+    session = session_led_by(ids["node0"], list(ids.values()), second=ids["node1"])
+    old_piece: list[str] = []
+    sent: set[str] = set()
+
+    def drop(src, dst, msg) -> bool:
+        if src == net.addr("node0") and isinstance(msg, P.Commit) and msg.step == 0:
+            old_piece[:] = [msg.text]
+            sent.add(dst)
+            if len(sent) == 2:                       # both members: then node0 dies
+                asyncio.get_running_loop().call_soon(net.kill, "node0")
+            return dst == net.addr("node1")
+        return False
+
+    net.drop = drop
+    req = P.Generate(session, PROMPT, GenParams(max_tokens=40, mode="rank"), [], "")
+
+    async def go():
+        net.generate("node2", req)
+        return await asyncio.wait_for(net.end(200), 200)
+
+    try:
+        end = asyncio.run(go())
+    finally:
+        for e in engines:
+            e.shutdown(wait=True)
+    s = end.summary
+    pieces = [t.text for t in net.streamed()]
+    assert s["leader"] == "node1" and sorted(s["members"]) == ["node1", "node2"]
+    assert s["adopted_steps"] == 1 and s["resumed_at_step"] == 1
+    assert old_piece and pieces[0] == old_piece[0]
+    assert "".join(pieces) == s["text"] and s["steps"] == len(pieces) > 1
