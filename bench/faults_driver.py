@@ -5,8 +5,9 @@ Reads requests on stdin, answers on stdout (the bench owns the timing and the fa
 this process only asks and records when each piece arrived):
 
     {"op": "peers", "address": A} -> {"op": "peers", "nodes": [...]} or {"error": ...}
-    {"op": "generate", "address", "session", "prompt", "tokens", "fault_after",
-     "mode" (default auto), "timeout" (default 60 s)} ->
+    {"op": "generate", "address" (or "addresses": every node, the first tried first),
+     "session", "prompt", "tokens", "fault_after", "mode" (default auto),
+     "timeout" (default 60 s)} ->
         {"event": "sent", "at": T}  just before the request leaves,
         {"event": "fault", "at": T} once `fault_after` pieces streamed (0: never),
         {"op": "result", "ok", "text", "summary", "pieces", "times", "error"}
@@ -14,8 +15,9 @@ this process only asks and records when each piece arrived):
 `python -m bench.faults_driver goodbye NODE_ID ADDRESS` instead forges an mDNS goodbye
 (once a line arrives on stdin).
 Times are time.monotonic(), which network namespaces share with the bench. The client is
-the package's own `MeshClient`, given host0's address, exactly as `dwarfmesh generate
---connect` uses it; whatever it does when that node dies is what the bench measures.
+the package's own `MeshClient`, given every node's address with host0's first, as
+`dwarfmesh generate` gives it what mDNS found; whatever it does when host0's node dies is
+what the bench measures.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ async def generate(req: dict[str, Any], pieces: list[str], times: list[float]) -
             emit({"event": "fault", "at": times[-1]})
 
     params = GenParams(max_tokens=req["tokens"], weights="equal", mode=req.get("mode", "auto"))
-    async with MeshClient(req["address"]) as c:
+    async with MeshClient(req.get("addresses") or req["address"]) as c:
         emit({"event": "sent", "at": time.monotonic()})
         return await asyncio.wait_for(
             c.generate(req["prompt"], params, on_text=on_text, conversation=req["session"]),

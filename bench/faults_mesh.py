@@ -256,8 +256,9 @@ class FaultMesh:
         raise RunError(f"the mesh did not re-form in {deadline_s:.0f}s; views: {views}")
 
     def answer(self, req: dict[str, Any], actions: list[Action]) -> Answer:
-        """One session from host0 while `actions` fire on time; bounded by req timeout."""
-        self._send({"op": "generate", "address": self.hosts[0].address, **req})
+        """One session from host0's client (every node's address, host0's first, as mDNS
+        gives them to `dwarfmesh generate`) while `actions` fire on time; bounded."""
+        self._send({"op": "generate", "addresses": [h.address for h in self.hosts], **req})
         anchors: dict[str, float] = {}
         events: list[tuple[str, float, bool]] = []
         pending = list(actions)
