@@ -144,6 +144,7 @@ class Trial:
     took_over: list[str] = field(default_factory=list)     # logged taking the session over
     leading_after_end: list[str] = field(default_factory=list)  # a second leader still on
     log: list[str] = field(default_factory=list)
+    text_diff: dict[str, Any] = field(default_factory=dict)
 
     def line(self, of: int) -> str:
         rec = ("-" if self.recovery_s is None else
@@ -250,6 +251,11 @@ def judge(ctx: TrialContext, t: Trial, a: Answer, events: list[tuple[str, float,
                                             f"(from char {_diff(list(streamed), list(ref))})"))
     t.mismatch = "; ".join(why for ok, why in checks if not ok)
     t.exact = not t.mismatch
+    if not t.exact:                               # where the text went wrong, for the log
+        at = _diff(list(streamed), list(ref))
+        t.text_diff = {"at_char": at, "streamed": streamed[max(0, at - 30):at + 50],
+                       "expected": ref[max(0, at - 30):at + 50],
+                       "summary_has_text": "text" in s}
 
 
 def recovery(events: list[tuple[str, float, bool]], sent: float, times: list[float],
