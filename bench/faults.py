@@ -87,10 +87,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--subnet", default=SUBNET, help=f"the bridge's /24 (default {SUBNET})")
     p.add_argument("--json", type=Path, metavar="OUT", help="write every trial here (also "
                    "after each trial, so an interrupted run keeps what it measured)")
-    p.add_argument("--jobs", type=int, default=1, choices=(1, 2),
-                   help="2: run the id and the text mesh at once, each in its own process on "
-                        "its own bridge (the next /24 for text); halves the wall time when "
-                        "the CPUs have room (default 1)")
+    p.add_argument("--jobs", type=int, default=1, choices=(1, 2, 4),
+                   help="meshes at once, each in its own process on its own bridge (the next "
+                        "/24s): 2 runs the id and the text mesh side by side, 4 two of each "
+                        "(trials dealt round-robin); most of a trial is waiting (liveness, "
+                        "restarts, mDNS), so this raises throughput (default 1)")
+    p.add_argument("--trial-offset", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--trial-step", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--workdir", type=Path, help="node logs and models (default: a temp dir, "
                    "removed after a run with no failed trial)")
     args = p.parse_args(argv)
@@ -137,17 +140,16 @@ def run_session_kind(sk: str, args: argparse.Namespace, workdir: Path, doc: dict
                   + ", ".join(f"{n}={i}" for n, i in sorted(mesh.ids.items())))
         ctx = TrialContext.warm_up(sk, mesh, models[0], args, WARMUP_RUNS, err)
         doc["sessions"][sk] = {"reference": ctx.describe(), "faults": {}, "trials": []}
-        rng = random.Random(args.seed)
         # Round by round (trial i of every kind, then i + 1), so a run stopped early
         # still has about as many trials of every kind.
-        for i in range(args.trials):
+        for i in range(args.trial_offset, args.trials, args.trial_step):
             for kind in args.fault_kinds:
                 if args.time_budget and time.monotonic() - T_START > args.time_budget:
                     doc["stopped"] = (f"--time-budget {args.time_budget:.0f}s spent in round "
                                       f"{i + 1}: fewer than {args.trials} trials of some kinds")
                     err.print(f"{sk}: {doc['stopped']}")
                     return trials
-                t = run_kind(ctx, kind, i, rng)
+                t = run_kind(ctx, kind, i, random.Random(f"{args.seed}-{sk}-{kind}-{i}"))
                 trials.append(t)
                 err.print(t.line(args.trials))
                 doc["sessions"][sk]["trials"].append(t.as_json())
@@ -210,7 +212,7 @@ def main(argv: list[str]) -> int:
                            "liveness_window_s": _liveness(), "sessions": {}, "failure": ""}
     all_trials: dict[str, list[Any]] = {}
     rc = 0
-    if args.jobs == 2 and len(args.session_kinds) == 2:
+    if args.jobs > 1:
         return run_jobs(argv, args, workdir, doc, out, err)
     try:
         for sk in args.session_kinds:
@@ -240,37 +242,56 @@ def main(argv: list[str]) -> int:
 
 def run_jobs(argv: list[str], args: argparse.Namespace, workdir: Path, doc: dict[str, Any],
              out: Any, err: Any) -> int:
-    """One child bench per session kind, at once, each on its own bridge; merge their JSON."""
+    """`--jobs` child benches at once, each on its own bridge (the next /24s), the session
+    kinds split evenly and each kind's trials dealt round-robin; merge their JSON."""
     import ipaddress
     import subprocess
 
+    from bench.faults_trial import Trial
+
     net = ipaddress.ip_network(args.subnet)
+    per = max(1, args.jobs // len(args.session_kinds))
     children = []
-    for i, sk in enumerate(args.session_kinds):
-        subnet = ipaddress.ip_network((int(net.network_address) + 256 * i, 24))
-        cmd = [sys.executable, str(Path(__file__).resolve()), *_without(argv, "--jobs",
-               "--json", "--workdir", "--subnet", "--sessions"), "--sessions", sk,
-               "--subnet", str(subnet), "--workdir", str(workdir / f"job-{sk}"),
-               "--json", str(workdir / f"job-{sk}.json")]
-        children.append((sk, subprocess.Popen(cmd)))   # their output goes to ours
-    rcs = [p.wait() for _sk, p in children]        # each child bounds its own waits
-    t0 = time.monotonic()
-    for sk, _p in children:
+    for sk in args.session_kinds:
+        for j in range(per):
+            n = len(children)
+            subnet = ipaddress.ip_network((int(net.network_address) + 256 * n, 24))
+            name = f"job-{sk}-{j}"
+            cmd = [sys.executable, str(Path(__file__).resolve()), *_without(
+                argv, "--jobs", "--json", "--workdir", "--subnet", "--sessions"),
+                "--sessions", sk, "--subnet", str(subnet), "--trial-offset", str(j),
+                "--trial-step", str(per), "--workdir", str(workdir / name),
+                "--json", str(workdir / f"{name}.json")]
+            children.append((sk, name, subprocess.Popen(cmd)))   # output goes to ours
+    rcs = [p.wait() for _sk, _n, p in children]    # each child bounds its own waits
+    merged: dict[str, list[Any]] = {}
+    for sk, name, _p in children:
         try:
-            child = json.loads((workdir / f"job-{sk}.json").read_text())
+            child = json.loads((workdir / f"{name}.json").read_text())
         except (OSError, ValueError) as exc:
-            doc["failure"] += f"{sk}: no results ({exc}); "
+            doc["failure"] += f"{name}: no results ({exc}); "
             continue
-        doc["sessions"].update(child["sessions"])
-        doc["failure"] += f"{sk}: {child['failure']}; " if child["failure"] else ""
+        res = child["sessions"].get(sk)
+        if res is None:
+            doc["failure"] += f"{name}: {child['failure']}; "
+            continue
+        mine = doc["sessions"].setdefault(sk, {"reference": res["reference"],
+                                               "references_per_job": [], "trials": []})
+        mine["references_per_job"].append(res["reference"])
+        merged.setdefault(sk, []).extend(Trial(**t) for t in res["trials"])
+        doc["failure"] += f"{name}: {child['failure']}; " if child["failure"] else ""
         if child.get("stopped"):
-            doc.setdefault("stopped", {})[sk] = child["stopped"]
-        doc["run_s"] = max(doc.get("run_s", 0), child["run_s"] + time.monotonic() - t0)
-    for sk, res in doc["sessions"].items():
-        out.print(table(sk, res["faults"], args))
+            doc.setdefault("stopped", {})[name] = child["stopped"]
+    for sk, trials in merged.items():
+        trials.sort(key=lambda t: (args.fault_kinds.index(t.kind), t.trial))
+        doc["sessions"][sk]["trials"] = [t.as_json() for t in trials]
+        doc["sessions"][sk]["faults"] = summarize(trials, args.fault_kinds)
+        out.print(table(sk, doc["sessions"][sk]["faults"], args))
+    doc["run_s"] = round(time.monotonic() - T_START, 1)
     if args.json:
         args.json.write_text(json.dumps(doc, indent=1) + "\n")
-    return max(rcs)
+    failed = any(not t.exact for ts in merged.values() for t in ts)
+    return max([*rcs, 1 if failed else 0])
 
 
 def _without(argv: list[str], *options: str) -> list[str]:
