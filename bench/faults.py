@@ -92,6 +92,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "/24s): 2 runs the id and the text mesh side by side, 4 two of each "
                         "(trials dealt round-robin); most of a trial is waiting (liveness, "
                         "restarts, mDNS), so this raises throughput (default 1)")
+    p.add_argument("--report", type=Path, metavar="JSON",
+                   help="run nothing: print the per-kind tables of an earlier run as markdown")
     p.add_argument("--trial-offset", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--trial-step", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--workdir", type=Path, help="node logs and models (default: a temp dir, "
@@ -183,8 +185,30 @@ def table(sk: str, stats: dict[str, dict[str, Any]], args: argparse.Namespace) -
     return tab
 
 
+def markdown(doc: dict[str, Any]) -> str:
+    """The per-kind tables of a run's JSON, as markdown (the README's copy)."""
+    def s(v: float | None, lower: bool = False) -> str:
+        return "–" if v is None else f"{'≥' if lower else ''}{v:.2f}"
+
+    out = []
+    for sk, res in doc["sessions"].items():
+        out += [f"{sk} sessions | trials | completed | exact | recovery p50 / p95 / max (s) "
+                "| took over | leader left on", "|".join(["---"] * 7)]
+        for kind, st in res["faults"].items():
+            out.append(" | ".join([
+                f"`{kind}`", str(st["trials"]), str(st["completed"]), str(st["exact"]),
+                f"{s(st['recovery_p50_s'])} / {s(st['recovery_p95_s'])} / "
+                f"{s(st['recovery_max_s'], st['recovery_max_is_lower_bound'])}",
+                str(st["took_over"]), str(st["leader_left_running"])]))
+        out.append("")
+    return "\n".join(out)
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    if args.report:
+        print(markdown(json.loads(args.report.read_text())))
+        return 0
     from netns import NetnsError, netns_unavailable
     from rich.console import Console
 
