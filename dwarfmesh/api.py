@@ -1,9 +1,10 @@
 """OpenAI-compatible HTTP API in front of the mesh: /v1/models, /v1/chat/completions,
 /v1/completions, streamed (SSE) or not.
 
-Owns: a small HTTP/1.1 server on asyncio streams (Content-Length request bodies,
-keep-alive, chunked SSE responses, CORS preflight) and the life of one API request: ask
-the mesh who is there, check the model, run the answer, stream or return it. The OpenAI
+Owns: the server (asyncio streams; the HTTP/1.1 layer and its guards against browsers
+and strangers are `http11.py`) and the life of one API request: ask the mesh who is
+there, check the model, run the answer, stream or return it, and cancel it when its
+client goes away (streamed or not). The OpenAI
 shapes themselves (request validation, bodies, errors, conversation ids) are pure
 functions in `openai_compat.py`. It talks to the mesh only through `client.MeshClient`
 (one per request: a client is one DEALER, one request at a time), so it runs inside a node
@@ -16,14 +17,22 @@ import asyncio
 import contextlib
 import hmac
 import ipaddress
-import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
 from dwarfmesh.client import MeshClient, MeshError
+from dwarfmesh.http11 import (
+    HttpGuard,
+    HttpRequest,
+    SseStream,
+    client_gone,
+    parse_json,
+    read_request,
+    response_head,
+    send_json,
+)
 from dwarfmesh.openai_compat import (
     ENSEMBLE_ID,
     FINISH,
@@ -44,108 +53,8 @@ from dwarfmesh.security import MeshKey
 log = logging.getLogger(__name__)
 
 DEFAULT_HTTP_PORT = 8000
-MAX_BODY_BYTES = 8 << 20
-KEEPALIVE_S = 75.0                 # an idle keep-alive connection is closed after this
-BODY_TIMEOUT_S = 30.0
 PEERS_TIMEOUT_S = 5.0              # no answer from the node this long: 503
-CORS = {"Access-Control-Allow-Origin": "*",
-        "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
-        "Access-Control-Allow-Headers": "Authorization, Content-Type",
-        "Access-Control-Max-Age": "86400"}
-REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
-           404: "Not Found",
-           405: "Method Not Allowed", 411: "Length Required", 413: "Payload Too Large",
-           431: "Request Header Fields Too Large", 500: "Internal Server Error",
-           503: "Service Unavailable", 505: "HTTP Version Not Supported"}
-
-
-# --- HTTP/1.1 ----------------------------------------------------------------------------
-
-
-@dataclass
-class HttpRequest:
-    method: str
-    path: str
-    headers: dict[str, str]
-    body: bytes
-    version: str = "HTTP/1.1"
-
-    @property
-    def keep_alive(self) -> bool:
-        asked = self.headers.get("connection", "").lower()
-        return asked == "keep-alive" if self.version == "HTTP/1.0" else asked != "close"
-
-
-async def read_request(reader: asyncio.StreamReader,
-                       writer: asyncio.StreamWriter) -> HttpRequest | None:
-    """The next request on a connection; None when the peer closed it or went idle."""
-    try:
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), KEEPALIVE_S)
-    except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError):
-        return None
-    except asyncio.LimitOverrunError:
-        raise ApiError(431, "request headers too large") from None
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-        raise ApiError(505 if len(parts) == 3 else 400, f"bad request line {lines[0][:80]!r}")
-    headers = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if sep:
-            headers[name.strip().lower()] = value.strip()
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        raise ApiError(411, "send the body with a Content-Length, not chunked")
-    length = headers.get("content-length", "0")
-    if not length.isdigit():
-        raise ApiError(400, "bad Content-Length")
-    if int(length) > MAX_BODY_BYTES:
-        raise ApiError(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
-    if headers.get("expect", "").lower() == "100-continue":
-        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-    try:
-        body = await asyncio.wait_for(reader.readexactly(int(length)), BODY_TIMEOUT_S)
-    except (asyncio.IncompleteReadError, asyncio.TimeoutError):
-        return None
-    return HttpRequest(parts[0].upper(), parts[1].split("?")[0], headers, body, parts[2])
-
-
-def response_head(status: int, headers: dict[str, str]) -> bytes:
-    lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}",
-             *(f"{k}: {v}" for k, v in {**CORS, **headers}.items())]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-
-
-async def send_json(writer: asyncio.StreamWriter, status: int, obj: Any,
-                    keep_alive: bool = True) -> None:
-    data = json.dumps(obj, ensure_ascii=False).encode()
-    writer.write(response_head(status, {
-        "Content-Type": "application/json", "Content-Length": str(len(data)),
-        "Connection": "keep-alive" if keep_alive else "close"}) + data)
-    await writer.drain()
-
-
-class SseStream:
-    """Server-sent events: one HTTP chunk each on HTTP/1.1; on HTTP/1.0 (no chunked
-    encoding there) the stream ends when the connection closes."""
-
-    def __init__(self, writer: asyncio.StreamWriter, chunked: bool) -> None:
-        self.writer, self.chunked = writer, chunked
-        writer.write(response_head(200, {
-            "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-            **({"Transfer-Encoding": "chunked"} if chunked else {"Connection": "close"})}))
-
-    async def send(self, obj: Any) -> None:
-        data = b"data: " + (obj if isinstance(obj, bytes) else json.dumps(
-            obj, ensure_ascii=False).encode()) + b"\n\n"
-        self.writer.write(b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data)
-        await self.writer.drain()
-
-    async def end(self) -> None:
-        await self.send(b"[DONE]")
-        if self.chunked:
-            self.writer.write(b"0\r\n\r\n")
-        await self.writer.drain()
+DISCONNECT_POLL_S = 0.25           # how often a non-streaming request checks its client
 
 
 # --- the server --------------------------------------------------------------------------
@@ -156,13 +65,18 @@ class ApiServer:
 
     `key`: the mesh key its clients present to the node (None: an open mesh). `api_key`:
     when set, every request must carry `Authorization: Bearer <api_key>` (else 401).
+    `cors_origins`: web origins allowed to call it (none by default); `allow_hosts`: names
+    a `Host` header may carry besides IP addresses, localhost and `host` (http11.HttpGuard).
     """
 
     def __init__(self, mesh_address: str, *, key: MeshKey | None = None,
                  host: str = "127.0.0.1", port: int = DEFAULT_HTTP_PORT,
-                 api_key: str | None = None) -> None:
+                 api_key: str | None = None, cors_origins: list[str] | None = None,
+                 allow_hosts: list[str] | None = None) -> None:
         self.mesh_address, self.host, self.port = mesh_address, host, port
         self.key, self.api_key = key, api_key
+        self.guard = HttpGuard(bind_host=host, cors_origins=cors_origins,
+                               allow_hosts=allow_hosts)
         self.conversations = ConversationIndex()
         self.started = int(time.time())
         self._server: asyncio.Server | None = None
@@ -189,27 +103,41 @@ class ApiServer:
 
     async def _connection(self, reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        ip = peer[0] if isinstance(peer, tuple) else ""
+        if not self.guard.admit(ip):
+            with contextlib.suppress(ConnectionError):
+                await send_json(writer, 503, ApiError(503, "too many connections",
+                                                      code="busy").body(), keep_alive=False)
+            writer.close()
+            return
         self._writers.add(writer)
         try:
+            first = True
             while True:
                 try:
-                    req = await read_request(reader, writer)
+                    req = await read_request(reader, writer, self.guard, first=first)
                 except ApiError as exc:
                     await send_json(writer, exc.status, exc.body(), keep_alive=False)
                     return
-                if req is None or not await self._respond(req, writer) or not req.keep_alive:
+                first = False
+                if (req is None or not await self._respond(req, reader, writer)
+                        or not req.keep_alive):
                     return
         except ConnectionError:
             pass
         finally:
+            self.guard.release(ip)
             self._writers.discard(writer)
             writer.close()
 
-    async def _respond(self, req: HttpRequest, writer: asyncio.StreamWriter) -> bool:
+    async def _respond(self, req: HttpRequest, reader: asyncio.StreamReader,
+                       writer: asyncio.StreamWriter) -> bool:
         """Answer one request; False when the connection must close afterwards."""
         path = req.path.rstrip("/")
         path = path.removeprefix("/v1")
         try:
+            self.guard.check(req)
             if req.method == "OPTIONS":
                 writer.write(response_head(204, {"Content-Length": "0"}))
                 await writer.drain()
@@ -231,13 +159,9 @@ class ApiServer:
             if req.method == "GET":
                 await send_json(writer, 200, await self._models(path), req.keep_alive)
                 return True
-            try:
-                body = json.loads(req.body)
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise ApiError(400, f"the body is not valid JSON: {exc}",
-                               code="invalid_json") from None
             return await self._generate(parse_request(
-                body, "chat" if path == "/chat/completions" else "text"), req, writer)
+                parse_json(req.body), "chat" if path == "/chat/completions" else "text"),
+                req, reader, writer)
         except ApiError as exc:
             await send_json(writer, exc.status, exc.body(), req.keep_alive)
             return True
@@ -273,7 +197,7 @@ class ApiServer:
         return {"object": "list", "data": data}
 
     async def _generate(self, req: GenRequest, http: HttpRequest,
-                        writer: asyncio.StreamWriter) -> bool:
+                        reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         ids = model_ids(await self._peers())
         if req.model not in ids:
             raise ApiError(404, f"the model {req.model!r} does not exist; this mesh serves "
@@ -285,7 +209,8 @@ class ApiServer:
                 reply, keep = await self._stream(req, writer, conv,
                                                  chunked=http.version != "HTTP/1.0")
             else:
-                reply, keep = await self._complete(req, writer, conv, http.keep_alive)
+                reply, keep = await self._complete(req, reader, writer, conv,
+                                                   http.keep_alive)
         finally:
             if conv:
                 self.conversations.release(conv, req.messages, reply)
@@ -299,11 +224,29 @@ class ApiServer:
         except MeshError as exc:
             raise mesh_error(exc) from None
 
-    async def _complete(self, req: GenRequest, writer: asyncio.StreamWriter, conv: str,
-                        keep_alive: bool) -> tuple[str, bool]:
+    async def _complete(self, req: GenRequest, reader: asyncio.StreamReader,
+                        writer: asyncio.StreamWriter, conv: str,
+                        keep_alive: bool) -> tuple[str | None, bool]:
+        """The whole answer in one response; the mesh stops if the client leaves first."""
         rid, created = _response_id(req), int(time.time())
+        cancel = asyncio.Event()
         async with MeshClient(self.mesh_address, self.key) as client:
-            result = await self._run(client, req, conv)
+            task = asyncio.create_task(self._run(client, req, conv, cancel=cancel))
+            try:
+                while not task.done():
+                    await asyncio.wait([task], timeout=DISCONNECT_POLL_S)
+                    if not task.done() and client_gone(reader, writer):
+                        log.info("HTTP client went away before its answer; cancelling %s", rid)
+                        cancel.set()
+                        with contextlib.suppress(ApiError):
+                            await task
+                        return None, False
+                result = task.result()
+            finally:
+                if not task.done():
+                    cancel.set()
+                    with contextlib.suppress(ApiError, asyncio.CancelledError):
+                        await task
         await send_json(writer, 200, completion_body(req, rid, created, result.text,
                                                      result.summary, conv), keep_alive)
         return result.text, keep_alive
@@ -379,9 +322,12 @@ def _response_id(req: GenRequest) -> str:
 
 
 async def serve(mesh_address: str, host: str, port: int, stopped: asyncio.Event, *,
-                key: MeshKey | None = None, api_key: str | None = None) -> None:
+                key: MeshKey | None = None, api_key: str | None = None,
+                cors_origins: list[str] | None = None,
+                allow_hosts: list[str] | None = None) -> None:
     """Run the API until `stopped` is set (the `serve` command)."""
-    server = ApiServer(mesh_address, key=key, host=host, port=port, api_key=api_key)
+    server = ApiServer(mesh_address, key=key, host=host, port=port, api_key=api_key,
+                       cors_origins=cors_origins, allow_hosts=allow_hosts)
     await server.start()
     try:
         await stopped.wait()

@@ -16,7 +16,13 @@ import sys
 from typing import Any
 
 from dwarfmesh import __version__
-from dwarfmesh.config import DEFAULT_PORT, DEFAULT_TOP_K, MAX_TOP_K, default_node_name
+from dwarfmesh.config import (
+    DEFAULT_PORT,
+    DEFAULT_TOP_K,
+    MAX_NEW_TOKENS,
+    MAX_TOP_K,
+    default_node_name,
+)
 
 log = logging.getLogger("dwarfmesh")
 
@@ -50,14 +56,17 @@ def _address(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _ranged(kind, lo, hi, name):
+def _ranged(kind, lo, hi, name, *, above=False):
+    """A number in [lo, hi] (in (lo, hi] with above=True); NaN and infinities never pass."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
-        if not lo <= value <= hi:
-            raise argparse.ArgumentTypeError(f"{name} must be between {lo} and {hi}, got {value}")
+        if not (lo < value <= hi if above else lo <= value <= hi):
+            raise argparse.ArgumentTypeError(
+                f"{name} must be {'above' if above else 'at least'} {lo} and at most {hi}, "
+                f"got {value}")
         return value
     return parse
 
@@ -90,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--interface", action="append", default=None, metavar="IP",
                    help="only use this interface address for mDNS (repeatable)")
     _key_arg(n)
-    n.add_argument("--weight", type=_ranged(float, 0.0, 1e6, "--weight"), default=1.0,
-                   help="this node's static weight (used with --weights static)")
+    n.add_argument("--weight", type=_ranged(float, 0.0, 1e6, "--weight", above=True),
+                   default=1.0, help="this node's static weight, above 0 (used with --weights "
+                                     "static)")
     n.add_argument("--step-timeout", type=_ranged(float, 0.01, 3600, "--step-timeout"),
                    default=None, metavar="S",
                    help="as leader, drop a member whose frame is later than this (seconds; "
@@ -163,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _sampling_args(parser: argparse.ArgumentParser, *, max_tokens: int) -> None:
     """How an answer is generated: shared by `generate` and `chat`."""
-    parser.add_argument("--max-tokens", type=_ranged(int, 1, 1 << 20, "--max-tokens"),
+    parser.add_argument("--max-tokens", type=_ranged(int, 1, MAX_NEW_TOKENS, "--max-tokens"),
                         default=max_tokens, help=f"(default {max_tokens})")
     parser.add_argument("--temperature", type=_ranged(float, 0.0, 100.0, "--temperature"),
                         default=0.0, help="0 = greedy (default)")
@@ -187,9 +197,18 @@ def _key_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _api_key_arg(parser: argparse.ArgumentParser) -> None:
+    """What guards the HTTP API: shared by `node --http-port` and `serve`."""
     parser.add_argument("--api-key", default=os.environ.get("DWARFMESH_API_KEY"),
                         metavar="KEY", help="HTTP requests must carry 'Authorization: Bearer "
-                        "KEY' (default: $DWARFMESH_API_KEY; none = no check)")
+                        "KEY' (default: $DWARFMESH_API_KEY; none = no check). Set one to "
+                        "expose the API beyond this machine")
+    parser.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                        help="a web origin allowed to call the API from a browser, e.g. "
+                             "http://localhost:3000 (repeatable; '*' = any; default: none)")
+    parser.add_argument("--http-allow-host", action="append", default=[], metavar="NAME",
+                        help="a host name the API answers to besides IP addresses, "
+                             "localhost and the bind address (repeatable; guards against "
+                             "DNS rebinding)")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -283,7 +302,8 @@ async def _run_serve(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stopped.set)
     try:
         await serve(address, args.host, args.http_port, stopped, key=_client_key(args),
-                    api_key=args.api_key)
+                    api_key=args.api_key, cors_origins=args.cors_origin,
+                    allow_hosts=args.http_allow_host)
     except OSError as exc:
         raise CliError(f"cannot serve HTTP on {args.host}:{args.http_port}: "
                        f"{exc.strerror}") from None

@@ -20,7 +20,16 @@ log = logging.getLogger("dwarfmesh")
 
 async def run_node(args: argparse.Namespace) -> None:
     """`dwarfmesh node`: load the model, join the mesh, serve until SIGINT/SIGTERM."""
-    from dwarfmesh.engine import Engine
+    from dwarfmesh.config import state_dir
+    from dwarfmesh.process import IdentityInUse, fd_limit_kept, lock_identity, raise_fd_limit
+
+    try:
+        lock_identity(state_dir(), args.name)     # held (fd left open) until the process exits
+    except IdentityInUse as exc:
+        raise CliError(str(exc)) from None
+    with fd_limit_kept():                         # mlx-lm would lower it at import
+        from dwarfmesh.engine import Engine
+    log.debug("file descriptor limit: %d", raise_fd_limit())
     from dwarfmesh.models import resolve_model
     from dwarfmesh.node import Node, NodeOptions
     from dwarfmesh.security import resolve_key
@@ -55,7 +64,8 @@ async def run_node(args: argparse.Namespace) -> None:
         from dwarfmesh.api import ApiServer
         own = args.host if args.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
         api = ApiServer(f"{own}:{node.transport.port}", key=key, host=args.http_host,
-                        port=args.http_port, api_key=args.api_key)
+                        port=args.http_port, api_key=args.api_key,
+                        cors_origins=args.cors_origin, allow_hosts=args.http_allow_host)
         try:
             await api.start()
         except OSError as exc:

@@ -6,7 +6,7 @@ so one lost message costs one resend interval, not a timeout. The bounds, with L
 liveness window (`HEARTBEAT_INTERVAL_S * LIVENESS`, 3 s) and R the resend interval:
 
 - leader, step 0: every member's first frame (prefill). Asks again: `Open` every
-  `OPEN_RESEND_S`. Gives up: `prefill_bound`, 8 x the leader's own prefill (at least
+  `OPEN_RESEND_S`. Gives up: `prefill_bound`, 16 x the leader's own prefill (at least
   `MIN_PREFILL_WAIT_S`, at most `PREFILL_TIMEOUT_S`), or at once when the member dies.
 - leader, step s: every member's frame for s. Asks again: `Token(s-1)` every R. Gives
   up: `reply_bound`, L + R + 4 x the session's slowest forward (or `--step-timeout`).
@@ -37,8 +37,8 @@ LIVENESS_S = HEARTBEAT_INTERVAL_S * LIVENESS
 RESEND_S = HEARTBEAT_INTERVAL_S       # a silent member is asked again this often
 STRAGGLER_FACTOR = 4.0                # a frame this many forwards late is not coming
 MEMBER_IDLE_S = 30.0                  # a member frees a session its leader left this long
-MIN_PREFILL_WAIT_S = 30.0             # the least a leader waits for a member's first frame
-PREFILL_FACTOR = 8.0                  # ... or this many times its own prefill
+MIN_PREFILL_WAIT_S = 15.0             # the least a leader waits for a member's first frame
+PREFILL_FACTOR = 16.0                 # ... or this many times its own prefill
 
 
 def reply_bound(slowest_forward_s: float, cap_s: float | None = None) -> float:
@@ -58,8 +58,9 @@ def reply_bound(slowest_forward_s: float, cap_s: float | None = None) -> float:
 
 def prefill_bound(own_prefill_s: float) -> float:
     """How long a leader waits for a member's first frame: prefill time grows with the
-    prompt, so it is measured by the leader's own prefill of the same prompt; a member on
-    a machine many times slower than the leader's still fits."""
+    prompt, so it is measured by the leader's own prefill of the same prompt; a member
+    many times slower than the leader (a bigger model of the family, a slower machine)
+    still fits, and a peer that says Hello but never answers costs at most this."""
     return min(max(MIN_PREFILL_WAIT_S, PREFILL_FACTOR * own_prefill_s), PREFILL_TIMEOUT_S)
 
 

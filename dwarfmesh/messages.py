@@ -13,7 +13,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from dwarfmesh.config import MAX_PROMPT_TOKENS, MAX_TOP_K
+from dwarfmesh.config import MAX_NEW_TOKENS, MAX_PROMPT_TOKENS, MAX_TOP_K
+
+MAX_STOPS = 16                  # stop strings per request ...
+MAX_STOP_CHARS = 256            # ... each at most this long (every one is searched per token)
 
 
 class ProtocolError(ValueError):
@@ -43,8 +46,9 @@ class GenParams:
     mode: str = "auto"                # auto | fuse | rank (issue 6: see membership.plan_session)
 
     def check(self) -> None:
-        if not 1 <= self.max_tokens <= 1 << 20:
-            raise ProtocolError(f"max_tokens out of range: {self.max_tokens}")
+        if not 1 <= self.max_tokens <= MAX_NEW_TOKENS:
+            raise ProtocolError(f"max_tokens out of range: {self.max_tokens} (1 to "
+                                f"{MAX_NEW_TOKENS})")
         if not 0.0 <= self.temperature <= 100.0:
             raise ProtocolError(f"temperature out of range: {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
@@ -57,6 +61,9 @@ class GenParams:
             raise ProtocolError(f"unknown weights {self.weights!r}")
         if self.mode not in ("auto", "fuse", "rank"):
             raise ProtocolError(f"unknown mode {self.mode!r}")
+        if len(self.stop) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            raise ProtocolError(f"at most {MAX_STOPS} stop strings of at most "
+                                f"{MAX_STOP_CHARS} characters each")
 
 
 # --- node <-> node ------------------------------------------------------------------------

@@ -24,13 +24,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import secrets
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import zmq
+
 from dwarfmesh import protocol as P
+from dwarfmesh.bounds import MAX_GOSSIP, MAX_LEADING
 from dwarfmesh.config import (
     DEFAULT_PORT,
     HEARTBEAT_INTERVAL_S,
@@ -38,6 +42,7 @@ from dwarfmesh.config import (
     default_node_name,
     node_id_for,
 )
+from dwarfmesh.gossip import DialPolicy
 from dwarfmesh.membership import Member, Membership
 from dwarfmesh.roles import SessionRoles
 from dwarfmesh.transport import Origin, Transport
@@ -48,6 +53,7 @@ _LOCAL = Origin("local", None, "", None, 0)
 _CLIENT_REQUESTS = (P.PeersRequest, P.Generate, P.Cancel)
 MAX_IDENTITIES = 4096          # routing ids remembered (peers reconnect with new ones)
 SWEEP_EVERY_BEATS = 30          # look for idle conversation caches every 30 heartbeats
+MAX_PEERS = 256                 # live peers one node keeps (a Hello past that is refused)
 SWEEP_MEMBERS_EVERY_BEATS = 5   # look for member sessions whose leader went quiet
 
 
@@ -76,6 +82,7 @@ class Node:
         self.membership: Membership | None = None
         self.discovery: Any = None
         self._targets: dict[str, str] = {}            # address -> "static" | "mdns" | "learned"
+        self._learning = DialPolicy()                 # how many learned addresses we dial
         self._addr_of: dict[str, str] = {}            # node_id -> address we dial it on
         self.roles = SessionRoles(self)
         self._by_identity: dict[bytes, str] = {}      # ROUTER routing id -> peer node id
@@ -91,6 +98,8 @@ class Node:
         return self.membership.me
 
     async def start(self) -> None:
+        self.transport.limits = P.Limits(self.engine.vocab_size,
+                                         getattr(self.engine, "context_length", None))
         port = await self.transport.start()
         host = self.opts.host if self.opts.host not in ("", "0.0.0.0") else ""
         me = Member(self.node_id, self.opts.name, self.engine.model_name, self.engine.fingerprint,
@@ -156,10 +165,13 @@ class Node:
 
     def _hello(self) -> P.Hello:
         me = self.me
+        # A receiver takes at most MAX_GOSSIP addresses: in a larger mesh, a different
+        # sample each beat still reaches every peer.
+        gossip = [m.address for m in self.membership.peers.values()]
+        gossip = sorted(random.sample(gossip, min(len(gossip), MAX_GOSSIP)))
         return P.Hello(me.node_id, me.name, me.model, me.fingerprint, me.vocab_size,
-                       PROTOCOL_VERSION, me.address, me.weight, self.leading_tags(),
-                       sorted(m.address for m in self.membership.peers.values()),
-                       self.incarnation)
+                       PROTOCOL_VERSION, me.address, me.weight,
+                       self.leading_tags()[:MAX_LEADING], gossip, self.incarnation)
 
     def leading_tags(self) -> list[str]:
         """The sessions this node leads, as public tags: a session id is its client's
@@ -172,8 +184,28 @@ class Node:
         self.transport._drop(f"refused: {why}", "session")
 
     def _dial(self, address: str) -> None:
-        self.transport.connect(address)
+        try:
+            self.transport.connect(address)
+        except zmq.ZMQError as exc:      # out of file descriptors, an address libzmq rejects
+            self.transport.drop(f"cannot dial: {exc.strerror}", address)
+            if self._targets.get(address) == "learned":
+                del self._targets[address]
+            return
         self.transport.send(address, self._hello())
+
+    def _learn(self, address: str) -> bool:
+        """Dial `address`, learned from a Hello, if the dial policy has room for it."""
+        live = {m.address for m in self.membership.peers.values()} | set(self._addr_of.values())
+        ok, evicted = self._learning.admit(address, self._targets, live, time.monotonic())
+        for old in evicted:
+            del self._targets[old]
+            self.transport.disconnect(old)
+        if not ok:
+            self.transport.drop("refused: too many learned addresses", address)
+            return False
+        self._targets[address] = "learned"
+        self._dial(address)
+        return True
 
     async def _heartbeat_loop(self) -> None:
         beats = 0
@@ -230,10 +262,12 @@ class Node:
             self.transport.send(address, self._hello())
 
     def _on_hello(self, hello: P.Hello, origin: Origin) -> None:
-        refusal = P.check_version(hello)
+        refusal, why = P.check_version(hello), "refused: version"
+        if refusal is None and (hello.node_id not in self.membership.peers
+                                and len(self.membership.peers) >= MAX_PEERS):
+            refusal, why = f"this node already has {MAX_PEERS} peers", "refused: too many peers"
         if refusal is not None:
-            log.warning("refusing %s: %s", hello.name, refusal)
-            self.transport.dropped["refused: version"] += 1
+            self.transport.drop(why, f"{hello.name}: {refusal}")
             if origin.identity is not None:
                 self.transport.reply(origin.identity, P.Refuse(self.node_id, refusal))
             return
@@ -266,14 +300,15 @@ class Node:
         # Gossip: a peer's peers are dialed too, so `--peer` on one node builds a full mesh.
         for addr in hello.peers:
             if addr.rpartition(":")[0] and addr not in self._targets and addr != self.me.address:
-                self._targets[addr] = "learned"
-                self._dial(addr)
+                self._learn(addr)
         old = self._addr_of.get(hello.node_id)
         if old is None or not self.transport.connected(old):
             self._addr_of[hello.node_id] = address
-            self._targets.setdefault(address, "learned")
-            if not self.transport.connected(address):
-                self._dial(address)
+            if address in self._targets:
+                if not self.transport.connected(address):
+                    self._dial(address)
+            else:
+                self._learn(address)
 
     def send_to(self, node_id: str, msg: Any) -> int:
         """Send to a node by id; a message to this node itself is dispatched locally (on
@@ -301,8 +336,8 @@ class Node:
         elif isinstance(msg, _CLIENT_REQUESTS) or (isinstance(msg, P.Attach) and not msg.origin):
             if origin.identity is not None:
                 self.spawn(self._client_request(msg, origin.identity, sender))
-        elif isinstance(msg, P.Refuse):
-            log.error("peer %s refused us: %s", msg.node_id, msg.reason)
+        elif isinstance(msg, P.Refuse):        # counted, and logged at most once a while
+            self.transport.drop("refused by a peer", f"{msg.node_id}: {msg.reason}")
         elif sender is None or (sender != self.node_id
                                 and sender not in self.membership.peers):
             self.refused("a node message before its Hello")

@@ -10,9 +10,11 @@ little-endian buffers, one frame each, in declared order; their length is implie
 buffer size. Nothing is ever pickled.
 
 `decode` validates everything before any other code sees the data: protocol id, known tag,
-field count and types, finite floats, array dtypes and sizes, top-k bounds. Anything wrong
-raises `ProtocolError`; the transport drops and counts such messages, a node never dies of
-one. This module does no I/O.
+field count and types, finite floats, array dtypes and sizes, top-k bounds, then what the
+values mean for the receiving node (`bounds.check` with its `Limits`: ids inside its
+vocabulary, a prompt inside its context, addresses, lengths). Anything wrong raises
+`ProtocolError`; the transport drops and counts such messages, a node never dies of one.
+This module does no I/O.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from typing import Any, Union
 import msgpack
 import numpy as np
 
+from dwarfmesh import bounds
+from dwarfmesh.bounds import Limits
 from dwarfmesh.config import PROTOCOL_ID, PROTOCOL_VERSION
 from dwarfmesh.messages import *  # noqa: F403 - the protocol's public names are its messages
 from dwarfmesh.messages import (
@@ -145,8 +149,10 @@ def encode(msg: Any) -> list[bytes]:
     return parts
 
 
-def decode(parts: list[bytes]) -> Any:
-    """Decode and validate multipart frames; raise ProtocolError on anything wrong."""
+def decode(parts: list[bytes], limits: Limits | None = None) -> Any:
+    """Decode and validate multipart frames; raise ProtocolError on anything wrong.
+    `limits`: the receiving node's (vocabulary, context); None checks only what does not
+    depend on the receiver."""
     if len(parts) < 3:
         raise ProtocolError(f"too few frames: {len(parts)}")
     if bytes(parts[0]) != PROTOCOL_ID:
@@ -172,6 +178,7 @@ def decode(parts: list[bytes]) -> Any:
         kwargs[name] = np.frombuffer(buf, dtype=dtype)
     msg = cls(**kwargs)
     _check_semantics(msg)
+    bounds.check(msg, limits)
     return msg
 
 

@@ -29,8 +29,13 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from dwarfmesh import protocol, security
-from dwarfmesh.config import MAX_MESSAGE_BYTES, RECONNECT_IVL_MAX_MS, RECONNECT_IVL_MS
+from dwarfmesh import admission, protocol, security
+from dwarfmesh.config import (
+    HANDSHAKE_TIMEOUT_S,
+    MAX_MESSAGE_BYTES,
+    RECONNECT_IVL_MAX_MS,
+    RECONNECT_IVL_MS,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +67,12 @@ def _is_client_request(body: list[Any]) -> bool:
 def _apply_common(sock: zmq.Socket) -> None:
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+    # A connection that has not finished the ZMTP handshake this long is closed (libzmq's
+    # default is 30 s): idle TCP connections from a stranger do not pile up.
+    sock.setsockopt(zmq.HANDSHAKE_IVL, int(HANDSHAKE_TIMEOUT_S * 1000))
+    # A peer that vanished without a FIN (cable pulled, laptop asleep) is noticed by TCP.
+    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 60)
     sock.setsockopt(zmq.SNDHWM, SNDHWM)
     sock.setsockopt(zmq.RCVHWM, SNDHWM)
 
@@ -85,6 +96,8 @@ class Transport:
         self.dropped: Counter[str] = Counter()      # inbound messages rejected, by reason
         self.send_failures = 0
         self._last_drop_log: dict[str, float] = {}
+        self.limits = protocol.Limits()             # the node sets its model's, once loaded
+        self.cap: admission.ConnectionCap | None = None
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -93,13 +106,15 @@ class Transport:
         router = self._ctx.socket(zmq.ROUTER)
         _apply_common(router)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        if self.key is not None:
-            await self._start_auth()
-            security.apply_server(router, self.key)
-            monitor = router.get_monitor_socket(
-                zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
-            self._tasks["monitor"] = asyncio.create_task(self._monitor_loop(monitor))
+        # ZAP consults the handler on every handshake, open mesh or not: the mesh key (if
+        # any) and the per-address connection cap (admission.py) both live there.
+        await self._start_auth()
+        router.zap_domain = b"dwarfmesh"
+        security.apply_server(router, self.key)
+        monitor = router.get_monitor_socket(
+            admission.EVENTS | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+        self._tasks["monitor"] = asyncio.create_task(self._monitor_loop(monitor))
         bind_host = "*" if self.host in ("", "0.0.0.0") else self.host
         if self.port:
             router.bind(f"tcp://{bind_host}:{self.port}")
@@ -110,10 +125,16 @@ class Transport:
         return self.port
 
     async def _start_auth(self) -> None:
-        """ZAP handler: admit only peers that hold the mesh's key pair; count the others."""
+        """ZAP handler: admit only peers that hold the mesh's key pair (with a key) and
+        addresses under the connection cap; count the others."""
         from zmq.auth.asyncio import AsyncioAuthenticator
 
         transport = self
+        self._auth = AsyncioAuthenticator(self._ctx)
+        self._auth.start()
+        self.cap = admission.ConnectionCap(self._auth)
+        if self.key is None:
+            return
 
         class MeshKeyOnly:
             def callback(self, domain: str, client_key: bytes) -> bool:
@@ -122,17 +143,20 @@ class Transport:
                     transport._drop("refused: wrong mesh key", "zap")
                 return ok
 
-        self._auth = AsyncioAuthenticator(self._ctx)
-        self._auth.start()
         self._auth.configure_curve_callback("dwarfmesh", credentials_provider=MeshKeyOnly())
 
     async def _monitor_loop(self, monitor: zmq.asyncio.Socket) -> None:
         try:
             while True:
                 event = parse_monitor_message(await monitor.recv_multipart())
-                if event["event"] != zmq.EVENT_HANDSHAKE_FAILED_AUTH:   # ZAP counted those
-                    self._drop("refused: handshake failed (no or another mesh key?)",
-                               str(event.get("endpoint", b""), "utf-8", "replace"))
+                where = str(event.get("endpoint", b""), "utf-8", "replace")
+                if event["event"] & admission.EVENTS:
+                    self.cap.event(event)
+                elif event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                    if self.key is None:            # with a key, ZAP counted those itself
+                        self._drop("refused: too many connections from one address", where)
+                else:
+                    self._drop("refused: handshake failed (no or another mesh key?)", where)
         finally:
             monitor.close(linger=0)
 
@@ -158,11 +182,15 @@ class Transport:
         if address in self._dealers:
             return
         sock = self._ctx.socket(zmq.DEALER)
-        _apply_common(sock)
-        sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
-        security.apply_client(sock, self.key)
-        sock.connect(f"tcp://{address}")
+        try:
+            _apply_common(sock)
+            sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+            sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
+            security.apply_client(sock, self.key)
+            sock.connect(f"tcp://{address}")
+        except zmq.ZMQError:
+            sock.close(linger=0)
+            raise
         self._dealers[address] = sock
         self._tasks[f"dealer:{address}"] = asyncio.create_task(
             self._recv_loop(sock, address), name=f"dealer:{address}")
@@ -233,7 +261,7 @@ class Transport:
             except (zmq.ZMQError, AttributeError):
                 peer_ip = ""
             try:
-                msg = protocol.decode([f.buffer for f in body])
+                msg = protocol.decode([f.buffer for f in body], self.limits)
             except protocol.ProtocolError as exc:
                 self._drop(f"malformed: {str(exc)[:60]}", peer_ip or address or "?")
                 if is_router and _is_client_request(body):
@@ -249,6 +277,11 @@ class Transport:
             except Exception:  # noqa: BLE001 - a handler bug must not kill the receive loop
                 log.exception("handler failed on %s from %s", type(msg).__name__, peer_ip)
                 self.dropped["handler error"] += 1
+
+    def drop(self, reason: str, where: str) -> None:
+        """Count a message the node refused (and log it, at most once per reason per
+        interval, with the running count): a flood of them costs a counter, not a log."""
+        self._drop(reason, where)
 
     def _drop(self, reason: str, where: str) -> None:
         key = reason.split(":")[0] if reason.startswith("malformed") else reason

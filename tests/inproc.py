@@ -42,6 +42,8 @@ class _Transport:
     def _drop(self, reason: str, where: str) -> None:
         self.dropped[reason] += 1
 
+    drop = _drop                 # the node counts its own refusals through this too
+
     def stats(self) -> dict[str, Any]:
         return {"dropped": dict(self.dropped)}
 

@@ -306,10 +306,12 @@ def test_errors_are_openai_style_with_proper_status(api_mesh):
     assert status == 404 and "error" in json.loads(body)
     status, _, _ = raw(port, "GET", "/v1/chat/completions")
     assert status == 405
+    # no web origin is allowed by default (--cors-origin allows one; tests/test_hostile.py)
     status, headers, _ = raw(port, "OPTIONS", "/v1/chat/completions", headers={
         "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST"})
-    assert status == 204 and headers["Access-Control-Allow-Origin"] == "*"
-    assert "POST" in headers["Access-Control-Allow-Methods"]
+    assert status == 403 and "Access-Control-Allow-Origin" not in headers
+    status, headers, _ = raw(port, "OPTIONS", "/v1/chat/completions")
+    assert status == 204 and "Access-Control-Allow-Origin" not in headers
 
 
 @pytest.mark.timeout(180)

@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-
 from meshutil import ROOT, free_port, node_env
 
 pytestmark = pytest.mark.timeout(120)
@@ -19,6 +18,10 @@ def run(*args, tmp_path):
     ["node", "--model", "/no/such/model/dir"],
     ["node", "--model", "no-such-short-name-xyz"],
     ["node", "--model", "x", "--port", "70000"],
+    ["node", "--model", "x", "--weight", "0"],          # NaN weights with --weights static
+    ["node", "--model", "x", "--weight", "nan"],
+    ["node", "--model", "x", "--weight", "-1"],
+    ["generate", "--connect", "127.0.0.1:5757", "--prompt", "x", "--max-tokens", "9000"],
     ["generate", "--connect", "nonsense", "--prompt", "x"],
     ["generate", "--connect", "127.0.0.1:5757", "--prompt", "x", "--temperature", "-1"],
     ["generate", "--connect", "127.0.0.1:5757", "--prompt", "x", "--top-k", "0"],

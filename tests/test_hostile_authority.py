@@ -1,0 +1,159 @@
+"""Hostile peers, the attacks that need *authority* to stop: session messages accepted
+only from the node the session's state says may send them, a Hello before anything
+counts, and slots reclaimed from sessions that never progress.
+
+Every test here is marked `# needs authority (lead's branch)`: each depends on that work
+and fails where it is not in. They run on their own mesh (a stranger's 16 Opens would
+hold its slots, were they accepted).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from meshutil import peers_of
+from stranger import Stranger, hello, me
+from test_hostile import answer, assert_unharmed, two_nodes, whole_mesh_answer
+
+from dwarfmesh import protocol as P
+
+
+@pytest.fixture(scope="module")
+def authority_mesh(tiny_models, tmp_path_factory):
+    with two_nodes(tiny_models, tmp_path_factory.mktemp("authority")) as mesh:
+        yield mesh
+
+
+def _live_session(address: str, deadline_s: float = 20.0) -> str:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        for n in peers_of(address, timeout=5):
+            if n["leader_of"]:
+                return n["leader_of"][0]
+        time.sleep(0.05)
+    raise AssertionError("no session became live")
+
+
+@pytest.mark.timeout(120)
+def test_injected_session_messages_do_not_touch_a_live_answer(authority_mesh):
+    # needs authority (lead's branch)
+    addr = authority_mesh["addrs"][0]
+    ref = whole_mesh_answer(addr, max_tokens=200)
+    out: dict = {}
+    runner = threading.Thread(target=lambda: out.update(answer(addr, max_tokens=200)))
+    runner.start()
+    sid = _live_session(addr)
+    strangers = [Stranger(a) for a in authority_mesh["addrs"]]
+    try:
+        for s in strangers:
+            for step in range(0, 200, 7):
+                s.send(P.Token(sid, step, 5, 0, "INJECTED", False))
+            s.send(P.Attach(sid, "", 0))
+            s.send(P.Attach(sid, "stranger1", 0))
+            s.send(P.Resume(sid, "stranger1", 0))
+            s.send(P.End(sid, "eos", {"text": "INJECTED ANSWER BY A STRANGER"}))
+            s.send(P.Cancel(sid))
+    finally:
+        for s in strangers:
+            s.close()
+    runner.join(timeout=180)
+    assert out.get("text") == ref["text"]
+
+
+@pytest.mark.timeout(120)
+def test_a_hello_then_silence_does_not_stall_an_answer(authority_mesh):
+    # needs authority (lead's branch)
+    addr = authority_mesh["addrs"][0]
+    fingerprint = me(addr)["fingerprint"]
+    ref = whole_mesh_answer(addr, max_tokens=10)
+    s = Stranger(addr)
+    stop_beating = threading.Event()
+
+    def beat():                          # alive by heartbeats, never answers an Open
+        while not stop_beating.is_set():
+            s.send(hello("silent", fingerprint=fingerprint))
+            stop_beating.wait(0.5)
+
+    beater = threading.Thread(target=beat)
+    beater.start()
+    try:
+        time.sleep(1)
+        t0 = time.monotonic()
+        out = answer(addr, max_tokens=10)
+        assert time.monotonic() - t0 < 30
+        assert out["text"] == ref["text"]
+    finally:
+        stop_beating.set()
+        beater.join()
+        s.close()
+    time.sleep(4)
+
+
+@pytest.mark.timeout(120)
+def test_a_copycat_that_answers_with_impossible_frames_does_not_steer_or_stall(authority_mesh):
+    # needs authority (lead's branch): its frames are dropped (test_hostile), so it is a
+    # member that never answers, which only the lead's work leaves out in time
+    import zmq
+
+    addr = authority_mesh["addrs"][0]
+    fingerprint = me(addr)["fingerprint"]
+    ref = whole_mesh_answer(addr, max_tokens=10)
+    ctx = zmq.Context()
+    inbox = ctx.socket(zmq.ROUTER)           # where the nodes send it Opens and Tokens
+    inbox.setsockopt(zmq.LINGER, 0)
+    port = inbox.bind_to_random_port("tcp://127.0.0.1")
+    s = Stranger(addr)
+    done = threading.Event()
+
+    def lie():
+        ids, lps = np.array([5], np.uint32), np.array([0.0], np.float16)
+        last = 0.0
+        while not done.is_set():
+            if time.monotonic() - last > 0.5:
+                s.send(hello("copycat", fingerprint=fingerprint, address=f"127.0.0.1:{port}"))
+                last = time.monotonic()
+            if not inbox.poll(100):
+                continue
+            try:
+                msg = P.decode(inbox.recv_multipart()[1:])
+            except P.ProtocolError:
+                continue
+            if isinstance(msg, (P.Open, P.Token)):
+                step = 0 if isinstance(msg, P.Open) else msg.step + 1
+                s.send(P.Frame(msg.session, step, "copycat", 0, 0.0,
+                               None if step == 0 else 3e38, -1, -3e38 if step == 0 else None,
+                               1.0, ids, lps))
+
+    liar = threading.Thread(target=lie)
+    liar.start()
+    try:
+        time.sleep(1)
+        t0 = time.monotonic()
+        out = answer(addr, max_tokens=10)
+        assert time.monotonic() - t0 < 30
+        assert out["text"] == ref["text"]
+    finally:
+        done.set()
+        liar.join()
+        s.close()
+        inbox.close()
+        ctx.term()
+    time.sleep(4)
+
+
+@pytest.mark.timeout(120)
+def test_stranger_opens_do_not_hold_session_slots(authority_mesh):
+    # needs authority (lead's branch)
+    s = Stranger(authority_mesh["addrs"][0])
+    try:
+        for i in range(16):
+            s.send(P.Open(f"hog{i}", "g", "g", ["g"], P.GenParams(), False,
+                          np.array([1, 2, 3], np.uint32)))
+        s.flush()
+    finally:
+        s.close()
+    time.sleep(2)
+    assert_unharmed(authority_mesh)
