@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_protocol import SAMPLES
 
 from dwarfmesh import protocol as P
-from test_protocol import SAMPLES
 
 MUTATED_FRAMES = 200_000
 

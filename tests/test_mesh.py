@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import asyncio
 
+import mlx.core as mx
 import msgpack
 import numpy as np
 import pytest
 import zmq
-
-import dwarfmesh  # noqa: F401
-import mlx.core as mx
-from dwarfmesh import fusion
 from meshutil import generate_cli, mesh, peers_of, stop
 from mlx_lm import load, stream_generate
 from mlx_lm.models.cache import make_prompt_cache
+
+import dwarfmesh  # noqa: F401
+from dwarfmesh import fusion
 
 PROMPT = "def quicksort(xs):"
 

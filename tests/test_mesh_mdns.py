@@ -10,7 +10,6 @@ import sys
 import time
 
 import pytest
-
 from meshutil import node_env
 
 pytest_plugins = ("netns",)

@@ -8,10 +8,16 @@ import sys
 import time
 
 import pytest
+from meshutil import (
+    ROOT,
+    free_port,
+    node_env,
+    start_node,
+    stop,
+)
 
 from dwarfmesh.client import MeshClient, MeshError
 from dwarfmesh.security import KeyFileError, load_key, make_key_file
-from meshutil import ROOT, free_port, generate_cli, node_env, peers_of, start_node, stop, wait_for_mesh
 
 PROMPT = "def quicksort(xs):"
 
@@ -47,7 +53,8 @@ def test_only_holders_of_the_key_join_and_strangers_are_counted(tiny_models, tmp
     key = load_key(key_file)
     ports = [free_port() for _ in range(3)]
     a0, a1, a2 = (f"127.0.0.1:{p}" for p in ports)
-    procs = [start_node(tiny_models[0], "n0", ports[0], tmp_path, extra=["--mesh-key", str(key_file)]),
+    procs = [start_node(tiny_models[0], "n0", ports[0], tmp_path,
+                        extra=["--mesh-key", str(key_file)]),
              start_node(tiny_models[1], "n1", ports[1], tmp_path, peers=[a0],
                         extra=["--mesh-key", str(key_file)]),
              # a stranger with another key, and one with no key at all, both dial n0

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 
 from dwarfmesh import textfuse as tf
-from dwarfmesh.membership import Member
+from dwarfmesh.membership import Member, plan_session
 from dwarfmesh.protocol import GenParams
-from dwarfmesh.membership import plan_session
 
 pytestmark = pytest.mark.timeout(30)
 

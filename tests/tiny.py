@@ -2,9 +2,10 @@
 
 `make_tiny_model(dir, seed)` writes an mlx-lm model directory (llama architecture; with
 `window=`, gemma3_text's layout, five sliding-window layers then a global one, or with
-`arch="llama"` llama's sliding-window layers; a few layers, random weights from `seed`) with a real byte-level BPE tokenizer trained on a
-little text. Models made with the same tokenizer text but different seeds share one
-vocabulary and differ in weights: an ensemble of them is a real same-vocabulary mesh.
+`arch="llama"` llama's sliding-window layers; a few layers, random weights from `seed`)
+with a real byte-level BPE tokenizer trained on a little text. Models made with the same
+tokenizer text but different seeds share one vocabulary and differ in weights: an
+ensemble of them is a real same-vocabulary mesh.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import dwarfmesh  # noqa: F401  (OpenBLAS preload before mlx)
 import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm.models import gemma3_text, llama
+
+import dwarfmesh  # noqa: F401  (OpenBLAS preload before mlx)
 
 TOKENIZER_TEXT = (
     "def quicksort(xs):\n    if len(xs) <= 1:\n        return xs\n"
