@@ -318,3 +318,35 @@ def test_a_completion_keeps_the_leading_space_of_its_first_token(engines, tiny_m
     assert want.startswith(" ")
     assert end.summary["text"] == want
     assert "".join(t.text for t in net.streamed()) == want
+
+
+@pytest.mark.timeout(120)
+def test_the_last_node_standing_finishes_the_answer(engines, reference):
+    """The leader dies, then the node that took over: the last member sees only itself,
+    a minority of the session, but also the session's origin (itself, the client's
+    node), so it goes on rather than abstain: while one node lives, the answer completes."""
+    net = Net(engines)
+    ids = _ids(net)
+    session = session_led_by(ids["node0"], list(ids.values()), second=ids["node1"])
+    killed: list[str] = []
+
+    def drop(src, dst, msg) -> bool:
+        if isinstance(msg, P.Token) and msg.step == 10 and not killed:
+            killed.append("node0")
+            loop = asyncio.get_running_loop()
+            loop.call_soon(net.kill, "node0")
+            loop.call_later(0.05, net.kill, "node1")   # during its takeover
+        return False
+
+    net.drop = drop
+
+    async def go():
+        net.generate("node2", _request(session))
+        return await asyncio.wait_for(net.end(60), 60)
+
+    end = asyncio.run(go())
+    s = end.summary
+    assert isinstance(end, P.End), end
+    assert s["token_ids"] == reference
+    assert s["leader"] == "node2" and s["members"] == ["node2"]
+    assert "".join(t.text for t in net.streamed()) == s["text"]
