@@ -66,6 +66,7 @@ class ClientStream:
     start: Any = None              # the Start message, re-sent until the leader acknowledges
     acked: bool = False
     request: Any = None            # the Generate (a copy re-sent by the client is the same)
+    asked_from: int = -1           # the step a replay was last asked from (gaps)
 
     def follow(self, session: str, sender: str, term: int, fresh) -> bool | None:
         """True: from the stream's leader (now). False: a weaker claim, or a stronger one
@@ -149,6 +150,19 @@ class SessionRoles:
         """A client re-attaches here after its node died: become the session's origin."""
         node = self.node
         member = self.member_of.get(msg.session)
+        if (member is not None and not member.closed and not member.taken_over
+                and member.leader not in node.membership.peers):
+            # Its leader is gone and this member held back (it saw a minority, without
+            # the origin); the client is here now, so this side goes on.
+            member.origin = node.node_id
+            alive = {m.node_id for m in node.membership.alive()}
+            nxt = successor(msg.session, member.members, alive, node.node_id, node.node_id)
+            if nxt.action == "take-over":
+                member.taken_over = True
+                member.leader = node.node_id      # (the Attach below: a gap replays)
+                node.spawn(self._take_over(member, alive))
+            elif nxt.action == "wait":
+                member.leader = nxt.leader
         leader_id = (node.node_id if msg.session in self.leading or msg.session in self.finished
                      else member.leader if member is not None
                      else self.text.leader_of(msg.session)
@@ -158,7 +172,16 @@ class SessionRoles:
             return
         members = (set(member.members) if member is not None
                    else self.text.members_of(msg.session))
-        term = member.term if member is not None else self.text.term_of(msg.session)
+        if member is not None:
+            term = member.term
+        elif msg.session in self.leading:
+            term = self.leading[msg.session].term
+        elif msg.session in self.finished and self.finished[msg.session][1]:
+            term = getattr(self.finished[msg.session][1][-1], "term", 0)
+        elif self.text.running(msg.session):
+            term = self.text.term_of(msg.session)
+        else:
+            term = self.led_by.get(msg.session, ("", 0))[1]
         fresh = msg.session not in self.clients
         self.clients[msg.session] = ClientStream(identity, msg.session, leader_id,
                                                  msg.next_step, time.monotonic(),
@@ -185,8 +208,14 @@ class SessionRoles:
         if isinstance(msg, P.Resume):
             return
         if isinstance(msg, P.Token):
+            if msg.step > client.next_step and client.asked_from != client.next_step:
+                # A gap (this origin took over from a dead one, or a Token was lost):
+                # the leader replays from the first step the client lacks.
+                client.asked_from = client.next_step
+                self.node.send_to(sender, P.Attach(msg.session, self.node.node_id,
+                                                   client.next_step))
             if msg.step != client.next_step:
-                return                   # a token already streamed (resent by a new leader)
+                return                   # streamed already, or after the gap (replayed)
             client.next_step += 1
         if isinstance(msg, P.End):
             msg.summary.setdefault("mode", "fuse-ids")   # text sessions set theirs
@@ -329,8 +358,11 @@ class SessionRoles:
             return
         log.info("session %s: origin moves to %s at step %d", msg.session, msg.origin,
                  msg.next_step)
+        member = self.member_of.get(msg.session)
         if msg.session in self.leading:
             self.leading[msg.session].set_origin(msg.origin, msg.next_step)
+        elif member is not None and member.taken_over:
+            member.origin = msg.origin       # a takeover under way: it streams there
         elif self.text.attach(msg):          # a text session this node leads
             pass
         elif msg.session in self.finished:
@@ -478,7 +510,7 @@ class SessionRoles:
         state = await member.state()          # no step in flight: state matches the cache
         term = state["term"] + 1
         member.leader, member.term = node.node_id, term
-        peers = {m.node_id: m for m in node.membership.alive()}
+        peers = {m.node_id: m for m in node.membership.alive()}   # (who died meanwhile)
         members = [peers[i] for i in member.members if i in alive and i in peers]
         leader = LeaderSession(
             session=member.session, origin=member.origin, params=member.params,

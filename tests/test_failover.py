@@ -350,3 +350,45 @@ def test_the_last_node_standing_finishes_the_answer(engines, reference):
     assert s["token_ids"] == reference
     assert s["leader"] == "node2" and s["members"] == ["node2"]
     assert "".join(t.text for t in net.streamed()) == s["text"]
+
+
+@pytest.mark.timeout(120)
+def test_a_client_that_reattaches_to_a_lone_survivor_gets_its_answer(engines, reference):
+    """The leader and the client's node die together; the client re-attaches to the last
+    member (which may be taking over already, or holding back: it saw a minority and not
+    the origin). It is the live side: it leads, and replays what the client missed."""
+    net = Net(engines)
+    ids = _ids(net)
+    session = session_led_by(ids["node0"], list(ids.values()), second=ids["node1"])
+    killed: list[str] = []
+
+    def drop(src, dst, msg) -> bool:
+        if isinstance(msg, P.Token) and msg.step == 10 and not killed:
+            killed.append("both")
+            loop = asyncio.get_running_loop()
+            loop.call_soon(net.kill, "node0")
+            loop.call_soon(net.kill, "node2")
+        return False
+
+    net.drop = drop
+
+    async def go():
+        net.generate("node2", _request(session))
+        while not killed:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.5)
+        node1 = net.node("node1")
+        seen = {t.step for t in net.streamed()}
+        node1._dispatch(P.Attach(session, "", len(seen)),
+                        _origin(b"client"))
+        return await asyncio.wait_for(net.end(60), 60)
+
+    end = asyncio.run(go())
+    s = end.summary
+    assert isinstance(end, P.End), end
+    assert s["token_ids"] == reference and s["leader"] == "node1"
+    by_step: dict[int, str] = {}
+    for t in net.streamed():
+        by_step.setdefault(t.step, t.text)
+    assert sorted(by_step) == list(range(len(reference)))
+    assert "".join(by_step[i] for i in sorted(by_step)) == s["text"]
