@@ -161,10 +161,10 @@ class MeshClient:
             if now - heard > PROBE_AFTER_S and now - probe_sent > PROBE_AFTER_S:
                 if probe_sent > heard:           # the last probe got no answer: node is gone
                     msg = await self._go_elsewhere(request, len(pieces))
-                    heard = loop.time()
+                    heard = probe_sent = loop.time()     # (no probe out to that node yet)
                 else:
                     await self._sock.send_multipart(P.encode(P.PeersRequest("probe")))
-                probe_sent = loop.time()
+                    probe_sent = loop.time()
             if msg is None:
                 # Short polls, so a cancel request is noticed promptly.
                 if not await self._sock.poll(int(POLL_TICK_S * 1000)):
