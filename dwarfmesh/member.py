@@ -59,6 +59,7 @@ class MemberSession:
         self.committed: list[int] = []
         self.hashes: list[int] = []    # the prefix hash before each committed token
         self.term = 0                  # the leader's term (see follow)
+        self.claimed = True            # `leader` has led us in `term` (not just expected)
         self.last_heard = time.monotonic()   # from the leader (idle sessions are freed)
         self.hash = prefix_hash(self.prompt_ids)
         self.last_frame: Frame | None = None
@@ -94,12 +95,15 @@ class MemberSession:
         not seen yet) is followed from now on; a weaker one is told who leads."""
         if (sender, term) == (self.leader, self.term):
             self.last_heard = time.monotonic()
+            self.claimed = True
             return True
         if sender not in self.members:
             return False
+        # The lease protects a leader that has led this member in its term, not one it
+        # only expects (the successor it ranked first after a death).
         if outranks(self.session, (term, sender), (self.term, self.leader)) and (
-                self.leader == sender or not self.fresh(self.leader)):
-            self.leader, self.term = sender, term
+                self.leader == sender or not self.claimed or not self.fresh(self.leader)):
+            self.leader, self.term, self.claimed = sender, term, True
             self.last_heard = time.monotonic()
             return True
         # A weaker claim, or a takeover while our leader is still heard from (the

@@ -90,6 +90,7 @@ class TextMemberSession:
         self.answer = ""
         self.closed = False
         self.term = msg.term
+        self.claimed = True                  # `leader` has led us in `term` (see follow)
         self.last_heard = time.monotonic()   # from the leader (idle sessions are freed)
         self.last_reply: Any = None          # answered again when the leader asks again
         self._lock = asyncio.Lock()
@@ -99,12 +100,15 @@ class TextMemberSession:
         claim is followed from now on; a weaker one is told who leads)."""
         if (sender, term) == (self.leader, self.term):
             self.last_heard = time.monotonic()
+            self.claimed = True
             return True
         if sender not in self.members:
             return False
+        # The lease protects a leader that has led this member in its term, not one it
+        # only expects (the successor it ranked first after a death).
         if outranks(self.session, (term, sender), (self.term, self.leader)) and (
-                self.leader == sender or not self.fresh(self.leader)):
-            self.leader, self.term = sender, term
+                self.leader == sender or not self.claimed or not self.fresh(self.leader)):
+            self.leader, self.term, self.claimed = sender, term, True
             self.last_heard = time.monotonic()
             return True
         self.send(sender, Deposed(self.session, self.leader, self.term))
@@ -448,7 +452,7 @@ class TextSessions:
             else:
                 log.info("session %s: leader %s gone; %s takes over", session, node_id,
                          nxt.leader)
-                member.leader = nxt.leader
+                member.leader, member.claimed = nxt.leader, False
                 node.spawn(self._await_resume(member))
 
     async def _take_over(self, member: TextMemberSession, alive: set[str]) -> None:

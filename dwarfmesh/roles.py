@@ -162,7 +162,7 @@ class SessionRoles:
                 member.leader = node.node_id      # (the Attach below: a gap replays)
                 node.spawn(self._take_over(member, alive))
             elif nxt.action == "wait":
-                member.leader = nxt.leader
+                member.leader, member.claimed = nxt.leader, False
         leader_id = (node.node_id if msg.session in self.leading or msg.session in self.finished
                      else member.leader if member is not None
                      else self.text.leader_of(msg.session)
@@ -501,7 +501,7 @@ class SessionRoles:
                 member.taken_over = True
                 node.spawn(self._take_over(member, alive))
             else:
-                member.leader = nxt.leader
+                member.leader, member.claimed = nxt.leader, False
                 log.info("session %s: leader %s gone; %s takes over", session, node_id,
                          nxt.leader)
 

@@ -303,7 +303,7 @@ class LeaderSession:
                 self.params = p = dataclasses.replace(p, chat=True)
             open_msg = Open(self.session, self.me.node_id, self.origin,
                             [m.node_id for m in self.members], p, self.keep,
-                            np.asarray(prompt_ids, dtype=np.uint32))
+                            np.asarray(prompt_ids, dtype=np.uint32), self.term)
             local = self.engine.open(self.session, prompt_ids, p.top_k)
             frames = await self._gather(0, lambda only: self._broadcast(
                 open_msg, only=({m.node_id for m in self.members} - set(self._frames))

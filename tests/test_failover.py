@@ -22,6 +22,7 @@ from dwarfmesh.protocol import GenParams
 
 PROMPT = "def quicksort(xs):"
 TOKENS = 48
+KILL_AFTER_S = 0.02     # a SIGKILL'd node's last messages arrive before its death is noticed
 
 
 @pytest.fixture()
@@ -69,7 +70,8 @@ def test_a_new_leader_sends_a_member_the_token_it_missed(engines, reference):
         if src == leader and isinstance(msg, P.Token) and msg.step == kill_at:
             sent.add(dst)
             if len(sent) == 2:                       # both members: then node0 dies
-                asyncio.get_running_loop().call_soon(net.kill, "node0")
+                # (what it sent is on the wire: delivered before the death is noticed)
+                asyncio.get_running_loop().call_later(KILL_AFTER_S, net.kill, "node0")
             return dst == behind
         return False
 
@@ -246,7 +248,8 @@ def test_a_new_text_leader_adopts_a_commit_only_some_members_got(mixed_models, t
             old_piece[:] = [msg.text]
             sent.add(dst)
             if len(sent) == 2:                       # both members: then node0 dies
-                asyncio.get_running_loop().call_soon(net.kill, "node0")
+                # (what it sent is on the wire: delivered before the death is noticed)
+                asyncio.get_running_loop().call_later(KILL_AFTER_S, net.kill, "node0")
             return dst == net.addr("node1")
         return False
 
