@@ -66,6 +66,7 @@ class ClientStream:
     start: Any = None              # the Start message, re-sent until the leader acknowledges
     acked: bool = False
     request: Any = None            # the Generate (a copy re-sent by the client is the same)
+    claimed: bool = True           # the leader has not been declared dead since it led
     asked_from: int = -1           # the step a replay was last asked from (gaps)
 
     def follow(self, session: str, sender: str, term: int, fresh) -> bool | None:
@@ -76,9 +77,10 @@ class ClientStream:
             return True
         if sender not in self.members and sender != self.leader:
             return None
-        if outranks(session, (term, sender), (self.term, self.leader)) and not fresh(
-                self.leader):
+        if outranks(session, (term, sender), (self.term, self.leader)) and (
+                not self.claimed or not fresh(self.leader)):
             self.leader, self.term, self.leader_lost_at = sender, term, None
+            self.claimed = True
             return True
         return False
 
@@ -486,6 +488,9 @@ class SessionRoles:
 
     def peer_gone(self, node_id: str) -> None:
         node = self.node
+        for client in self.clients.values():
+            if client.leader == node_id:
+                client.claimed = False       # (should it come back restarted, no lease)
         self.text.peer_gone(node_id)
         for leader in self.leading.values():
             leader.member_lost(node_id)
@@ -494,6 +499,7 @@ class SessionRoles:
             if member.leader != node_id or member.closed or member.taken_over:
                 continue
             nxt = successor(session, member.members, alive, node.node_id, member.origin)
+            member.claimed = False
             if nxt.action == "abstain":
                 log.warning("session %s: leader %s unreachable but so is most of the "
                             "session; not taking over", session, node_id)
