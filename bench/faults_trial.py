@@ -77,6 +77,8 @@ class TrialContext:
         import mlx.core as mx
         from mlx_lm import load, stream_generate
 
+        from dwarfmesh.session import answer_detokenizer
+
         m, tok = load(model)
         if mx.default_device() == mx.cpu:
             m.set_dtype(mx.float32)               # as the engine does
@@ -84,7 +86,7 @@ class TrialContext:
         for prompt in PROMPTS:
             ids = [r.token for r in stream_generate(m, tok, prompt,
                                                     max_tokens=self.tokens)]
-            detok = tok.detokenizer
+            detok = answer_detokenizer(tok.detokenizer, chat=False)   # as a completion streams
             segments = []
             for t in ids:
                 detok.add_token(t)
