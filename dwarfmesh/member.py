@@ -44,6 +44,31 @@ log = logging.getLogger(__name__)
 Send = Callable[[str, Any], int]
 
 
+def follow_leader(member: Any, sender: str, term: int) -> bool:
+    """Whether a leader's message from `sender` in `term` is the session's leader's, for
+    an id or a text member (`session`, `leader`, `term`, `claimed`, `members`, `fresh`,
+    `send`, `last_heard`).
+
+    A claim that beats the current leader's (a takeover whose Resume this member has not
+    seen yet) is followed from now on. The lease protects a leader that has led this
+    member in its term, not one it only expects (the successor it ranked first after a
+    death). A weaker claim, or a takeover while the leader is still heard from (the
+    claimer was cut off, not the leader), is told who leads."""
+    if (sender, term) == (member.leader, member.term):
+        member.last_heard = time.monotonic()
+        member.claimed = True
+        return True
+    if sender not in member.members:
+        return False
+    if outranks(member.session, (term, sender), (member.term, member.leader)) and (
+            member.leader == sender or not member.claimed or not member.fresh(member.leader)):
+        member.leader, member.term, member.claimed = sender, term, True
+        member.last_heard = time.monotonic()
+        return True
+    member.send(sender, Deposed(member.session, member.leader, member.term))
+    return False
+
+
 class MemberSession:
     def __init__(self, open_msg: Open, *, me: str, engine: Any, send: Send,
                  fresh: Callable[[str], bool] = lambda _node: False) -> None:
@@ -89,27 +114,9 @@ class MemberSession:
             self._send_frame()
 
     def follow(self, sender: str, term: int) -> bool:
-        """Whether a leader's message from `sender` in `term` is this session's leader's.
-
-        A claim that beats the current leader's (a takeover whose Resume this member has
-        not seen yet) is followed from now on; a weaker one is told who leads."""
-        if (sender, term) == (self.leader, self.term):
-            self.last_heard = time.monotonic()
-            self.claimed = True
-            return True
-        if sender not in self.members:
-            return False
-        # The lease protects a leader that has led this member in its term, not one it
-        # only expects (the successor it ranked first after a death).
-        if outranks(self.session, (term, sender), (self.term, self.leader)) and (
-                self.leader == sender or not self.claimed or not self.fresh(self.leader)):
-            self.leader, self.term, self.claimed = sender, term, True
-            self.last_heard = time.monotonic()
-            return True
-        # A weaker claim, or a takeover while our leader is still heard from (the
-        # claimer was cut off, not the leader): it is told who leads.
-        self.send(sender, Deposed(self.session, self.leader, self.term))
-        return False
+        """Whether a leader's message from `sender` in `term` is this session's leader's
+        (see `follow_leader`)."""
+        return follow_leader(self, sender, term)
 
     def token(self, msg: Token) -> None:
         """Queue a committed token; the drain task applies it (with any that follow)."""

@@ -46,6 +46,7 @@ from jinja2 import TemplateError
 from dwarfmesh import textfuse
 from dwarfmesh.config import FAILOVER_GRACE_S
 from dwarfmesh.deadlines import MEMBER_IDLE_S
+from dwarfmesh.member import follow_leader
 from dwarfmesh.membership import SessionPlan, outranks, successor
 from dwarfmesh.protocol import (
     Attach,
@@ -96,23 +97,9 @@ class TextMemberSession:
         self._lock = asyncio.Lock()
 
     def follow(self, sender: str, term: int) -> bool:
-        """Whether a message from `sender` in `term` is this session's leader's (a better
-        claim is followed from now on; a weaker one is told who leads)."""
-        if (sender, term) == (self.leader, self.term):
-            self.last_heard = time.monotonic()
-            self.claimed = True
-            return True
-        if sender not in self.members:
-            return False
-        # The lease protects a leader that has led this member in its term, not one it
-        # only expects (the successor it ranked first after a death).
-        if outranks(self.session, (term, sender), (self.term, self.leader)) and (
-                self.leader == sender or not self.claimed or not self.fresh(self.leader)):
-            self.leader, self.term, self.claimed = sender, term, True
-            self.last_heard = time.monotonic()
-            return True
-        self.send(sender, Deposed(self.session, self.leader, self.term))
-        return False
+        """Whether a message from `sender` in `term` is this session's leader's (see
+        `member.follow_leader`)."""
+        return follow_leader(self, sender, term)
 
     def again(self, kind: type, step: int) -> None:
         """The leader asked again for the reply to step `step`: send it, if it was made."""
