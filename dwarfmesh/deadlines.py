@@ -17,9 +17,11 @@ liveness window (`HEARTBEAT_INTERVAL_S * LIVENESS`, 3 s) and R the resend interv
 - member: the next message from its leader. Asks nothing (the leader resends, also to
   members that answered, so a live leader is heard). Gives up: `MEMBER_IDLE_S`, then it
   frees the session (its leader is gone with no one to take over, or never meant it).
-- origin: the leader's acknowledgement of `Start`. Asks again: `Start` every
-  `OPEN_RESEND_S`, to the next leader by rank once the first is dead. Gives up:
-  `FAILOVER_GRACE_S` after the last candidate died.
+- origin: the leader's acknowledgement of `Start` (sent on receipt, before prefill).
+  Asks again: `Start` every `OPEN_RESEND_S`; to the next leader by rank once the first
+  is dead or has not acknowledged within `START_ACK_S` (one lost Start and its resend).
+  Gives up: `FAILOVER_GRACE_S` after the last candidate died, or when no candidate
+  acknowledged.
 - origin: a new leader after the old one died. Asks nothing (members elect one and it
   sends `Resume`). Gives up: `FAILOVER_GRACE_S`.
 - client: any message from its node. Asks again: a probe every `PROBE_AFTER_S`, then
@@ -33,11 +35,18 @@ goodbye or expiry is a hint to check, never a death certificate.
 
 from __future__ import annotations
 
-from dwarfmesh.config import HEARTBEAT_INTERVAL_S, LIVENESS, PREFILL_TIMEOUT_S, STEP_TIMEOUT_S
+from dwarfmesh.config import (
+    HEARTBEAT_INTERVAL_S,
+    LIVENESS,
+    OPEN_RESEND_S,
+    PREFILL_TIMEOUT_S,
+    STEP_TIMEOUT_S,
+)
 
 LIVENESS_S = HEARTBEAT_INTERVAL_S * LIVENESS
 RESEND_S = HEARTBEAT_INTERVAL_S       # a silent member is asked again this often
 LEASE_S = LIVENESS_S / 2              # a leader heard from this recently is not replaced
+START_ACK_S = LIVENESS_S + OPEN_RESEND_S   # a leader that never acknowledges is passed over
 STRAGGLER_FACTOR = 4.0                # a frame this many forwards late is not coming
 MEMBER_IDLE_S = 30.0                  # a member frees a session its leader left this long
 MIN_PREFILL_WAIT_S = 15.0             # the least a leader waits for a member's first frame

@@ -40,7 +40,7 @@ from dwarfmesh.config import (
     OPEN_RESEND_S,
     PREFILL_TIMEOUT_S,
 )
-from dwarfmesh.deadlines import MEMBER_IDLE_S
+from dwarfmesh.deadlines import MEMBER_IDLE_S, START_ACK_S
 from dwarfmesh.member import MemberSession
 from dwarfmesh.membership import elect_leader, outranks, plan_session, successor
 from dwarfmesh.rank_member import TextSessions
@@ -68,6 +68,8 @@ class ClientStream:
     request: Any = None            # the Generate (a copy re-sent by the client is the same)
     claimed: bool = True           # the leader has not been declared dead since it led
     asked_from: int = -1           # the step a replay was last asked from (gaps)
+    sent_at: float = 0.0           # when the Start was last sent (resends)
+    started_at: float = 0.0        # when the Start was first sent to this leader
 
     def follow(self, session: str, sender: str, term: int, fresh) -> bool | None:
         """True: from the stream's leader (now). False: a weaker claim, or a stronger one
@@ -137,7 +139,8 @@ class SessionRoles:
         old = self.clients.get(session)
         self.clients[session] = ClientStream(
             identity, session, leader.node_id, old.next_step if old else 0, time.monotonic(),
-            members={m.node_id for m in plan.group}, term=term, start=start, request=req)
+            members={m.node_id for m in plan.group}, term=term, start=start, request=req,
+            sent_at=time.monotonic(), started_at=time.monotonic())
         node.send_to(leader.node_id, start)
         if old is None:
             node.spawn(self._watch_client(session))
@@ -238,18 +241,28 @@ class SessionRoles:
             now = time.monotonic()
             alive = (client.leader == self.node.node_id
                      or client.leader in self.node.membership.peers)
-            if not client.acked and not alive and client.request is not None:
-                # The leader died before it took the session: the next one by rank leads
-                # it, in a later term (should the first be alive after all, it is deposed).
+            silent = not client.acked and now - client.started_at > START_ACK_S
+            if not client.acked and (not alive or silent) and client.request is not None:
+                # The leader died before it took the session, or is heard from but never
+                # acknowledges a Start (a live node acknowledges at once, before its
+                # prefill): the next one by rank leads it, in a later term (should the
+                # first take it after all, it is deposed).
                 tried.add(client.leader)
-                log.warning("session %s: leader %s gone before it started; re-electing",
-                            session, client.leader)
+                log.warning("session %s: leader %s %s; re-electing", session, client.leader,
+                            "gone before it started" if not alive
+                            else f"never acknowledged the session in {START_ACK_S:.0f}s")
                 if self._start(session, client.request, client.identity, client.term + 1,
                                tried):
                     continue
-            if not client.acked and now - client.last_heard > OPEN_RESEND_S:
+                if silent:
+                    del self.clients[session]
+                    self.node.transport.reply(client.identity, P.Error(
+                        session, "no member acknowledged the session "
+                        f"(tried {', '.join(sorted(tried))})"))
+                    return
+            if not client.acked and now - client.sent_at > OPEN_RESEND_S:
                 # The Start may have been lost (e.g. the leader had just restarted): again.
-                client.last_heard = now
+                client.sent_at = now
                 self.node.send_to(client.leader, client.start)
             if alive:
                 client.leader_lost_at = None

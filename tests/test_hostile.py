@@ -41,10 +41,12 @@ PROMPT = "hello"                 # the tiny mesh does not end this early: runs t
 TOKENS = 40
 
 
-def answer(address: str, max_tokens: int = TOKENS, prompt: str = PROMPT) -> dict:
+def answer(address: str, max_tokens: int = TOKENS, prompt: str = PROMPT,
+           conversation: str = "") -> dict:
     async def go():
         async with MeshClient(address) as c:
-            return (await c.generate(prompt, P.GenParams(max_tokens=max_tokens))).summary
+            return (await c.generate(prompt, P.GenParams(max_tokens=max_tokens),
+                                     conversation=conversation)).summary
     return asyncio.run(go())
 
 

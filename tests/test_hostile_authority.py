@@ -19,6 +19,8 @@ from stranger import Stranger, hello, me
 from test_hostile import answer, assert_unharmed, two_nodes, whole_mesh_answer
 
 from dwarfmesh import protocol as P
+from dwarfmesh.deadlines import MIN_PREFILL_WAIT_S, START_ACK_S
+from dwarfmesh.membership import rendezvous_score
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +68,13 @@ def test_injected_session_messages_do_not_touch_a_live_answer(authority_mesh):
 @pytest.mark.timeout(120)
 def test_a_hello_then_silence_does_not_stall_an_answer(authority_mesh):
     # needs authority (lead's branch)
+    # A member that never answers its Open; the conversation id is chosen so that a real
+    # node leads (a silent *leader*: test_a_silent_peer_elected_leader_is_passed_over).
     addr = authority_mesh["addrs"][0]
     fingerprint = me(addr)["fingerprint"]
+    ids = [n["node_id"] for n in peers_of(addr, timeout=5)] + ["silent"]
+    conversation = next(c for c in (f"conv{i}" for i in range(1000))
+                        if max(ids, key=lambda n: (rendezvous_score(c, n), n)) != "silent")
     ref = whole_mesh_answer(addr, max_tokens=10)
     s = Stranger(addr)
     stop_beating = threading.Event()
@@ -80,11 +87,54 @@ def test_a_hello_then_silence_does_not_stall_an_answer(authority_mesh):
     beater = threading.Thread(target=beat)
     beater.start()
     try:
-        time.sleep(1)
+        deadline = time.monotonic() + 10
+        while "silent" not in {n["node_id"] for n in peers_of(addr, timeout=5)}:
+            assert time.monotonic() < deadline, "the silent peer never joined"
+            time.sleep(0.1)
         t0 = time.monotonic()
-        out = answer(addr, max_tokens=10)
+        out = answer(addr, max_tokens=10, conversation=conversation)
         assert time.monotonic() - t0 < 30
         assert out["text"] == ref["text"]
+    finally:
+        stop_beating.set()
+        beater.join()
+        s.close()
+    time.sleep(4)
+
+
+@pytest.mark.timeout(120)
+def test_a_silent_peer_elected_leader_is_passed_over(authority_mesh):
+    # needs authority (lead's branch). The peer says Hello with the mesh's fingerprint, so
+    # it is a member and may be elected; the conversation id is chosen so that it is,
+    # which leaves the answer to the origin passing over a leader that never acknowledges.
+    addr = authority_mesh["addrs"][0]
+    fingerprint = me(addr)["fingerprint"]
+    ids = [n["node_id"] for n in peers_of(addr, timeout=5)] + ["silent2"]
+    conversation = next(c for c in (f"conv{i}" for i in range(1000))
+                        if max(ids, key=lambda n: (rendezvous_score(c, n), n)) == "silent2")
+    ref = whole_mesh_answer(addr, max_tokens=10)
+    s = Stranger(addr)
+    stop_beating = threading.Event()
+
+    def beat():
+        while not stop_beating.is_set():
+            s.send(hello("silent2", fingerprint=fingerprint))
+            stop_beating.wait(0.5)
+
+    beater = threading.Thread(target=beat)
+    beater.start()
+    try:
+        deadline = time.monotonic() + 10
+        while "silent2" not in {n["node_id"] for n in peers_of(addr, timeout=5)}:
+            assert time.monotonic() < deadline, "the silent peer never joined"
+            time.sleep(0.1)
+        t0 = time.monotonic()
+        out = answer(addr, max_tokens=10, conversation=conversation)
+        # passed over after START_ACK_S; the next leader waits for the silent member's
+        # first frame (MIN_PREFILL_WAIT_S: the tiny model's own prefill is far shorter)
+        assert time.monotonic() - t0 < START_ACK_S + MIN_PREFILL_WAIT_S + 15
+        assert out["text"] == ref["text"]
+        assert out["leader"] != "stranger"
     finally:
         stop_beating.set()
         beater.join()
