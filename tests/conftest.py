@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+pytest.register_assert_rewrite("hostile_mesh")  # its asserts report like a test file's
 
 import dwarfmesh  # noqa: E402,F401  (OpenBLAS preload before anything imports mlx)
 

@@ -15,6 +15,7 @@ import time
 
 import openai
 import pytest
+from httputil import raw, wait_http
 from meshutil import ROOT, free_port, node_env, peers_of, start_node, stop, wait_for_mesh
 
 from dwarfmesh.api import ApiServer
@@ -115,28 +116,6 @@ def api_mesh(tiny_models, tmp_path_factory):
         yield f"http://127.0.0.1:{http_port}/v1", addrs, cache
     finally:
         stop(procs)
-
-
-def wait_http(port: int, deadline_s: float = 30.0) -> None:
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        try:
-            if raw(port, "GET", "/health")[0] == 200:
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise AssertionError(f"no HTTP API on port {port} within {deadline_s}s")
-
-
-def raw(port: int, method: str, path: str, body: bytes | None = None,
-        headers: dict | None = None) -> tuple[int, dict, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, dict(resp.getheaders()), resp.read()
-    finally:
-        conn.close()
 
 
 def client_for(base_url: str) -> openai.OpenAI:

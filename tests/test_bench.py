@@ -156,7 +156,7 @@ def independent_unit_mixture(models: list[Path], texts: list[dict], eta: float,
     its encoding of the whole (tried at every position); a unit's log p is the sum of the
     member's token log p between cuts, from one full forward (the first unit's is relative
     to log P(ids(prompt)))."""
-    from test_rank import Direct
+    from reference import Direct
 
     refs = [Direct(m) for m in models]
     member_nll, mix_nll, nbytes, n_units = np.zeros(len(refs)), 0.0, 0, 0

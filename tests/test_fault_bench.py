@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from netns import netns_unavailable
-from test_netns_mesh import leftovers, logs, run_script
+from netns_script import leftovers, logs, run_script
 
 pytestmark = pytest.mark.netns
 
@@ -27,7 +27,7 @@ def test_the_fault_bench_injects_records_and_cleans_up(tmp_path, monkeypatch):
     if reason is not None:
         pytest.skip(reason)
     out_json, workdir = tmp_path / "faults.json", tmp_path / "run"
-    monkeypatch.setattr(sys.modules["test_netns_mesh"], "SCRIPT", BENCH)
+    monkeypatch.setattr(sys.modules["netns_script"], "SCRIPT", BENCH)
     result, pid = run_script(["--sessions", "id", "--kinds", ",".join(KINDS), "--trials", "1",
                               "--tokens", "60", "--subnet", "10.199.12.0/24",
                               "--json", str(out_json), "--workdir", str(workdir)], DEADLINE_S)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_protocol import SAMPLES
+from samples import SAMPLES
 
 from dwarfmesh import protocol as P
 

@@ -9,16 +9,14 @@ says may send them are in `test_hostile_authority.py`.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import shutil
 import time
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
 import zmq
-from meshutil import free_port, peers_of, start_node, stop, wait_for_mesh
+from hostile_mesh import CONTEXT, VOCAB, assert_unharmed, two_nodes
+from meshutil import free_port, peers_of, start_node, stop
 from stranger import (
     Stranger,
     closed_by_server,
@@ -32,71 +30,13 @@ from stranger import (
 
 from dwarfmesh import admission
 from dwarfmesh import protocol as P
-from dwarfmesh.client import MeshClient
 from dwarfmesh.transport import DROP_LOG_INTERVAL_S
-
-CONTEXT = 256                    # node0's model takes at most this many prompt ids
-VOCAB = 320                      # the tiny models' vocabulary
-PROMPT = "hello"                 # the tiny mesh does not end this early: runs to max_tokens
-TOKENS = 40
-
-
-def answer(address: str, max_tokens: int = TOKENS, prompt: str = PROMPT,
-           conversation: str = "") -> dict:
-    async def go():
-        async with MeshClient(address) as c:
-            return (await c.generate(prompt, P.GenParams(max_tokens=max_tokens),
-                                     conversation=conversation)).summary
-    return asyncio.run(go())
 
 
 @pytest.fixture(scope="module")
 def hostile_mesh(tiny_models, tmp_path_factory):
     with two_nodes(tiny_models, tmp_path_factory.mktemp("hostile")) as mesh:
         yield mesh
-
-
-@contextmanager
-def two_nodes(tiny_models, cache):
-    """Two nodes (tiny models; node0's context cut to CONTEXT). Yields a dict: addrs, procs,
-    ports, the state dir, the reference answer (before any stranger)."""
-    short = cache / "m1-short"
-    shutil.copytree(tiny_models[0], short)
-    config = json.loads((short / "config.json").read_text())
-    (short / "config.json").write_text(json.dumps({**config,
-                                                   "max_position_embeddings": CONTEXT}))
-    ports = [free_port(), free_port()]
-    addrs = [f"127.0.0.1:{p}" for p in ports]
-    procs = [start_node(short, "node0", ports[0], cache),
-             start_node(tiny_models[1], "node1", ports[1], cache, peers=[addrs[0]])]
-    try:
-        for a in addrs:
-            wait_for_mesh(a, 2, procs=procs)
-        ref = whole_mesh_answer(addrs[0])
-        yield {"addrs": addrs, "procs": procs, "ports": ports, "cache": cache, "ref": ref}
-    finally:
-        stop(procs)
-
-
-def whole_mesh_answer(address: str, attempts: int = 3, **kw) -> dict:
-    """An answer fused by both nodes (a member starved of CPU for a moment can be left out
-    of one; answers fused by different members differ)."""
-    for _ in range(attempts):
-        out = answer(address, **kw)
-        if sorted(out["members"]) == ["node0", "node1"]:
-            return out
-    pytest.fail(f"a member was left out of an answer {attempts} times in a row")
-
-
-def assert_unharmed(mesh, reference: dict | None = None) -> None:
-    """Both nodes alive, each lists the other, and the answer is the reference answer."""
-    for p in mesh["procs"]:
-        assert p.poll() is None, "a node died"
-    for a in mesh["addrs"]:
-        names = sorted(n["name"] for n in peers_of(a, timeout=5))
-        assert names[:2] == ["node0", "node1"], names
-    out = whole_mesh_answer(mesh["addrs"][0])
-    assert out["text"] == (reference or mesh["ref"])["text"]
 
 
 def count(stats: dict, prefix: str) -> int:

@@ -14,9 +14,9 @@ import time
 
 import numpy as np
 import pytest
+from hostile_mesh import answer, assert_unharmed, two_nodes, whole_mesh_answer
 from meshutil import peers_of
 from stranger import Stranger, hello, me
-from test_hostile import answer, assert_unharmed, two_nodes, whole_mesh_answer
 
 from dwarfmesh import protocol as P
 from dwarfmesh.deadlines import MIN_PREFILL_WAIT_S, START_ACK_S

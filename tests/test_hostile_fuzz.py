@@ -14,9 +14,9 @@ import time
 
 import numpy as np
 import pytest
+from hostile_mesh import answer, two_nodes, whole_mesh_answer
 from meshutil import peers_of
 from stranger import Stranger, dropped
-from test_hostile import answer, two_nodes, whole_mesh_answer
 
 from dwarfmesh import bounds
 from dwarfmesh import protocol as P

@@ -10,9 +10,9 @@ import socket
 import time
 
 import pytest
+from httputil import raw, wait_http
 from meshutil import free_port, peers_of, start_node, stop, wait_for_mesh
 from stranger import closed_by_server, idle_connections, open_fds, rss_mb
-from test_api import raw, wait_http
 
 from dwarfmesh.api import ApiServer
 from dwarfmesh.http11 import BODY_BUDGET_BYTES, HEAD_TIMEOUT_S, MAX_BODY_BYTES

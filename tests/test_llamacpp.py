@@ -1,6 +1,6 @@
 """The llama.cpp engine, checked against the mlx engine on the very same GGUF files.
 
-Tiny random-weight GGUFs are written with the `gguf` package (`test_models.make_tiny_gguf`:
+Tiny random-weight GGUFs are written with the `gguf` package (`tiny.make_tiny_gguf`:
 llama and qwen2 layouts, Q8_0 MLP tensors as in a real file), so the llama.cpp
 path runs here without a download: the mlx engine reads the import of the file, the
 llama.cpp engine reads the file itself. The tests skip, saying so, where
@@ -16,8 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from meshutil import free_port, generate_cli, node_env, peers_of, start_node, stop, wait_for_mesh
-from test_models import make_tiny_gguf
-from tiny import TOKENIZER_TEXT
+from tiny import TOKENIZER_TEXT, make_tiny_gguf
 
 from dwarfmesh import fusion
 from dwarfmesh.engine import MAX_SESSIONS, EngineBusy

@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 from meshutil import free_port, generate_cli, peers_of, start_node, stop, wait_for_mesh
-from test_models import REFERENCE
+from reference import REFERENCE
 
 from dwarfmesh import models
 from dwarfmesh.engine.choose import make_engine

@@ -5,40 +5,18 @@ from __future__ import annotations
 
 import asyncio
 
-import mlx.core as mx
 import msgpack
 import numpy as np
 import pytest
 import zmq
 from meshutil import generate_cli, mesh, peers_of, stop
 from mlx_lm import load, stream_generate
-from mlx_lm.models.cache import make_prompt_cache
+from reference import direct_topk_frames
 
 import dwarfmesh  # noqa: F401
 from dwarfmesh import fusion
 
 PROMPT = "def quicksort(xs):"
-
-
-def direct_topk_frames(model, ids: list[int], k: int):
-    """Each step's top-k (float16) and rest mass straight from the model, with a KV cache."""
-    cache = make_prompt_cache(model)
-    arr = mx.array(ids, dtype=mx.int32)
-    if len(ids) > 1:
-        model(arr[None, :-1], cache=cache)
-    logits = model(arr[None, -1:], cache=cache)[0, -1].astype(mx.float32)
-
-    def frame(logits):
-        lp = np.array(logits - mx.logsumexp(logits), dtype=np.float32)
-        top = np.argsort(-lp, kind="stable")[:k]
-        rest = max(1.0 - float(np.exp(lp[top].astype(np.float64)).sum()), 0.0)
-        return top, lp[top].astype(np.float16), rest
-
-    def step(tok):
-        out = model(mx.array([[tok]], dtype=mx.int32), cache=cache)[0, -1].astype(mx.float32)
-        return frame(out)
-
-    return frame(logits), step
 
 
 @pytest.mark.timeout(300)

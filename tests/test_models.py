@@ -1,11 +1,11 @@
 """Model resolution, pulling and GGUF import, checked by behaviour.
 
 Fast tests build tiny GGUF files with `gguf.GGUFWriter` the way llama.cpp's converter
-writes them (llama.cpp tensor names, q/k rows permuted, Q8_0 tensors), convert them and
-compare logits with an mlx-lm model built from the same weights. Real-model tests check
-pulled models by output: token ids equal llama.cpp's (tests/data/tokenizer_reference.json),
-greedy continuation, perplexity. They skip when the model is not pulled
-(`dwarfmesh pull smollm2-135m`).
+writes them (`tiny.make_tiny_gguf`: llama.cpp tensor names, q/k rows permuted, Q8_0
+tensors), convert them and compare logits with an mlx-lm model built from the same
+weights. Real-model tests check pulled models by output: token ids equal llama.cpp's
+(tests/data/tokenizer_reference.json), greedy continuation, perplexity. They skip when
+the model is not pulled (`dwarfmesh pull smollm2-135m`).
 """
 
 from __future__ import annotations
@@ -22,178 +22,20 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
 from mlx_lm import generate, load
-from mlx_lm.models import gemma3_text, llama, qwen2
 from mlx_lm.sample_utils import make_sampler
-from tiny import TOKENIZER_TEXT, make_tokenizer
-from tokenizers import Tokenizer
+from reference import REFERENCE
+from tiny import TOKENIZER_TEXT, make_tiny_gguf
 
 from dwarfmesh import models
 from dwarfmesh.gguf_import import MARKER
 from dwarfmesh.models import ModelError, resolve_model
-
-REFERENCE = json.loads((Path(__file__).parent / "data" / "tokenizer_reference.json").read_text())
-QWEN2_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-CHAT_TEMPLATE = "{% for m in messages %}<|endoftext|>{{ m['content'] }}{% endfor %}"
 
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("DWARFMESH_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
-
-
-# --- tiny GGUF files written the way llama.cpp writes them -------------------------------
-
-
-def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """llama.cpp convert_hf_to_gguf.py's LlamaModel.permute (HF -> GGUF row order)."""
-    return (
-        w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(w.shape)
-    )
-
-
-HF_TO_GGUF = {  # written out independently of gguf_import's table
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
-}
-GEMMA3_TO_GGUF = {
-    **HF_TO_GGUF,
-    "post_attention_layernorm": "post_attention_norm",
-    "pre_feedforward_layernorm": "ffn_norm",
-    "post_feedforward_layernorm": "post_ffw_norm",
-    "self_attn.q_norm": "attn_q_norm",
-    "self_attn.k_norm": "attn_k_norm",
-}
-
-
-def gguf_name(hf: str, arch: str) -> str:
-    top = {
-        "model.embed_tokens.weight": "token_embd.weight",
-        "model.norm.weight": "output_norm.weight",
-        "lm_head.weight": "output.weight",
-    }
-    if hf in top:
-        return top[hf]
-    _, _, layer, rest = hf.split(".", 3)
-    module, kind = rest.rsplit(".", 1)
-    table = GEMMA3_TO_GGUF if arch == "gemma3" else HF_TO_GGUF
-    return f"blk.{layer}.{table[module]}.{kind}"
-
-
-def make_tiny_gguf(path: Path, arch: str, *, seed: int = 0, tokenizer_model: str = "gpt2"):
-    """Write a tiny GGUF; return (reference mlx-lm model with the weights as stored, tokenizer)."""
-    tok_dir = path.parent / f"{path.stem}-tok"
-    tok_dir.mkdir(parents=True)
-    make_tokenizer(tok_dir)
-    tok = json.loads((tok_dir / "tokenizer.json").read_text())
-    if arch == "qwen2":  # a Qwen tokenizer: transformers rebuilds this pipeline for qwen2 anyway
-        tok["normalizer"] = {"type": "NFC"}
-        tok["pre_tokenizer"] = {
-            "type": "Sequence",
-            "pretokenizers": [
-                {
-                    "type": "Split",
-                    "pattern": {"Regex": QWEN2_REGEX},
-                    "behavior": "Isolated",
-                    "invert": False,
-                },
-                {
-                    "type": "ByteLevel",
-                    "add_prefix_space": False,
-                    "trim_offsets": False,
-                    "use_regex": False,
-                },
-            ],
-        }
-        (tok_dir / "tokenizer.json").write_text(json.dumps(tok))
-    vocab = tok["model"]["vocab"]
-    tokens = sorted(vocab, key=vocab.get)
-    layers = 6 if arch == "gemma3" else 2  # gemma3: 5 local layers, then a global one
-    rope_theta = 1e6 if arch == "gemma3" else 10000.0
-    config = {
-        "model_type": arch,
-        "hidden_size": 64,
-        "num_hidden_layers": layers,
-        "intermediate_size": 128,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "rms_norm_eps": 1e-5,
-        "vocab_size": len(tokens),
-        "rope_theta": rope_theta,
-        "max_position_embeddings": 256,
-        "tie_word_embeddings": arch != "qwen2",
-        "head_dim": 16,
-        "query_pre_attn_scalar": 16,
-    }
-    module = {"llama": llama, "qwen2": qwen2, "gemma3": gemma3_text}[arch]
-    reference = module.Model(module.ModelArgs.from_dict(config))
-    rng = np.random.default_rng(seed)
-    weights = {}
-    for name, p in tree_flatten(reference.parameters()):
-        w = rng.normal(0, 0.1 if p.ndim > 1 else 0.5, p.shape).astype(np.float32)
-        if "norm" in name:
-            w = 1.0 + w
-        weights[name] = w.astype(np.float16).astype(np.float32)  # exact in the float16 output
-    if config["tie_word_embeddings"]:
-        weights.pop("lm_head.weight", None)
-
-    writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_block_count(layers)
-    writer.add_context_length(256)
-    writer.add_embedding_length(64)
-    writer.add_feed_forward_length(128)
-    writer.add_head_count(4)
-    writer.add_head_count_kv(2)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_rope_freq_base(rope_theta)
-    if arch == "gemma3":  # the local layers' 10000 is not in the file: llama.cpp fixes it too
-        writer.add_key_length(16)
-        writer.add_value_length(16)
-        writer.add_sliding_window(512)
-    writer.add_tokenizer_model(tokenizer_model)
-    writer.add_tokenizer_pre("qwen2" if arch == "qwen2" else "default")
-    writer.add_token_list(tokens)
-    writer.add_token_types([3 if t == "<|endoftext|>" else 1 for t in tokens])
-    writer.add_token_merges(
-        [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
-    )
-    writer.add_eos_token_id(vocab["<|endoftext|>"])
-    writer.add_chat_template(CHAT_TEMPLATE)
-    for name, w in weights.items():
-        if arch == "llama" and ".q_proj." in name:
-            w = llama_cpp_permute(w, 4)
-        elif arch == "llama" and ".k_proj." in name:
-            w = llama_cpp_permute(w, 2)
-        elif arch == "gemma3" and name.endswith("norm.weight"):
-            w = w + 1.0  # llama.cpp's converter folds Gemma's (1 + w) into the weight
-        if "mlp" in name:  # quantized, like a real file; the reference gets the rounded values
-            q = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0)
-            writer.add_tensor(gguf_name(name, arch), q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-            weights[name] = gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0)
-        else:
-            writer.add_tensor(gguf_name(name, arch), w)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    # The import stores float16: give the reference exactly those values.
-    stored = {k: mx.array(v.astype(np.float16).astype(np.float32)) for k, v in weights.items()}
-    reference.load_weights(list(reference.sanitize(stored).items()))
-    return reference, Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
 
 
 @pytest.mark.timeout(60)

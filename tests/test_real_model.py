@@ -59,7 +59,7 @@ def test_real_mixed_pair_ranks_past_gemmas_sliding_window(smollm2, gemma, tmp_pa
     512-token window: every round, each member's proposal must be its greedy continuation
     of the committed text computed afresh (a new prefill of it, with mlx-lm's own cache),
     which holds only if gemma's cache was re-synced correctly past its window."""
-    from test_rank import Direct
+    from reference import Direct
 
     text = Path("/usr/share/games/fortunes/fortunes")
     prompt = (text.read_text()[:2200] if text.exists() else

@@ -1,0 +1,107 @@
+"""Independent references the tests compare the mesh and the engines against.
+
+`Direct(path)` is one mlx-lm model computed from scratch on whole texts (full forward
+passes, no KV cache): log-probs, NLLs, greedy proposals and top-k pieces of text.
+`direct_topk_frames(model, ids, k)` gives each step's top-k and rest mass straight from a
+model with mlx-lm's own KV cache. `REFERENCE` is llama.cpp's tokenization of a few texts
+by the real registry models (tests/data/tokenizer_reference.json).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm import load
+from mlx_lm.models.cache import make_prompt_cache
+
+import dwarfmesh  # noqa: F401  (OpenBLAS preload before mlx)
+from dwarfmesh import textfuse as tf
+
+REFERENCE = json.loads((Path(__file__).parent / "data" / "tokenizer_reference.json").read_text())
+
+
+class Direct:
+    """One model computed from scratch on whole texts: the independent reference."""
+
+    def __init__(self, path: Path) -> None:
+        self.model, self.tok = load(str(path))
+        self.eos = set(self.tok.eos_token_ids)
+
+    def logprobs(self, ids: list[int]) -> np.ndarray:
+        logits = self.model(mx.array([ids]))[0].astype(mx.float32)
+        return np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True), dtype=np.float64)
+
+    def nll(self, text: str) -> float:
+        ids = self.tok.encode(text)
+        lp = self.logprobs(ids)
+        return -float(sum(lp[i - 1, ids[i]] for i in range(1, len(ids))))
+
+    def eos_logp(self, text: str) -> float:
+        last = self.logprobs(self.tok.encode(text))[-1]
+        return float(np.logaddexp.reduce(last[sorted(self.eos)]))
+
+    def continuation_nll(self, context: str, text: str, eos: bool) -> float:
+        out = self.nll(context + text) - self.nll(context)
+        return out - (self.eos_logp(context + text) if eos else 0.0)
+
+    def proposal(self, context: str, budget: int, cached: bool = False) -> tuple[str, bool]:
+        """Greedy continuation from a fresh prefill, cut at a word or line boundary. Every
+        token is a full forward over everything, or with `cached`, one forward of it after
+        a prefill into a fresh cache of mlx-lm's own making (never trimmed)."""
+        ids, gen, text, eos = self.tok.encode(context), [], "", False
+        cache = make_prompt_cache(self.model) if cached else None
+        fed = 0
+        while len(gen) < budget:
+            if cache is None:
+                last = self.logprobs(ids + gen)[-1]
+            else:
+                new = (ids + gen)[fed:]
+                last = np.array(self.model(mx.array([new]), cache=cache)[0, -1], np.float64)
+                fed += len(new)
+            tok = int(np.argmax(last))
+            if tok in self.eos:
+                eos = True
+                break
+            gen.append(tok)
+            text = self.tok.decode(gen)
+            if len(gen) == budget or tf.proposal_cut(text, done=False) is not None:
+                break
+        text = tf.complete_text(text)
+        return (text if eos else text[:tf.proposal_cut(text, done=True) or 0]), eos
+
+    def top_texts(self, context: str, k: int) -> tuple[dict[str, float], float, float]:
+        """The next piece's top-k as strings, from a fresh prefill (see textfuse doc)."""
+        last = self.logprobs(self.tok.encode(context))[-1]
+        special = set(self.tok.all_special_ids) | self.eos
+        probs: dict[str, float] = {}
+        for tok in np.argsort(-last.astype(np.float32), kind="stable")[:k]:
+            piece = "" if int(tok) in special else self.tok.decode([int(tok)])
+            if piece and "\ufffd" not in piece:
+                probs[piece] = probs.get(piece, 0.0) + float(np.exp(last[tok]))
+        eos_logp = float(np.logaddexp.reduce(last[sorted(self.eos)]))
+        return probs, eos_logp, max(1.0 - sum(probs.values()) - math.exp(eos_logp), 0.0)
+
+
+def direct_topk_frames(model, ids: list[int], k: int):
+    """Each step's top-k (float16) and rest mass straight from the model, with a KV cache."""
+    cache = make_prompt_cache(model)
+    arr = mx.array(ids, dtype=mx.int32)
+    if len(ids) > 1:
+        model(arr[None, :-1], cache=cache)
+    logits = model(arr[None, -1:], cache=cache)[0, -1].astype(mx.float32)
+
+    def frame(logits):
+        lp = np.array(logits - mx.logsumexp(logits), dtype=np.float32)
+        top = np.argsort(-lp, kind="stable")[:k]
+        rest = max(1.0 - float(np.exp(lp[top].astype(np.float64)).sum()), 0.0)
+        return top, lp[top].astype(np.float16), rest
+
+    def step(tok):
+        out = model(mx.array([[tok]], dtype=mx.int32), cache=cache)[0, -1].astype(mx.float32)
+        return frame(out)
+
+    return frame(logits), step
