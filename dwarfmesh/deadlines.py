@@ -27,7 +27,10 @@ liveness window (`HEARTBEAT_INTERVAL_S * LIVENESS`, 3 s) and R the resend interv
 - client: any message from its node. Asks again: a probe every `PROBE_AFTER_S`, then
   the next node it knows. Gives up: `CLIENT_TIMEOUT_S` for the whole answer.
 
-A peer is dead only when the mesh's own heartbeats say so (silent past L). A takeover
+A peer is dead only when the mesh's own heartbeats say so (silent past L), and a wait
+never counts the time this node itself was not running (SIGSTOP, a suspended laptop, a
+starved CPU: `own_stall`): a node that wakes after L would otherwise find every peer
+"silent" and every wait expired, though their messages sit unread in its sockets. A takeover
 is refused by members and the origin while they still hear from the current leader
 (within `LEASE_S`, L/2): the claimer was the one cut off. An mDNS
 goodbye or expiry is a hint to check, never a death certificate.
@@ -51,6 +54,14 @@ STRAGGLER_FACTOR = 4.0                # a frame this many forwards late is not c
 MEMBER_IDLE_S = 30.0                  # a member frees a session its leader left this long
 MIN_PREFILL_WAIT_S = 15.0             # the least a leader waits for a member's first frame
 PREFILL_FACTOR = 16.0                 # ... or this many times its own prefill
+STALL_S = HEARTBEAT_INTERVAL_S        # woken this much later than asked: this node stalled
+
+
+def own_stall(expected: float, now: float) -> float:
+    """How long this node was not running, if it woke at `now` from a timer due at
+    `expected` (0 for ordinary scheduling jitter): waits extend by it."""
+    late = now - expected
+    return late if late > STALL_S else 0.0
 
 
 def reply_bound(slowest_forward_s: float, cap_s: float | None = None) -> float:

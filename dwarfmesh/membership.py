@@ -60,6 +60,13 @@ class Membership:
             lead = tuple(leading) if leading is not None else m.leading
             self.peers[node_id] = replace(m, last_seen=now, leading=lead)
 
+    def excuse(self, seconds: float) -> None:
+        """This node was not running for `seconds` (stopped, suspended, starved): that
+        time does not count as any peer's silence (what they sent meanwhile is still
+        waiting in its sockets)."""
+        for node_id, m in self.peers.items():
+            self.peers[node_id] = replace(m, last_seen=m.last_seen + seconds)
+
     def peer_down(self, node_id: str) -> Member | None:
         return self.peers.pop(node_id, None)
 

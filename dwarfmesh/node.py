@@ -42,7 +42,7 @@ from dwarfmesh.config import (
     default_node_name,
     node_id_for,
 )
-from dwarfmesh.deadlines import LEASE_S
+from dwarfmesh.deadlines import LEASE_S, own_stall
 from dwarfmesh.gossip import DialPolicy
 from dwarfmesh.membership import Member, Membership
 from dwarfmesh.roles import SessionRoles
@@ -225,7 +225,14 @@ class Node:
             except Exception:  # noqa: BLE001 - the heartbeat must outlive any one bad beat
                 log.exception("heartbeat failed; going on")
             beats += 1
+            due = time.monotonic() + HEARTBEAT_INTERVAL_S
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+            stalled = own_stall(due, time.monotonic())
+            if stalled:
+                # Stopped or starved: the peers were not silent, this node was deaf.
+                log.warning("this node did not run for %.1fs; its peers' silence in that "
+                            "time is not held against them", stalled)
+                self.membership.excuse(stalled)
 
     async def _beat(self, beats: int) -> None:
         for address in list(self._targets):

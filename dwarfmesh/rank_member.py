@@ -461,6 +461,7 @@ class TextSessions:
             kind="rank" if member.mode == "rank" else "fuse-text", members=members,
             me=node.me, engine=node.engine, send=node.send_to, prompt=m.prompt,
             messages=m.messages, keep=member.keep, resume=resume, term=term,
+            roster=set(member.members),
             **node.session_timeouts())
         await self._run(leader)
 

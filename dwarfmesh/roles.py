@@ -534,7 +534,8 @@ class SessionRoles:
         leader = LeaderSession(
             session=member.session, origin=member.origin, params=member.params,
             members=members, me=node.me, engine=node.engine, send=node.send_to,
-            keep=member.keep, resume_from=state, term=term, **node.session_timeouts())
+            keep=member.keep, resume_from=state, term=term, roster=set(member.members),
+            **node.session_timeouts())
         client = self.clients.get(member.session)
         if client is not None:
             client.leader, client.term, client.leader_lost_at = node.node_id, term, None

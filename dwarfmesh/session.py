@@ -40,7 +40,7 @@ from dwarfmesh.config import (
     OPEN_RESEND_S,
     PERPLEXITY_TAU,
 )
-from dwarfmesh.deadlines import prefill_bound, reply_bound, resend_interval
+from dwarfmesh.deadlines import own_stall, prefill_bound, reply_bound, resend_interval
 from dwarfmesh.membership import Member, outranks
 from dwarfmesh.protocol import (
     Deposed,
@@ -74,11 +74,14 @@ class LeaderSession:
                  messages: list[dict[str, Any]] | None = None, keep: bool = False,
                  excluded: list[tuple[Member, str]] | None = None,
                  step_timeout_s: float | None = None, step_deadline_s: float | None = None,
-                 resume_from: dict[str, Any] | None = None, term: int = 0) -> None:
+                 resume_from: dict[str, Any] | None = None, term: int = 0,
+                 roster: set[str] | None = None) -> None:
         self.session, self.origin, self.params = session, origin, params
         self.prompt, self.messages, self.keep = prompt, messages or [], keep
         self.members = list(members)
-        self.roster = {m.node_id for m in members}   # who may depose this leader (+ origin)
+        # Who may depose this leader (and the origin), and whom a Deposed may name: the
+        # whole session, also the members a takeover left behind (the old leader).
+        self.roster = {m.node_id for m in members} | set(roster or ())
         self.me, self.engine, self.send = me, engine, send
         self.excluded = excluded or []
         self.step_timeout_s, self.step_deadline_s = step_timeout_s, step_deadline_s
@@ -152,9 +155,13 @@ class LeaderSession:
         answer goes on there). Returns whether this leader stepped down."""
         if sender not in self.roster | {self.origin} or msg.leader not in self.roster:
             return False
-        if self.deposed is None and sender != self.origin and not outranks(
-                self.session, (msg.term, msg.leader), (self.term, self.me.node_id)):
-            self.member_lost(sender)      # it follows another leader, whose lease holds
+        if self.deposed is None and sender != self.origin and (
+                msg.leader == sender or not outranks(
+                    self.session, (msg.term, msg.leader), (self.term, self.me.node_id))):
+            # It follows another leader, whose lease holds; or it is that claimer itself,
+            # whose own word is no vote (a cut-off member that took over says so too:
+            # when its claim is real, the origin and the members following it say so).
+            self.member_lost(sender)
             return False
         if self.deposed is None:          # a better claim, or the client's node says so
             log.warning("session %s: deposed: %s leads term %d now", self.session, msg.leader,
@@ -249,11 +256,13 @@ class LeaderSession:
         loop = asyncio.get_running_loop()
         end = loop.time() + limit
         while True:
+            wait = min(every, max(end - loop.time(), 0.0))
+            due = loop.time() + wait
             try:
-                await asyncio.wait_for(asyncio.shield(self._waiter),
-                                       min(every, max(end - loop.time(), 0.0)))
+                await asyncio.wait_for(asyncio.shield(self._waiter), wait)
                 return
             except asyncio.TimeoutError:
+                end += own_stall(due, loop.time())    # this node's own stall is not theirs
                 if loop.time() >= end:
                     raise
                 # Everyone, not only the silent: a member that answered answers again (a

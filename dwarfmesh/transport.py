@@ -32,6 +32,8 @@ from zmq.utils.monitor import parse_monitor_message
 from dwarfmesh import admission, protocol, security
 from dwarfmesh.config import (
     HANDSHAKE_TIMEOUT_S,
+    HEARTBEAT_INTERVAL_S,
+    LIVENESS,
     MAX_MESSAGE_BYTES,
     RECONNECT_IVL_MAX_MS,
     RECONNECT_IVL_MS,
@@ -186,6 +188,13 @@ class Transport:
             _apply_common(sock)
             sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
+            # ZMTP heartbeats: a connection that brings nothing back for the liveness
+            # window is closed and dialled again. After a short link outage TCP resends
+            # what it had queued with exponential backoff (a 3 s outage can hold the next
+            # segment back 3 s more); a fresh connection does not wait for that, and what
+            # was lost with the old one is asked for again (deadlines.py).
+            sock.setsockopt(zmq.HEARTBEAT_IVL, int(HEARTBEAT_INTERVAL_S * 1000))
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(HEARTBEAT_INTERVAL_S * LIVENESS * 1000))
             security.apply_client(sock, self.key)
             sock.connect(f"tcp://{address}")
         except zmq.ZMQError:

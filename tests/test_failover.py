@@ -395,3 +395,87 @@ def test_a_client_that_reattaches_to_a_lone_survivor_gets_its_answer(engines, re
         by_step.setdefault(t.step, t.text)
     assert sorted(by_step) == list(range(len(reference)))
     assert "".join(by_step[i] for i in sorted(by_step)) == s["text"]
+
+
+@pytest.mark.timeout(120)
+def test_a_cut_off_members_own_claim_does_not_depose_a_live_leader(engines, reference):
+    """A member takes the leader for dead (its own link was down; the origin and the other
+    member still hear the leader) and takes over in term 1. The others refuse it: the
+    leader's lease holds. When its link is back it tells the live leader "I lead term 1":
+    the claimer's own word, which must not depose the leader (no one would lead then).
+    The leader leaves the claimer out and finishes the answer, exactly."""
+    net = Net(engines)
+    ids = _ids(net)
+    session = session_led_by(ids["node0"], list(ids.values()), second=ids["node1"])
+    cut = {"on": False}
+
+    def drop(src, dst, msg) -> bool:
+        if isinstance(msg, P.Token) and msg.step == 8 and src == net.addr("node0") \
+                and not cut["on"]:
+            cut["on"] = True
+            loop = asyncio.get_running_loop()
+            loop.call_soon(net.node("node1")._peer_gone, ids["node0"], "")
+            loop.call_later(0.3, net.hello, "node0")   # node1 hears node0 again
+        return False
+
+    net.drop = drop
+    roles1, claims = net.node("node1").roles, []
+    run_leader = roles1._run_leader
+
+    async def spy(session_id, leader):               # node1's takeover, however short
+        claims.append(leader)
+        return await run_leader(session_id, leader)
+
+    roles1._run_leader = spy
+
+    async def go():
+        net.generate("node2", _request(session))
+        return await asyncio.wait_for(net.end(30), 30)
+
+    end = asyncio.run(go())
+    s = end.summary
+    assert cut["on"] and len(claims) == 1
+    claimer = claims[0]
+    # the origin's word deposes the claimer (it names the leader the claimer left behind)
+    assert claimer.deposed is not None and claimer.deposed.leader == ids["node0"]
+    assert session not in net.node("node1").roles.leading
+    assert isinstance(end, P.End) and end.reason in ("eos", "length"), end
+    assert s["token_ids"] == reference
+    assert s["leader"] == "node0" and s.get("term", 0) == 0
+    assert "node1" not in s["members"]
+    assert [t.step for t in net.streamed()] == list(range(len(reference)))
+    assert "".join(t.text for t in net.streamed()) == s["text"]
+
+
+@pytest.mark.timeout(120)
+def test_a_claimers_own_deposed_is_no_vote(engines, reference):
+    """A member that claims the session for itself ("node1 leads term 1", from node1) is
+    one voice for its own claim: the leader, whose origin and other member still follow
+    it, leaves that member out and goes on; only the origin, or a member that follows the
+    claim, deposes it."""
+    net = Net(engines)
+    ids = _ids(net)
+    session = session_led_by(ids["node0"], list(ids.values()), second=ids["node1"])
+    sent = {"on": False}
+
+    def drop(src, dst, msg) -> bool:
+        if isinstance(msg, P.Token) and msg.step == 8 and not sent["on"]:
+            sent["on"] = True
+            sent["leader"] = net.node("node0").roles.leading[session]
+            asyncio.get_running_loop().call_soon(
+                net.deliver, net.addr("node1"), net.addr("node0"),
+                P.Deposed(session, ids["node1"], 1))
+        return False
+
+    net.drop = drop
+
+    async def go():
+        net.generate("node2", _request(session))
+        return await asyncio.wait_for(net.end(30), 30)
+
+    end = asyncio.run(go())
+    s = end.summary
+    assert sent["on"] and sent["leader"].deposed is None
+    assert s["token_ids"] == reference and s["leader"] == "node0"
+    assert "node1" not in s["members"]
+    assert [t.step for t in net.streamed()] == list(range(len(reference)))

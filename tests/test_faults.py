@@ -222,3 +222,29 @@ def test_the_client_goes_to_another_node_when_its_node_dies_before_the_first_tok
         result = asyncio.run(go())
     assert result.summary["token_ids"] == reference
     assert result.text == result.summary["text"]
+
+
+@pytest.mark.timeout(120)
+def test_a_node_that_was_stopped_does_not_take_its_peers_for_dead(slow_model, tmp_path):
+    """A node stopped (SIGSTOP: a laptop lid closed) for longer than the liveness window
+    hears nothing meanwhile: on waking it must not declare its peers dead for silence it
+    could not observe (their messages sit unread in its sockets). Its peers, which did
+    not hear it, rightly took it for dead; it rejoins them, and answers."""
+    import os
+
+    from dwarfmesh.deadlines import LIVENESS_S
+
+    with mesh([slow_model] * 2, tmp_path) as (addrs, procs):
+        os.killpg(procs[0].pid, signal.SIGSTOP)
+        time.sleep(LIVENESS_S + 2)
+        os.killpg(procs[0].pid, signal.SIGCONT)
+        time.sleep(2)
+        end = time.monotonic() + 20
+        while len(peers_of(addrs[0], timeout=5)) < 2 or len(peers_of(addrs[1], timeout=5)) < 2:
+            assert time.monotonic() < end, "the mesh did not re-form"
+            time.sleep(0.2)
+    woken = (tmp_path / "node0.log").read_text()
+    other = (tmp_path / "node1.log").read_text()
+    assert "left: silent past the liveness window" not in woken
+    assert "did not run for" in woken
+    assert "peer node0" in other and "left: silent past the liveness window" in other
