@@ -23,7 +23,10 @@ Per trial the bench records every streamed piece's time and judges:
   counts (request -> first piece) minus the no-fault runs' median of the same; the
   multicast loss counts the longest gap between pieces while it lasted. A trial's recovery
   is its worst fault's. A fault with no piece after it gives a lower bound (">="): the
-  time from the fault to the end of the wait.
+  time from the fault to the end of the wait. When faults come in a row (`two`), the
+  first one's recovery includes the second's detection window;
+  `recovery_after_last_fault_max_s` counts from the last fault before each piece, as a
+  single fault would.
 
 Between trials every node is healed (restarted with the same id, link up, SIGCONT, mDNS
 back) and the bench waits until every node lists every host again; if the mesh does not

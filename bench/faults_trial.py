@@ -140,6 +140,7 @@ class Trial:
     struck: bool = False                  # a fault fired before the last piece
     recovery_s: float | None = None
     recovery_lower_bound: bool = False
+    recovery_after_last_fault_s: float | None = None   # see `after_last_fault`
     longest_gap_s: float | None = None
     rejoin_s: float | None = None
     mesh_reset: bool = False
@@ -229,6 +230,10 @@ def judge(ctx: TrialContext, t: Trial, a: Answer, events: list[tuple[str, float,
                    ctx.first_piece_s[t.mode])
     if rec is not None:
         t.recovery_s, t.recovery_lower_bound = round(rec[0], 3), rec[1]
+    rec = recovery(after_last_fault(events, a.times), sent, a.times, a.ended_at, t.completed,
+                   ctx.first_piece_s[t.mode])
+    if rec is not None:
+        t.recovery_after_last_fault_s = round(rec[0], 3)
     if not t.completed:
         t.mismatch = f"did not complete: {a.error or t.finish_reason or 'no end'}"
         return
@@ -258,6 +263,21 @@ def judge(ctx: TrialContext, t: Trial, a: Answer, events: list[tuple[str, float,
         t.text_diff = {"at_char": at, "streamed": streamed[max(0, at - 30):at + 50],
                        "expected": ref[max(0, at - 30):at + 50],
                        "summary_has_text": "text" in s}
+
+
+def after_last_fault(events: list[tuple[str, float, bool]], times: list[float]
+                     ) -> list[tuple[str, float, bool]]:
+    """The events without the faults that another fault followed before the next piece:
+    when faults come in a row (`two`), what the last one costs, as a single fault would.
+    (`recovery` counts from the first: the second's detection window is added to it.)"""
+    harmful = sorted(te for _l, te, h in events if h)
+    kept = []
+    for label, te, h in events:
+        nxt = next((x for x in times if x > te), float("inf"))
+        if h and any(te < other < nxt for other in harmful):
+            continue
+        kept.append((label, te, h))
+    return kept
 
 
 def recovery(events: list[tuple[str, float, bool]], sent: float, times: list[float],
@@ -322,6 +342,9 @@ def summarize(trials: list[Trial], kinds: list[str]) -> dict[str, dict[str, Any]
             "recovery_p50_s": _pct(rec, 0.5), "recovery_p95_s": _pct(rec, 0.95),
             "recovery_max_s": _pct(rec, 1.0),
             "recovery_max_is_lower_bound": bool(top and top.recovery_lower_bound),
+            "recovery_after_last_fault_max_s": _pct(
+                [t.recovery_after_last_fault_s for t in ts
+                 if t.recovery_after_last_fault_s is not None], 1.0),
             "stalled": sum(not t.completed for t in ts),
             "mesh_resets": sum(t.mesh_reset for t in ts),
             "took_over": sum(bool(t.took_over) for t in ts),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -65,69 +66,61 @@ def test_injected_session_messages_do_not_touch_a_live_answer(authority_mesh):
     assert out.get("text") == ref["text"]
 
 
-@pytest.mark.timeout(120)
-def test_a_hello_then_silence_does_not_stall_an_answer(authority_mesh):
-    # needs authority (lead's branch)
-    # A member that never answers its Open; the conversation id is chosen so that a real
-    # node leads (a silent *leader*: test_a_silent_peer_elected_leader_is_passed_over).
-    addr = authority_mesh["addrs"][0]
+@contextmanager
+def silent_peer(addr: str, node_id: str, leads: bool):
+    """A peer that says Hello with the mesh's fingerprint every 0.5 s (so it is a member,
+    alive by heartbeats) and never answers anything; yields a conversation id whose
+    rendezvous leader is that peer (`leads`) or a real node; returns once it has left."""
     fingerprint = me(addr)["fingerprint"]
-    ids = [n["node_id"] for n in peers_of(addr, timeout=5)] + ["silent"]
+    ids = [n["node_id"] for n in peers_of(addr, timeout=5)] + [node_id]
     conversation = next(c for c in (f"conv{i}" for i in range(1000))
-                        if max(ids, key=lambda n: (rendezvous_score(c, n), n)) != "silent")
-    ref = whole_mesh_answer(addr, max_tokens=10)
-    s = Stranger(addr)
-    stop_beating = threading.Event()
-
-    def beat():                          # alive by heartbeats, never answers an Open
-        while not stop_beating.is_set():
-            s.send(hello("silent", fingerprint=fingerprint))
-            stop_beating.wait(0.5)
-
-    beater = threading.Thread(target=beat)
-    beater.start()
-    try:
-        deadline = time.monotonic() + 10
-        while "silent" not in {n["node_id"] for n in peers_of(addr, timeout=5)}:
-            assert time.monotonic() < deadline, "the silent peer never joined"
-            time.sleep(0.1)
-        t0 = time.monotonic()
-        out = answer(addr, max_tokens=10, conversation=conversation)
-        assert time.monotonic() - t0 < 30
-        assert out["text"] == ref["text"]
-    finally:
-        stop_beating.set()
-        beater.join()
-        s.close()
-    time.sleep(4)
-
-
-@pytest.mark.timeout(120)
-def test_a_silent_peer_elected_leader_is_passed_over(authority_mesh):
-    # needs authority (lead's branch). The peer says Hello with the mesh's fingerprint, so
-    # it is a member and may be elected; the conversation id is chosen so that it is,
-    # which leaves the answer to the origin passing over a leader that never acknowledges.
-    addr = authority_mesh["addrs"][0]
-    fingerprint = me(addr)["fingerprint"]
-    ids = [n["node_id"] for n in peers_of(addr, timeout=5)] + ["silent2"]
-    conversation = next(c for c in (f"conv{i}" for i in range(1000))
-                        if max(ids, key=lambda n: (rendezvous_score(c, n), n)) == "silent2")
-    ref = whole_mesh_answer(addr, max_tokens=10)
+                        if (max(ids, key=lambda n: (rendezvous_score(c, n), n)) == node_id)
+                        == leads)
     s = Stranger(addr)
     stop_beating = threading.Event()
 
     def beat():
         while not stop_beating.is_set():
-            s.send(hello("silent2", fingerprint=fingerprint))
+            s.send(hello(node_id, fingerprint=fingerprint))
             stop_beating.wait(0.5)
 
     beater = threading.Thread(target=beat)
     beater.start()
     try:
         deadline = time.monotonic() + 10
-        while "silent2" not in {n["node_id"] for n in peers_of(addr, timeout=5)}:
+        while node_id not in {n["node_id"] for n in peers_of(addr, timeout=5)}:
             assert time.monotonic() < deadline, "the silent peer never joined"
             time.sleep(0.1)
+        yield conversation
+    finally:
+        stop_beating.set()
+        beater.join()
+        s.close()
+    time.sleep(4)                        # past the liveness window: it has left
+
+
+@pytest.mark.timeout(120)
+def test_a_hello_then_silence_does_not_stall_an_answer(authority_mesh):
+    # needs authority (lead's branch)
+    # A member that never answers its Open, under a real node's lead (a silent *leader*:
+    # test_a_silent_peer_elected_leader_is_passed_over).
+    addr = authority_mesh["addrs"][0]
+    ref = whole_mesh_answer(addr, max_tokens=10)
+    with silent_peer(addr, "silent", leads=False) as conversation:
+        t0 = time.monotonic()
+        out = answer(addr, max_tokens=10, conversation=conversation)
+        assert time.monotonic() - t0 < 30
+        assert out["text"] == ref["text"]
+
+
+@pytest.mark.timeout(120)
+def test_a_silent_peer_elected_leader_is_passed_over(authority_mesh):
+    # needs authority (lead's branch). The peer is a member, so it may be elected; the
+    # conversation id is chosen so that it is, which leaves the answer to the origin
+    # passing over a leader that never acknowledges its Start.
+    addr = authority_mesh["addrs"][0]
+    ref = whole_mesh_answer(addr, max_tokens=10)
+    with silent_peer(addr, "silent2", leads=True) as conversation:
         t0 = time.monotonic()
         out = answer(addr, max_tokens=10, conversation=conversation)
         # passed over after START_ACK_S; the next leader waits for the silent member's
@@ -135,11 +128,6 @@ def test_a_silent_peer_elected_leader_is_passed_over(authority_mesh):
         assert time.monotonic() - t0 < START_ACK_S + MIN_PREFILL_WAIT_S + 15
         assert out["text"] == ref["text"]
         assert out["leader"] != "stranger"
-    finally:
-        stop_beating.set()
-        beater.join()
-        s.close()
-    time.sleep(4)
 
 
 @pytest.mark.timeout(120)
