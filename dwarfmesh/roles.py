@@ -467,7 +467,7 @@ class SessionRoles:
         if member is None:
             if (isinstance(msg, P.Token) and msg.session not in self.clients
                     and not self.text.running(msg.session) and sender != self.node.node_id):
-                self._stray(msg, sender)
+                self.stray(msg, sender)
             return
         if member.taken_over or not member.follow(sender, msg.term):
             return
@@ -482,13 +482,14 @@ class SessionRoles:
                 del self.member_of[msg.session]
             self.remember_leader(msg.session, member.leader, member.term)
 
-    def _stray(self, msg: P.Token, sender: str) -> None:
-        """A Token for a session this node is not (or no longer) in. A leader that this
-        node knows was outranked learns it was deposed (it woke up after the answer
-        ended); otherwise it learns this node is not a member (e.g. it restarted), so it
-        stops waiting for a frame that will never come."""
+    def stray(self, msg: Any, sender: str) -> None:
+        """A leader's message (Token; Candidates or Commit) for a session this node is
+        not (or no longer) in. A leader that this node knows was outranked learns it was
+        deposed (it woke up after the answer ended); otherwise it learns this node is not
+        a member (e.g. it restarted), so it stops waiting for a reply that will never
+        come. (The claimer itself says only that: its own word deposes no one.)"""
         known = self.led_by.get(msg.session)
-        if known is not None and known[0] != sender and outranks(
+        if known is not None and known[0] not in (sender, self.node.node_id) and outranks(
                 msg.session, (known[1], known[0]), (msg.term, sender)):
             self.node.send_to(sender, P.Deposed(msg.session, known[0], known[1]))
         else:
