@@ -328,7 +328,12 @@ class TextSessions:
             node.roles.to_client(Token(msg.session, msg.step, 0, msg.text_hash, msg.text,
                                        msg.final, msg.term), sender)
         # (A member that took over stays this leader's own local member: it is followed.)
-        if member is None or not member.follow(sender, msg.term):
+        if member is None:
+            if (msg.session not in node.roles.clients and not self.running(msg.session)
+                    and sender != node.node_id):
+                node.roles.stray(msg, sender)    # e.g. a deposed leader that woke up late
+            return
+        if not member.follow(sender, msg.term):
             return
         if isinstance(msg, Candidates):
             await member.candidates(msg)

@@ -40,7 +40,7 @@ from dwarfmesh.config import (
     OPEN_RESEND_S,
     PREFILL_TIMEOUT_S,
 )
-from dwarfmesh.deadlines import MEMBER_IDLE_S, START_ACK_S
+from dwarfmesh.deadlines import MEMBER_IDLE_S, RESEND_S, START_ACK_S
 from dwarfmesh.member import MemberSession
 from dwarfmesh.membership import elect_leader, outranks, plan_session, successor
 from dwarfmesh.rank_member import TextSessions
@@ -68,6 +68,7 @@ class ClientStream:
     request: Any = None            # the Generate (a copy re-sent by the client is the same)
     claimed: bool = True           # the leader has not been declared dead since it led
     asked_from: int = -1           # the step a replay was last asked from (gaps)
+    asked_at: float = 0.0          # ... and when
     sent_at: float = 0.0           # when the Start was last sent (resends)
     started_at: float = 0.0        # when the Start was first sent to this leader
 
@@ -213,21 +214,37 @@ class SessionRoles:
         if isinstance(msg, P.Resume):
             return
         if isinstance(msg, P.Token):
-            if msg.step > client.next_step and client.asked_from != client.next_step:
-                # A gap (this origin took over from a dead one, or a Token was lost):
-                # the leader replays from the first step the client lacks.
-                client.asked_from = client.next_step
-                self.node.send_to(sender, P.Attach(msg.session, self.node.node_id,
-                                                   client.next_step))
+            if msg.step > client.next_step:
+                # A gap (this origin took over from a dead one, or Tokens were lost, e.g.
+                # while the leader took this node for dead): the leader replays from the
+                # first step the client lacks.
+                self._ask_replay(client)
             if msg.step != client.next_step:
                 return                   # streamed already, or after the gap (replayed)
             client.next_step += 1
         if isinstance(msg, P.End):
+            steps = msg.summary.get("steps")
+            if isinstance(steps, int) and client.next_step < steps:
+                # Pieces are still missing: never end a stream with a hole in it. The
+                # replay brings them, and the End again after them.
+                self._ask_replay(client)
+                return
             msg.summary.setdefault("mode", "fuse-ids")   # text sessions set theirs
         self.node.transport.reply(client.identity, msg)
         if isinstance(msg, P.End):
             del self.clients[msg.session]
             self.remember_leader(msg.session, client.leader, client.term)
+
+    def _ask_replay(self, client: ClientStream) -> None:
+        """Ask the leader for every piece from the first one the client lacks; again
+        after a resend interval while that piece has not come (the Attach, or the
+        replay, can be lost too)."""
+        now = time.monotonic()
+        if client.asked_from == client.next_step and now - client.asked_at < RESEND_S:
+            return
+        client.asked_from, client.asked_at = client.next_step, now
+        self.node.send_to(client.leader, P.Attach(client.session, self.node.node_id,
+                                                  client.next_step))
 
     async def _watch_client(self, session: str) -> None:
         """Re-send an unacknowledged Start (to the next leader once the first is dead);
@@ -241,6 +258,8 @@ class SessionRoles:
             now = time.monotonic()
             alive = (client.leader == self.node.node_id
                      or client.leader in self.node.membership.peers)
+            if client.asked_from == client.next_step and alive:
+                self._ask_replay(client)         # a replay asked for has not come yet
             silent = not client.acked and now - client.started_at > START_ACK_S
             if not client.acked and (not alive or silent) and client.request is not None:
                 # The leader died before it took the session, or is heard from but never
@@ -448,7 +467,7 @@ class SessionRoles:
         if member is None:
             if (isinstance(msg, P.Token) and msg.session not in self.clients
                     and not self.text.running(msg.session) and sender != self.node.node_id):
-                self._stray(msg, sender)
+                self.stray(msg, sender)
             return
         if member.taken_over or not member.follow(sender, msg.term):
             return
@@ -463,13 +482,14 @@ class SessionRoles:
                 del self.member_of[msg.session]
             self.remember_leader(msg.session, member.leader, member.term)
 
-    def _stray(self, msg: P.Token, sender: str) -> None:
-        """A Token for a session this node is not (or no longer) in. A leader that this
-        node knows was outranked learns it was deposed (it woke up after the answer
-        ended); otherwise it learns this node is not a member (e.g. it restarted), so it
-        stops waiting for a frame that will never come."""
+    def stray(self, msg: Any, sender: str) -> None:
+        """A leader's message (Token; Candidates or Commit) for a session this node is
+        not (or no longer) in. A leader that this node knows was outranked learns it was
+        deposed (it woke up after the answer ended); otherwise it learns this node is not
+        a member (e.g. it restarted), so it stops waiting for a reply that will never
+        come. (The claimer itself says only that: its own word deposes no one.)"""
         known = self.led_by.get(msg.session)
-        if known is not None and known[0] != sender and outranks(
+        if known is not None and known[0] not in (sender, self.node.node_id) and outranks(
                 msg.session, (known[1], known[0]), (msg.term, sender)):
             self.node.send_to(sender, P.Deposed(msg.session, known[0], known[1]))
         else:

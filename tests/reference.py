@@ -20,6 +20,7 @@ from mlx_lm.models.cache import make_prompt_cache
 
 import dwarfmesh  # noqa: F401  (OpenBLAS preload before mlx)
 from dwarfmesh import textfuse as tf
+from dwarfmesh.engine.text import UTF8_TAIL_TOKENS
 
 REFERENCE = json.loads((Path(__file__).parent / "data" / "tokenizer_reference.json").read_text())
 
@@ -49,13 +50,15 @@ class Direct:
         return out - (self.eos_logp(context + text) if eos else 0.0)
 
     def proposal(self, context: str, budget: int, cached: bool = False) -> tuple[str, bool]:
-        """Greedy continuation from a fresh prefill, cut at a word or line boundary. Every
-        token is a full forward over everything, or with `cached`, one forward of it after
-        a prefill into a fresh cache of mlx-lm's own making (never trimmed)."""
+        """Greedy continuation from a fresh prefill, cut at a word or line boundary, with
+        at least one whole character (up to UTF8_TAIL_TOKENS past the budget to finish
+        one; U+FFFD kept if none). Every token is a full forward over everything, or with
+        `cached`, one forward of it after a prefill into a fresh cache of mlx-lm's own
+        making (never trimmed)."""
         ids, gen, text, eos = self.tok.encode(context), [], "", False
         cache = make_prompt_cache(self.model) if cached else None
         fed = 0
-        while len(gen) < budget:
+        while budget > 0 and len(gen) < budget + UTF8_TAIL_TOKENS:
             if cache is None:
                 last = self.logprobs(ids + gen)[-1]
             else:
@@ -68,9 +71,10 @@ class Direct:
                 break
             gen.append(tok)
             text = self.tok.decode(gen)
-            if len(gen) == budget or tf.proposal_cut(text, done=False) is not None:
+            if tf.proposal_cut(text, done=False) is not None or (
+                    len(gen) >= budget and tf.complete_text(text)):
                 break
-        text = tf.complete_text(text)
+        text = tf.complete_text(text) or text
         return (text if eos else text[:tf.proposal_cut(text, done=True) or 0]), eos
 
     def top_texts(self, context: str, k: int) -> tuple[dict[str, float], float, float]:

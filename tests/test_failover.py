@@ -479,3 +479,49 @@ def test_a_claimers_own_deposed_is_no_vote(engines, reference):
     assert s["token_ids"] == reference and s["leader"] == "node0"
     assert "node1" not in s["members"]
     assert [t.step for t in net.streamed()] == list(range(len(reference)))
+
+
+@pytest.mark.parametrize("lost", ["while-taken-for-dead", "last"])
+@pytest.mark.timeout(120)
+def test_an_origin_never_ends_a_stream_with_a_hole(engines, reference, lost):
+    """Tokens to the origin are lost (the leader took it for dead a moment and sent it
+    nothing; or the last Token was lost), and so is its first request for a replay. The
+    origin asks again until the pieces come, and holds the End until they have: the
+    client sees every piece once."""
+    net = Net(engines)
+    ids = _ids(net)
+    session = session_led_by(ids["node0"], list(ids.values()))
+    origin = net.addr("node2")
+    last = len(reference) - 1
+    gone = {last} if lost == "last" else set()
+    attaches: list[int] = []
+    cut = {"on": False}
+
+    def drop(src, dst, msg) -> bool:
+        if lost != "last" and dst == origin and isinstance(msg, P.Token) and msg.step == 10 \
+                and not cut["on"]:
+            cut["on"] = True                     # the leader takes node2 for dead ...
+            loop = asyncio.get_running_loop()
+            loop.call_soon(net.node("node0")._peer_gone, ids["node2"], "")
+            loop.call_later(0.05, net.hello, "node2")   # ... and hears it again
+            return True
+        if dst == origin and isinstance(msg, P.Token) and msg.step in gone:
+            gone.discard(msg.step)               # lost once; a replay gets through
+            return True
+        if src == origin and isinstance(msg, P.Attach):
+            attaches.append(msg.next_step)
+            return len(attaches) == 1            # the first request is lost too
+        return False
+
+    net.drop = drop
+
+    async def go():
+        net.generate("node2", _request(session))
+        return await asyncio.wait_for(net.end(30), 30)
+
+    end = asyncio.run(go())
+    s = end.summary
+    assert isinstance(end, P.End) and s["token_ids"] == reference
+    assert len(attaches) >= 2 and not gone and (cut["on"] or lost == "last")
+    assert [t.step for t in net.streamed()] == list(range(len(reference)))
+    assert "".join(t.text for t in net.streamed()) == s["text"]

@@ -415,3 +415,24 @@ def test_the_text_clients_node_dies_and_the_stream_goes_on_elsewhere(mixed_model
     s = result.summary
     assert s["leader"] == "node1" and s["dropped"] == ["node2"]
     assert "".join(pieces) == result.text and len(pieces) == s["steps"] > 1
+
+
+@pytest.mark.timeout(120)
+def test_a_proposal_holds_a_whole_character(mixed_models, direct):
+    """A budget that ends inside a multi-byte character (byte tokens; the tiny models'
+    vocabularies are mostly bytes) does not make an empty proposal: a round where every
+    member proposes nothing could not go on. The member runs on to finish the character,
+    as the reference does."""
+    seen_short = 0
+    for path in mixed_models:
+        engine, ref = Engine(path), direct[path.name]
+        engine.load_sync()
+        for i, prompt in enumerate(["hello", "zz", "def f(x):", "é"]):
+            engine.text_open_sync(f"s{i}", prompt, False)
+            for budget in (1, 2, 3):
+                out = engine.propose_sync(f"s{i}", budget)
+                assert out.text or out.eos, (path.name, prompt, budget)
+                assert (out.text, out.eos) == ref.proposal(prompt, budget)
+                seen_short += out.tokens > budget
+        engine.shutdown()
+    assert seen_short, "no budget ended inside a character: the test would miss that case"

@@ -33,6 +33,8 @@ from dwarfmesh.textcut import complete_text, proposal_cut, utf8_len
 if TYPE_CHECKING:
     from dwarfmesh.engine.worker import Engine
 
+UTF8_TAIL_TOKENS = 8    # tokens a proposal may run past its budget to finish a character
+
 
 @dataclass(frozen=True)
 class TextLogp:
@@ -170,8 +172,16 @@ class TextSessions:
     def propose(self, session: str, max_tokens: int, temperature: float = 0.0,
                 seed: list[int] | None = None) -> Proposed:
         """Generate up to max_tokens from the session's text, cut at a word or line
-        boundary (textcut.proposal_cut); the cache is trimmed back afterwards."""
+        boundary (textcut.proposal_cut); the cache is trimmed back afterwards.
+
+        A proposal holds at least one whole character (or ends the answer): when the
+        budget ends inside one (byte tokens of a multi-byte character), generation runs
+        on for up to `UTF8_TAIL_TOKENS` more to complete it, and keeps what could not be
+        decoded as U+FFFD rather than propose nothing (a round where every member
+        proposes nothing cannot go on)."""
         t0 = time.perf_counter()
+        if max_tokens <= 0:
+            return Proposed("", False, 0, 0.0)
         s = self._session(session)
         backend, eos_ids = self.engine.backend, self.engine.eos_ids
         context = s.tokens[-DECODE_CONTEXT:]
@@ -179,7 +189,7 @@ class TextSessions:
         rng = np.random.default_rng(seed or [0]) if temperature > 0 else None
         logprobs, gen, fed, eos, text = s.logprobs, [], 0, False, ""
         try:
-            while len(gen) < max_tokens:
+            while len(gen) < max_tokens + UTF8_TAIL_TOKENS:
                 if rng is None:
                     tok = int(np.argmax(logprobs))
                 else:
@@ -191,13 +201,14 @@ class TextSessions:
                     break
                 gen.append(tok)
                 text = self._decode_tail(context, base, gen)
-                if len(gen) == max_tokens or proposal_cut(text, done=False) is not None:
+                if proposal_cut(text, done=False) is not None or (
+                        len(gen) >= max_tokens and complete_text(text)):
                     break
                 logprobs, _ = backend.forward(s.cache, [tok])
                 fed += 1
         finally:
             backend.trim(s.cache, fed)
-        text = complete_text(text)
+        text = complete_text(text) or text     # (nothing whole: keep the U+FFFD)
         if not eos:
             text = text[:proposal_cut(text, done=True) or 0]
         return Proposed(text, eos, len(gen), (time.perf_counter() - t0) * 1000.0)
