@@ -121,6 +121,8 @@ def perplexity_weights(prompt_nll: list[float | None], tau: float) -> np.ndarray
     Members that reported no NLL (e.g. a one-token prompt) get the mean of the others.
     """
     nll = np.array([np.nan if v is None else v for v in prompt_nll], dtype=np.float64)
+    if not len(nll):
+        return nll
     if np.all(np.isnan(nll)):
         return np.full(len(nll), 1.0 / len(nll))
     nll = np.where(np.isnan(nll), np.nanmean(nll), nll)

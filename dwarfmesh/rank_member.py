@@ -418,6 +418,9 @@ class TextSessions:
         for member in list(self.members.values()):
             if member.taken_over or now - member.last_heard < MEMBER_IDLE_S:
                 continue
+            if member.leader == self.node.node_id and member.session in self.leading:
+                continue     # this node's own member: its leader (here) is alive; a long
+                #              first step (prefill) sends it nothing to hear
             self._forget(member)
             await member.leader_gone(f"nothing from it for {now - member.last_heard:.0f}s")
             self.node.send_to(member.leader, Leave(member.session, self.node.node_id, "idle"))
