@@ -22,6 +22,11 @@ liveness window (`HEARTBEAT_INTERVAL_S * LIVENESS`, 3 s) and R the resend interv
   is dead or has not acknowledged within `START_ACK_S` (one lost Start and its resend).
   Gives up: `FAILOVER_GRACE_S` after the last candidate died, or when no candidate
   acknowledged.
+- origin: the leader's next Token or End. Asks again: `Attach` from the first piece it
+  lacks after every `ORIGIN_PROBE_S` of silence (a lost last Token or End is replayed,
+  from the leader's finished answers once it is done; during a long prefill the leader
+  has nothing to replay and the probe costs one small message). Gives up:
+  `PREFILL_TIMEOUT_S` of silence from a live leader.
 - origin: a new leader after the old one died. Asks nothing (members elect one and it
   sends `Resume`). Gives up: `FAILOVER_GRACE_S`.
 - client: any message from its node. Asks again: a probe every `PROBE_AFTER_S`, then
@@ -50,6 +55,7 @@ LIVENESS_S = HEARTBEAT_INTERVAL_S * LIVENESS
 RESEND_S = HEARTBEAT_INTERVAL_S       # a silent member is asked again this often
 LEASE_S = LIVENESS_S / 2              # a leader heard from this recently is not replaced
 START_ACK_S = LIVENESS_S + OPEN_RESEND_S   # a leader that never acknowledges is passed over
+ORIGIN_PROBE_S = LIVENESS_S + RESEND_S     # an origin this long without a piece asks
 STRAGGLER_FACTOR = 4.0                # a frame this many forwards late is not coming
 MEMBER_IDLE_S = 30.0                  # a member frees a session its leader left this long
 MIN_PREFILL_WAIT_S = 15.0             # the least a leader waits for a member's first frame

@@ -40,7 +40,7 @@ from dwarfmesh.config import (
     OPEN_RESEND_S,
     PREFILL_TIMEOUT_S,
 )
-from dwarfmesh.deadlines import MEMBER_IDLE_S, RESEND_S, START_ACK_S
+from dwarfmesh.deadlines import MEMBER_IDLE_S, ORIGIN_PROBE_S, RESEND_S, START_ACK_S
 from dwarfmesh.member import MemberSession
 from dwarfmesh.membership import elect_leader, outranks, plan_session, successor
 from dwarfmesh.rank_member import TextSessions
@@ -70,6 +70,7 @@ class ClientStream:
     asked_from: int = -1           # the step a replay was last asked from (gaps)
     asked_at: float = 0.0          # ... and when
     sent_at: float = 0.0           # when the Start was last sent (resends)
+    probed_at: float = 0.0         # when a silent leader was last asked for a replay
     started_at: float = 0.0        # when the Start was first sent to this leader
 
     def follow(self, session: str, sender: str, term: int, fresh) -> bool | None:
@@ -260,6 +261,14 @@ class SessionRoles:
                      or client.leader in self.node.membership.peers)
             if client.asked_from == client.next_step and alive:
                 self._ask_replay(client)         # a replay asked for has not come yet
+            if (client.acked and alive and client.leader != self.node.node_id
+                    and now - max(client.last_heard, client.probed_at) > ORIGIN_PROBE_S):
+                # Silence from a live leader: a long prefill, or its last Token or End
+                # was lost (it may have taken this node for dead a moment). Ask for what
+                # is missing; a finished leader replays from its finished answers.
+                client.probed_at = now
+                self.node.send_to(client.leader, P.Attach(session, self.node.node_id,
+                                                          client.next_step))
             silent = not client.acked and now - client.started_at > START_ACK_S
             if not client.acked and (not alive or silent) and client.request is not None:
                 # The leader died before it took the session, or is heard from but never
@@ -390,8 +399,10 @@ class SessionRoles:
             # through one of them (roles.attach), never through a stranger.
             self.refuse("Attach from a node outside the session")
             return
-        log.info("session %s: origin moves to %s at step %d", msg.session, msg.origin,
-                 msg.next_step)
+        known = self.leading.get(msg.session) or self.text.leading.get(msg.session)
+        (log.debug if known is not None and known.origin == msg.origin else log.info)(
+            "session %s: origin %s asks from step %d", msg.session, msg.origin,
+            msg.next_step)
         member = self.member_of.get(msg.session)
         if msg.session in self.leading:
             self.leading[msg.session].set_origin(msg.origin, msg.next_step)

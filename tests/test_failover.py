@@ -481,24 +481,30 @@ def test_a_claimers_own_deposed_is_no_vote(engines, reference):
     assert [t.step for t in net.streamed()] == list(range(len(reference)))
 
 
-@pytest.mark.parametrize("lost", ["while-taken-for-dead", "last"])
+@pytest.mark.parametrize("lost", ["while-taken-for-dead", "last", "end"])
 @pytest.mark.timeout(120)
 def test_an_origin_never_ends_a_stream_with_a_hole(engines, reference, lost):
     """Tokens to the origin are lost (the leader took it for dead a moment and sent it
-    nothing; or the last Token was lost), and so is its first request for a replay. The
-    origin asks again until the pieces come, and holds the End until they have: the
-    client sees every piece once."""
+    nothing; or the last Token was lost; or the End, after which the leader has nothing
+    more to send), and so is its first request for a replay. The origin asks again until
+    the pieces come, and holds the End until they have: the client sees every piece
+    once, and its End."""
     net = Net(engines)
     ids = _ids(net)
     session = session_led_by(ids["node0"], list(ids.values()))
     origin = net.addr("node2")
     last = len(reference) - 1
     gone = {last} if lost == "last" else set()
+    end_lost = {"on": lost == "end"}
     attaches: list[int] = []
     cut = {"on": False}
 
     def drop(src, dst, msg) -> bool:
-        if lost != "last" and dst == origin and isinstance(msg, P.Token) and msg.step == 10 \
+        if dst == origin and isinstance(msg, P.End) and end_lost["on"]:
+            end_lost["on"] = False               # lost once; a replay gets through
+            return True
+        if lost == "while-taken-for-dead" and dst == origin and isinstance(msg, P.Token) \
+                and msg.step == 10 \
                 and not cut["on"]:
             cut["on"] = True                     # the leader takes node2 for dead ...
             loop = asyncio.get_running_loop()
@@ -522,6 +528,7 @@ def test_an_origin_never_ends_a_stream_with_a_hole(engines, reference, lost):
     end = asyncio.run(go())
     s = end.summary
     assert isinstance(end, P.End) and s["token_ids"] == reference
-    assert len(attaches) >= 2 and not gone and (cut["on"] or lost == "last")
+    assert len(attaches) >= 2 and not gone and not end_lost["on"]
+    assert cut["on"] == (lost == "while-taken-for-dead")
     assert [t.step for t in net.streamed()] == list(range(len(reference)))
     assert "".join(t.text for t in net.streamed()) == s["text"]
