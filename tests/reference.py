@@ -109,3 +109,34 @@ def direct_topk_frames(model, ids: list[int], k: int):
         return frame(out)
 
     return frame(logits), step
+
+
+def engine_greedy(spec: str, prompt: str, max_tokens: int) -> list[int]:
+    """The greedy continuation of `prompt` by the engine a node on this machine runs for
+    `spec` (`--engine auto`), one token at a time as a node steps: the answer a mesh of
+    copies of that one model must reproduce exactly."""
+    from dwarfmesh.engine.choose import make_engine
+
+    engine, _ = make_engine(spec, pull=False)
+    engine.load_sync()
+    try:
+        return engine_greedy_with(engine, prompt, max_tokens)
+    finally:
+        engine.shutdown(wait=True)
+
+
+def engine_greedy_with(engine, prompt: str, max_tokens: int) -> list[int]:
+    """`engine_greedy` on a loaded engine (its end-of-text token included, as mlx-lm's
+    stream_generate yields it)."""
+    out = engine.open_sync("reference", engine.encode(prompt), 1)
+    ids: list[int] = []
+    try:
+        while len(ids) < max_tokens:
+            token = int(out.ids[0])
+            ids.append(token)
+            if token in engine.eos_ids:
+                break
+            out = engine.step_sync("reference", token, 1)
+        return ids
+    finally:
+        engine.close_sync("reference")

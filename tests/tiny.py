@@ -135,11 +135,15 @@ def gguf_name(hf: str, arch: str) -> str:
     return f"blk.{layer}.{table[module]}.{kind}"
 
 
-def make_tiny_gguf(path: Path, arch: str, *, seed: int = 0, tokenizer_model: str = "gpt2"):
-    """Write a tiny GGUF; return (reference mlx-lm model with the weights as stored, tokenizer)."""
+def make_tiny_gguf(path: Path, arch: str, *, seed: int = 0, tokenizer_model: str = "gpt2",
+                   hidden: int = 64, layers: int | None = None, context: int = 256,
+                   vocab_size: int = 320):
+    """Write a tiny GGUF; return (reference mlx-lm model with the weights as stored, tokenizer).
+    Heads of 16 wide at the default `hidden` (4 heads, 2 for keys and values); a wider
+    model gets 64-wide heads."""
     tok_dir = path.parent / f"{path.stem}-tok"
     tok_dir.mkdir(parents=True)
-    make_tokenizer(tok_dir)
+    make_tokenizer(tok_dir, vocab_size)
     tok = json.loads((tok_dir / "tokenizer.json").read_text())
     if arch == "qwen2":  # a Qwen tokenizer: transformers rebuilds this pipeline for qwen2 anyway
         tok["normalizer"] = {"type": "NFC"}
@@ -163,22 +167,26 @@ def make_tiny_gguf(path: Path, arch: str, *, seed: int = 0, tokenizer_model: str
         (tok_dir / "tokenizer.json").write_text(json.dumps(tok))
     vocab = tok["model"]["vocab"]
     tokens = sorted(vocab, key=vocab.get)
-    layers = 6 if arch == "gemma3" else 2  # gemma3: 5 local layers, then a global one
+    if layers is None:
+        layers = 6 if arch == "gemma3" else 2  # gemma3: 5 local layers, then a global one
     rope_theta = 1e6 if arch == "gemma3" else 10000.0
+    head_dim = 16 if hidden <= 64 else 64
+    heads = hidden // head_dim
+    kv_heads = max(1, heads // 2)
     config = {
         "model_type": arch,
-        "hidden_size": 64,
+        "hidden_size": hidden,
         "num_hidden_layers": layers,
-        "intermediate_size": 128,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
+        "intermediate_size": 2 * hidden,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
         "rms_norm_eps": 1e-5,
         "vocab_size": len(tokens),
         "rope_theta": rope_theta,
-        "max_position_embeddings": 256,
+        "max_position_embeddings": context,
         "tie_word_embeddings": arch != "qwen2",
-        "head_dim": 16,
-        "query_pre_attn_scalar": 16,
+        "head_dim": head_dim,
+        "query_pre_attn_scalar": head_dim,
     }
     module = {"llama": llama, "qwen2": qwen2, "gemma3": gemma3_text}[arch]
     reference = module.Model(module.ModelArgs.from_dict(config))
@@ -194,16 +202,16 @@ def make_tiny_gguf(path: Path, arch: str, *, seed: int = 0, tokenizer_model: str
 
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(layers)
-    writer.add_context_length(256)
-    writer.add_embedding_length(64)
-    writer.add_feed_forward_length(128)
-    writer.add_head_count(4)
-    writer.add_head_count_kv(2)
+    writer.add_context_length(context)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(2 * hidden)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_rope_freq_base(rope_theta)
     if arch == "gemma3":  # the local layers' 10000 is not in the file: llama.cpp fixes it too
-        writer.add_key_length(16)
-        writer.add_value_length(16)
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
         writer.add_sliding_window(512)
     writer.add_tokenizer_model(tokenizer_model)
     writer.add_tokenizer_pre("qwen2" if arch == "qwen2" else "default")
@@ -216,9 +224,9 @@ def make_tiny_gguf(path: Path, arch: str, *, seed: int = 0, tokenizer_model: str
     writer.add_chat_template(CHAT_TEMPLATE)
     for name, w in weights.items():
         if arch == "llama" and ".q_proj." in name:
-            w = llama_cpp_permute(w, 4)
+            w = llama_cpp_permute(w, heads)
         elif arch == "llama" and ".k_proj." in name:
-            w = llama_cpp_permute(w, 2)
+            w = llama_cpp_permute(w, kv_heads)
         elif arch == "gemma3" and name.endswith("norm.weight"):
             w = w + 1.0  # llama.cpp's converter folds Gemma's (1 + w) into the weight
         if "mlp" in name:  # quantized, like a real file; the reference gets the rounded values
