@@ -6,7 +6,10 @@ greedily for the same number of tokens with every core of the machine; the ratio
 their decode speeds (tokens after the first, per second) is the figure. When
 llama-cpp-python is not importable or a model has no GGUF, the result says exactly why.
 
-Owns the llama.cpp run; no mesh, no mlx.
+Owns the llama.cpp run; no mesh, no mlx. `decode_speed` runs in a fresh process of its
+own (`python bench/llamacpp.py GGUF PROMPT TOKENS THREADS`), as a user runs llama.cpp: in
+the bench's process, dwarfmesh's OpenBLAS preload and mlx's threads would share the cores
+with llama.cpp's and slow it down (measured: 4 vs 44 tok/s on SmolLM2-135M).
 """
 
 from __future__ import annotations
@@ -17,13 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
-from dwarfmesh import models as dm_models
-
 WARMUP_PROMPT = "Hello"
 
 
 def gguf_for(spec: str) -> Path | None:
     """The GGUF a model spec was converted from: a pulled short name's, or the file itself."""
+    from dwarfmesh import models as dm_models
+
     if spec.lower().endswith(".gguf") and Path(spec).is_file():
         return Path(spec)
     if spec in dm_models.SHORT_NAMES:
@@ -34,7 +37,22 @@ def gguf_for(spec: str) -> Path | None:
 
 def decode_speed(gguf: Path, prompt: str, max_tokens: int, *,
                  threads: int | None = None) -> dict:
-    """Greedy decode of `prompt` for `max_tokens` tokens: tokens/s, TTFT, the token ids."""
+    """Greedy decode of `prompt` for `max_tokens` tokens, in a fresh process: tokens/s,
+    TTFT, the token ids (or {"error": why})."""
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, str(Path(__file__).resolve()), str(gguf), prompt, str(max_tokens),
+           str(threads or 0)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    if out.returncode != 0:
+        return {"error": f"llama.cpp run failed: {out.stderr.strip()[-500:]}"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _decode_speed_here(gguf: Path, prompt: str, max_tokens: int, *,
+                       threads: int | None = None) -> dict:
     try:
         import llama_cpp
     except ImportError as e:
@@ -105,3 +123,12 @@ def peer(spec: str, prompt: str, max_tokens: int, mine: dict | None) -> dict:
         same += 1
     res["same_leading_tokens_as_dwarfmesh"] = same
     return res
+
+
+if __name__ == "__main__":            # decode_speed's own process
+    import json
+    import sys
+
+    _gguf, _prompt, _tokens, _threads = sys.argv[1:5]
+    print(json.dumps(_decode_speed_here(Path(_gguf), _prompt, int(_tokens),
+                                        threads=int(_threads) or None)))
