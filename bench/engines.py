@@ -10,13 +10,23 @@ For each model (a pulled short name):
   plus fusion: the hand-off to the engine thread and the session loop);
 - the peak resident memory of each node process (VmHWM), float32 mlx import vs GGUF;
 - with --agreement: both engines in this process, a greedy run on mlx with the llama.cpp
-  engine fed the same tokens; the share of steps whose top-1 ids are equal.
+  engine fed the same tokens; the share of steps whose top-1 ids are equal;
+- with --pairs: an ensemble on the llama.cpp engine (id fusion, online weights) beside
+  each of its members alone, and its speed over its slowest member's.
+
+With --repeat N every measurement runs N times, interleaved (llama.cpp alone, then each
+node), so that a burst of other work on a shared machine hits both sides; the figures
+are the median runs, and every run's tokens/s is kept beside them.
 
 Owns this comparison only; nodes are started by `bench.speed.running_mesh`.
 
     .venv/bin/python bench/engines.py \
         --models smollm2-135m,qwen2.5-coder-0.5b,qwen2.5-coder-1.5b:llamacpp \
         --agreement smollm2-135m --json bench/results/engines.json
+    .venv/bin/python bench/engines.py --repeat 3 \
+        --models smollm2-135m,qwen2.5-coder-0.5b:llamacpp,qwen2.5-coder-1.5b:llamacpp \
+        --pairs qwen2.5-coder-0.5b+qwen2.5-coder-1.5b --agreement smollm2-135m \
+        --json bench/results/engines_quiet.json
 """
 
 from __future__ import annotations
@@ -77,6 +87,41 @@ def one_node(name: str, engine: str, tokens: int, work: Path) -> dict:
     }
 
 
+def ensemble(names: list[str], tokens: int, work: Path, repeat: int) -> dict:
+    """One node per model on the llama.cpp engine, fused by id with online weights: its
+    tokens/s beside each member's alone (one-node meshes), interleaved runs, medians."""
+    params = GenParams(max_tokens=tokens, temperature=0.0, weights="online")
+    runs: list[dict] = []
+    alone: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(max(1, repeat)):
+        with running_mesh(names, work_dir=work / f"pair-{r}",
+                          node_args=["--engine", "llamacpp"]) as addrs:
+            out = timed_generate(addrs[0], PROMPT, params)
+        runs.append({"tokens_per_s": out["tokens_per_s"], "members": out.get("members"),
+                     "step_p50_ms": out["timing_ms"]["step_p50"],
+                     "slowest_forward_p50_ms": out["timing_ms"]["slowest_forward_p50"]})
+        for n in names:
+            alone[n].append(one_node(n, "llamacpp", tokens, work / f"pair-{r}")
+                            ["tokens_per_s"])
+        log.info("%s: %.2f tok/s; alone %s", "+".join(names), runs[-1]["tokens_per_s"],
+                 {n: round(v[-1], 2) for n, v in alone.items()})
+    med = median_run(runs)
+    slowest = min(sorted(v)[(len(v) - 1) // 2] for v in alone.values())
+    return {"engine": "llamacpp", "weights": "online", **med,
+            "runs_tokens_per_s": [r["tokens_per_s"] for r in runs],
+            "alone_tokens_per_s": {n: sorted(v)[(len(v) - 1) // 2] for n, v in alone.items()},
+            "alone_runs_tokens_per_s": alone,
+            "ensemble_over_slowest_member": med["tokens_per_s"] / slowest}
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run whose tokens/s is the median (the lower middle one for an even count)."""
+    ok = [r for r in runs if r.get("tokens_per_s")]
+    if not ok:
+        return dict(runs[0])
+    return dict(sorted(ok, key=lambda r: r["tokens_per_s"])[(len(ok) - 1) // 2])
+
+
 def agreement(name: str, tokens: int) -> dict:
     """Top-1 agreement of the two engines' frames along mlx's greedy run."""
     from dwarfmesh.engine.choose import make_engine
@@ -111,6 +156,12 @@ def main() -> None:
     ap.add_argument("--engines", default="llamacpp,mlx")
     ap.add_argument("--agreement", default="", help="models to check top-1 agreement on")
     ap.add_argument("--agreement-tokens", type=int, default=200)
+    ap.add_argument("--pairs", default="",
+                    help="ensembles to time on the llama.cpp engine, e.g. "
+                         "qwen2.5-coder-0.5b+qwen2.5-coder-1.5b (comma-separated)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="runs of llama.cpp alone and of each node, interleaved; the figures "
+                         "are their medians, every run's tokens/s is kept beside them")
     ap.add_argument("--work", default="/tmp/bench-engines")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -131,13 +182,30 @@ def main() -> None:
             result["models"][name] = {"error": f"{name} is not pulled (dwarfmesh pull {name})"}
             continue
         res: dict = {"gguf_bytes": gguf.stat().st_size}
-        alone = llamacpp.decode_speed(gguf, PROMPT, args.tokens, threads=threads)
+        alone_runs: list[dict] = []
+        node_runs: dict[str, list[dict]] = {e: [] for e in engines}
+        for _ in range(max(1, args.repeat)):       # interleaved: drift hits both sides
+            alone_runs.append(llamacpp.decode_speed(gguf, PROMPT, args.tokens,
+                                                    threads=threads))
+            for engine in engines:
+                node_runs[engine].append(one_node(name, engine, args.tokens, Path(args.work)))
+                log.info("%s on %s: %.1f tok/s (llama.cpp alone %s)", name, engine,
+                         node_runs[engine][-1]["tokens_per_s"],
+                         alone_runs[-1].get("tokens_per_s"))
+        alone = median_run(alone_runs)
         res["llama_cpp_alone"] = {k: alone.get(k) for k in
                                   ("tokens_per_s", "inter_token_p50_ms", "steps", "threads",
-                                   "llama_cpp_version", "error")}
+                                   "llama_cpp_version", "error", "token_ids")}
+        res["llama_cpp_alone"]["runs_tokens_per_s"] = [r.get("tokens_per_s")
+                                                       for r in alone_runs]
         for engine in engines:
-            res[f"node_{engine}"] = one_node(name, engine, args.tokens, Path(args.work))
-            log.info("%s on %s: %.1f tok/s", name, engine, res[f"node_{engine}"]["tokens_per_s"])
+            res[f"node_{engine}"] = median_run(node_runs[engine])
+            res[f"node_{engine}"]["runs_tokens_per_s"] = [r["tokens_per_s"]
+                                                          for r in node_runs[engine]]
+        if "llamacpp" in node_runs and all(r.get("tokens_per_s") for r in alone_runs):
+            res["mesh_llamacpp_over_llama_cpp_alone_runs"] = [
+                n["tokens_per_s"] / a["tokens_per_s"]
+                for n, a in zip(node_runs["llamacpp"], alone_runs)]
         lc = res.get("node_llamacpp")
         if lc and alone.get("tokens_per_s"):
             res["mesh_llamacpp_over_llama_cpp_alone"] = lc["tokens_per_s"] / alone["tokens_per_s"]
@@ -149,6 +217,9 @@ def main() -> None:
             if isinstance(v, dict):
                 v.pop("token_ids", None)
         result["models"][name] = res
+    for pair in [p for p in args.pairs.split(",") if p]:
+        result.setdefault("pairs", {})[pair] = ensemble(pair.split("+"), args.tokens,
+                                                        Path(args.work), args.repeat)
     for name in [m for m in args.agreement.split(",") if m]:
         result["models"].setdefault(name, {})["agreement"] = agreement(
             name, args.agreement_tokens)
