@@ -19,6 +19,21 @@ def tiny_models(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_ggufs_shared(tmp_path_factory):
+    """Three tiny GGUF files (llama layout) sharing one tokenizer, different random
+    weights: a node runs them on the machine's default engine (`--engine auto`: llama.cpp
+    on a CPU-only machine, mlx on the file's import elsewhere)."""
+    from tiny import make_tiny_gguf
+
+    root = tmp_path_factory.mktemp("tiny-gguf")
+    out = []
+    for seed in (1, 2, 3):
+        make_tiny_gguf(root / f"g{seed}.gguf", "llama", seed=seed)
+        out.append(root / f"g{seed}.gguf")
+    return out
+
+
+@pytest.fixture(scope="session")
 def mixed_models(tmp_path_factory):
     """Three tiny llama models whose byte-level BPE tokenizers differ (vocab 320, 400, 288:
     different merges, so one text encodes to different ids)."""
