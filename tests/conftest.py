@@ -28,9 +28,18 @@ def tiny_ggufs_shared(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-gguf")
     out = []
     for seed in (1, 2, 3):
-        make_tiny_gguf(root / f"g{seed}.gguf", "llama", seed=seed)
-        out.append(root / f"g{seed}.gguf")
+        make_tiny_gguf(root / f"m{seed}.gguf", "llama", seed=seed)   # model names m1..m3
+        out.append(root / f"m{seed}.gguf")
     return out
+
+
+@pytest.fixture(scope="module")
+def own_model_cache(tmp_path_factory):
+    """For a module whose nodes need no registry model: the tiny GGUFs' tokenizer
+    directories go to a model cache of its own, not into the user's."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DWARFMESH_CACHE", str(tmp_path_factory.mktemp("model-cache")))
+        yield
 
 
 @pytest.fixture(scope="session")

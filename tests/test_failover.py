@@ -29,11 +29,12 @@ TOKENS = 48
 KILL_AFTER_S = 0.02     # a SIGKILL'd node's last messages arrive before its death is noticed
 
 
+pytestmark = pytest.mark.usefixtures("own_model_cache")   # tiny GGUFs' tokenizers
+
+
 @pytest.fixture(scope="module")
-def model(tiny_ggufs_shared, tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:     # its tokenizer goes here, not in ~/.cache
-        mp.setenv("DWARFMESH_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield str(tiny_ggufs_shared[0])
+def model(tiny_ggufs_shared):
+    return str(tiny_ggufs_shared[0])
 
 
 @pytest.fixture()

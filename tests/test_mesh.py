@@ -21,12 +21,7 @@ from dwarfmesh.engine.choose import make_engine
 PROMPT = "def quicksort(xs):"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def own_cache(tmp_path_factory):
-    """The GGUFs' tokenizer directories go here, not into the user's model cache."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DWARFMESH_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield
+pytestmark = pytest.mark.usefixtures("own_model_cache")   # tiny GGUFs' tokenizers
 
 
 def direct_fused(paths, prompt: str, n_tokens: int, k: int) -> list[int]:
