@@ -360,6 +360,9 @@ class LeaderSession:
             else:
                 self._detok.add_token(tok)
                 piece = self._detok.last_segment
+            if final:
+                piece += held_text(self._detok)
+            if piece:
                 text += piece
                 cut = _stop_at(text, len(piece), p.stop)
                 if cut is not None:
@@ -440,6 +443,15 @@ class LeaderSession:
                 step + 1, lambda only: self._to(token_msg, behind if only is None else only),
                 local, preset=ahead)
         return prompt_ids, committed, frames
+
+
+def held_text(detok: Any) -> str:
+    """What a streaming detokenizer still holds when the answer ends: it waits for the
+    rest of a character, and after a lone space for the next token, so without this the
+    last word before an unfinished character (or invalid bytes) would never be sent. An
+    unfinished character at the very end is dropped (it has no text yet)."""
+    detok.finalize()
+    return detok.last_segment.rstrip("\ufffd")
 
 
 def answer_detokenizer(detok: Any, *, chat: bool) -> Any:

@@ -19,6 +19,30 @@ def tiny_models(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_ggufs_shared(tmp_path_factory):
+    """Three tiny GGUF files (llama layout) sharing one tokenizer, different random
+    weights: a node runs them on the machine's default engine (`--engine auto`: llama.cpp
+    on a CPU-only machine, mlx on the file's import elsewhere)."""
+    from tiny import make_tiny_gguf
+
+    root = tmp_path_factory.mktemp("tiny-gguf")
+    out = []
+    for seed in (1, 2, 3):
+        make_tiny_gguf(root / f"m{seed}.gguf", "llama", seed=seed)   # model names m1..m3
+        out.append(root / f"m{seed}.gguf")
+    return out
+
+
+@pytest.fixture(scope="module")
+def own_model_cache(tmp_path_factory):
+    """For a module whose nodes need no registry model: the tiny GGUFs' tokenizer
+    directories go to a model cache of its own, not into the user's."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DWARFMESH_CACHE", str(tmp_path_factory.mktemp("model-cache")))
+        yield
+
+
+@pytest.fixture(scope="session")
 def mixed_models(tmp_path_factory):
     """Three tiny llama models whose byte-level BPE tokenizers differ (vocab 320, 400, 288:
     different merges, so one text encodes to different ids)."""

@@ -1,7 +1,7 @@
 """A two-node mesh of tiny models for the hostile-peer tests, and how they ask it things.
 
-`two_nodes(tiny_models, cache)` runs two real node processes (node0's context cut to
-`CONTEXT`) and yields their addresses, processes, ports, state dir and the reference answer
+`two_nodes(models, cache)` runs two real node processes on tiny GGUFs (node0's context
+is `CONTEXT`) and yields their addresses, processes, ports, state dir and the reference answer
 given before any stranger; `answer` asks a node for one answer, `whole_mesh_answer` for one
 fused by both nodes, and `assert_unharmed` checks both nodes still live, list each other
 and give the reference answer. The fixtures that hold such a mesh stay in the test files.
@@ -10,8 +10,6 @@ and give the reference answer. The fixtures that hold such a mesh stay in the te
 from __future__ import annotations
 
 import asyncio
-import json
-import shutil
 from contextlib import contextmanager
 
 import pytest
@@ -36,18 +34,19 @@ def answer(address: str, max_tokens: int = TOKENS, prompt: str = PROMPT,
 
 
 @contextmanager
-def two_nodes(tiny_models, cache):
-    """Two nodes (tiny models; node0's context cut to CONTEXT). Yields a dict: addrs, procs,
-    ports, the state dir, the reference answer (before any stranger)."""
-    short = cache / "m1-short"
-    shutil.copytree(tiny_models[0], short)
-    config = json.loads((short / "config.json").read_text())
-    (short / "config.json").write_text(json.dumps({**config,
-                                                   "max_position_embeddings": CONTEXT}))
+def two_nodes(models, cache):
+    """Two nodes (tiny GGUFs from `tiny_ggufs_shared`; node0's context is CONTEXT). Yields a
+    dict: addrs, procs, ports, the state dir, the reference answer (before any stranger)."""
+    from gguf import GGUFReader
+
+    from dwarfmesh.gguf_import import read_metadata
+
+    meta = read_metadata(GGUFReader(models[0]))
+    assert meta.get("llama.context_length", CONTEXT) == CONTEXT, "tiny GGUF's context"
     ports = [free_port(), free_port()]
     addrs = [f"127.0.0.1:{p}" for p in ports]
-    procs = [start_node(short, "node0", ports[0], cache),
-             start_node(tiny_models[1], "node1", ports[1], cache, peers=[addrs[0]])]
+    procs = [start_node(models[0], "node0", ports[0], cache),
+             start_node(models[1], "node1", ports[1], cache, peers=[addrs[0]])]
     try:
         for a in addrs:
             wait_for_mesh(a, 2, procs=procs)

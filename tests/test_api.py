@@ -23,6 +23,8 @@ from dwarfmesh.client import MeshClient, MeshError
 from dwarfmesh.openai_compat import ApiError, ConversationIndex, parse_request, stop_safe_len, usage
 from dwarfmesh.protocol import GenParams
 
+pytestmark = pytest.mark.usefixtures("own_model_cache")   # tiny GGUFs' tokenizers
+
 QUESTION = [{"role": "user", "content": "def quicksort(xs):"}]
 
 
@@ -100,15 +102,15 @@ def test_usage_counts_prompt_and_completion_tokens():
 
 
 @pytest.fixture(scope="module")
-def api_mesh(tiny_models, tmp_path_factory):
+def api_mesh(tiny_ggufs_shared, tmp_path_factory):
     """Two nodes (tiny models m1, m2); node0 serves the HTTP API. Yields (base_url, addrs,
     the folder with the nodes' logs)."""
     cache = tmp_path_factory.mktemp("api")
     ports, http_port = [free_port(), free_port()], free_port()
     addrs = [f"127.0.0.1:{p}" for p in ports]
-    procs = [start_node(tiny_models[0], "node0", ports[0], cache,
+    procs = [start_node(tiny_ggufs_shared[0], "node0", ports[0], cache,
                         extra=["--http-port", str(http_port)]),
-             start_node(tiny_models[1], "node1", ports[1], cache, peers=[addrs[0]])]
+             start_node(tiny_ggufs_shared[1], "node1", ports[1], cache, peers=[addrs[0]])]
     try:
         for a in addrs:
             wait_for_mesh(a, 2, procs=procs)

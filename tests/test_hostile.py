@@ -32,10 +32,12 @@ from dwarfmesh import admission
 from dwarfmesh import protocol as P
 from dwarfmesh.transport import DROP_LOG_INTERVAL_S
 
+pytestmark = pytest.mark.usefixtures("own_model_cache")   # tiny GGUFs' tokenizers
+
 
 @pytest.fixture(scope="module")
-def hostile_mesh(tiny_models, tmp_path_factory):
-    with two_nodes(tiny_models, tmp_path_factory.mktemp("hostile")) as mesh:
+def hostile_mesh(tiny_ggufs_shared, tmp_path_factory):
+    with two_nodes(tiny_ggufs_shared, tmp_path_factory.mktemp("hostile")) as mesh:
         yield mesh
 
 
@@ -225,10 +227,10 @@ def test_one_address_holds_a_bounded_number_of_zmq_connections(hostile_mesh):
 
 
 @pytest.mark.timeout(120)
-def test_a_second_node_with_a_live_nodes_identity_refuses_to_start(hostile_mesh, tiny_models):
+def test_a_second_node_with_a_live_nodes_identity_refuses_to_start(hostile_mesh, tiny_ggufs_shared):
     cache, logs = hostile_mesh["cache"], hostile_mesh["cache"] / "second"
     logs.mkdir(exist_ok=True)
-    proc = start_node(tiny_models[1], "node0", free_port(), cache, log_dir=logs)
+    proc = start_node(tiny_ggufs_shared[1], "node0", free_port(), cache, log_dir=logs)
     try:
         assert proc.wait(timeout=60) == 2
     finally:

@@ -23,10 +23,12 @@ from dwarfmesh import protocol as P
 from dwarfmesh.deadlines import MIN_PREFILL_WAIT_S, START_ACK_S
 from dwarfmesh.membership import rendezvous_score
 
+pytestmark = pytest.mark.usefixtures("own_model_cache")   # tiny GGUFs' tokenizers
+
 
 @pytest.fixture(scope="module")
-def authority_mesh(tiny_models, tmp_path_factory):
-    with two_nodes(tiny_models, tmp_path_factory.mktemp("authority")) as mesh:
+def authority_mesh(tiny_ggufs_shared, tmp_path_factory):
+    with two_nodes(tiny_ggufs_shared, tmp_path_factory.mktemp("authority")) as mesh:
         yield mesh
 
 

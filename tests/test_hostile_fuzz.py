@@ -21,6 +21,8 @@ from stranger import Stranger, dropped
 from dwarfmesh import bounds
 from dwarfmesh import protocol as P
 
+pytestmark = pytest.mark.usefixtures("own_model_cache")   # tiny GGUFs' tokenizers
+
 MESSAGES = 12_000
 TOKENS = 400
 
@@ -116,8 +118,8 @@ def test_decoder_bounds_hold_for_every_well_formed_message():
 
 
 @pytest.fixture(scope="module")
-def fuzz_mesh(tiny_models, tmp_path_factory):
-    with two_nodes(tiny_models, tmp_path_factory.mktemp("fuzz")) as mesh:
+def fuzz_mesh(tiny_ggufs_shared, tmp_path_factory):
+    with two_nodes(tiny_ggufs_shared, tmp_path_factory.mktemp("fuzz")) as mesh:
         yield mesh
 
 

@@ -17,17 +17,20 @@ from stranger import closed_by_server, idle_connections, open_fds, rss_mb
 from dwarfmesh.api import ApiServer
 from dwarfmesh.http11 import BODY_BUDGET_BYTES, HEAD_TIMEOUT_S, MAX_BODY_BYTES
 
+pytestmark = pytest.mark.usefixtures("own_model_cache")   # tiny GGUFs' tokenizers
+
 CHAT = "/v1/chat/completions"
 QUESTION = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
 
 @pytest.fixture(scope="module")
-def api_node(tiny_models, tmp_path_factory):
+def api_node(tiny_ggufs_shared, tmp_path_factory):
     """One node (tiny model) serving the API. Yields (http port, mesh address, process,
     the folder with its log)."""
     cache = tmp_path_factory.mktemp("hostile-http")
     port, http_port = free_port(), free_port()
-    proc = start_node(tiny_models[0], "node0", port, cache, extra=["--http-port", str(http_port)])
+    proc = start_node(tiny_ggufs_shared[0], "node0", port, cache,
+                      extra=["--http-port", str(http_port)])
     try:
         wait_for_mesh(f"127.0.0.1:{port}", 1, procs=[proc])
         wait_http(http_port)

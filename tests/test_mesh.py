@@ -1,5 +1,7 @@
-"""The mesh end to end: real node processes, real ZeroMQ sockets on 127.0.0.1, real mlx-lm
-models (tiny random-weight llama models sharing one tokenizer)."""
+"""The mesh end to end: real node processes, real ZeroMQ sockets on 127.0.0.1, real models
+(tiny random-weight llama GGUFs sharing one tokenizer) on the machine's default engine
+(llama.cpp on a CPU-only machine, mlx elsewhere); every expected answer is computed by
+that same engine directly, without the mesh."""
 
 from __future__ import annotations
 
@@ -10,39 +12,50 @@ import numpy as np
 import pytest
 import zmq
 from meshutil import generate_cli, mesh, peers_of, stop
-from mlx_lm import load, stream_generate
-from reference import direct_topk_frames
+from reference import engine_greedy
 
 import dwarfmesh  # noqa: F401
 from dwarfmesh import fusion
+from dwarfmesh.engine.choose import make_engine
 
 PROMPT = "def quicksort(xs):"
 
 
+pytestmark = pytest.mark.usefixtures("own_model_cache")   # tiny GGUFs' tokenizers
+
+
+def direct_fused(paths, prompt: str, n_tokens: int, k: int) -> list[int]:
+    """Each model's top-k from its own engine, pooled with equal weights, greedy."""
+    engines = [make_engine(str(p), pull=False)[0] for p in paths]
+    try:
+        for e in engines:
+            e.load_sync()
+        ids = engines[0].encode(prompt)
+        frames = [e.open_sync("d", ids, k) for e in engines]
+        out: list[int] = []
+        for _ in range(n_tokens):
+            fused = fusion.fuse([f.ids for f in frames], [f.logprobs for f in frames],
+                                [f.rest_mass for f in frames], np.ones(len(frames)),
+                                engines[0].vocab_size, "linear")
+            t = fusion.choose(fused, temperature=0, top_p=1, rng=None)
+            out.append(t)
+            if t in engines[0].eos_ids:
+                break
+            frames = [e.step_sync("d", t, k) for e in engines]
+        return out
+    finally:
+        for e in engines:
+            e.shutdown(wait=True)
+
+
 @pytest.mark.timeout(300)
-def test_three_different_models_fuse_exactly_as_computed_directly(tiny_models, tmp_path):
+def test_three_different_models_fuse_exactly_as_computed_directly(tiny_ggufs_shared, tmp_path):
     k, n_tokens = 16, 24
-    with mesh(tiny_models, tmp_path) as (addrs, _procs):
+    with mesh(tiny_ggufs_shared, tmp_path) as (addrs, _procs):
         out = generate_cli(addrs[1], PROMPT, "--max-tokens", str(n_tokens), "--weights", "equal",
                            "--top-k", str(k), cache=tmp_path)
     # The same computation, without the mesh: each model's top-k, pooled with equal weights.
-    models = [load(str(p))[0] for p in tiny_models]
-    tok = load(str(tiny_models[0]))[1]
-    ids = tok.encode(PROMPT)
-    steppers, frames = [], []
-    for m in models:
-        first, step = direct_topk_frames(m, ids, k)
-        frames.append(first)
-        steppers.append(step)
-    expected = []
-    for _ in range(n_tokens):
-        fused = fusion.fuse([f[0] for f in frames], [f[1] for f in frames],
-                            [f[2] for f in frames], np.ones(3), 320, "linear")
-        t = fusion.choose(fused, temperature=0, top_p=1, rng=None)
-        expected.append(t)
-        if t in tok.eos_token_ids:
-            break
-        frames = [s(t) for s in steppers]
+    expected = direct_fused(tiny_ggufs_shared, PROMPT, n_tokens, k)
     assert out["token_ids"] == expected
     assert sorted(out["members"]) == ["node0", "node1", "node2"]
     assert out["leader"] in out["members"]
@@ -56,10 +69,9 @@ def test_three_different_models_fuse_exactly_as_computed_directly(tiny_models, t
 
 
 @pytest.mark.timeout(300)
-def test_copies_of_one_model_reproduce_its_own_greedy_output(tiny_models, tmp_path):
-    model, tok = load(str(tiny_models[0]))
-    own = [r.token for r in stream_generate(model, tok, PROMPT, max_tokens=30)]
-    with mesh([tiny_models[0]] * 3, tmp_path) as (addrs, _procs):
+def test_copies_of_one_model_reproduce_its_own_greedy_output(tiny_ggufs_shared, tmp_path):
+    own = engine_greedy(str(tiny_ggufs_shared[0]), PROMPT, 30)
+    with mesh([tiny_ggufs_shared[0]] * 3, tmp_path) as (addrs, _procs):
         out = generate_cli(addrs[2], PROMPT, "--max-tokens", "30", cache=tmp_path)
         out_loglinear = generate_cli(addrs[0], PROMPT, "--max-tokens", "30", "--fuse",
                                      "loglinear", cache=tmp_path)
@@ -70,8 +82,8 @@ def test_copies_of_one_model_reproduce_its_own_greedy_output(tiny_models, tmp_pa
 
 
 @pytest.mark.timeout(300)
-def test_malformed_messages_are_counted_and_the_node_keeps_serving(tiny_models, tmp_path):
-    with mesh(tiny_models[:2], tmp_path) as (addrs, _procs):
+def test_malformed_messages_are_counted_and_the_node_keeps_serving(tiny_ggufs_shared, tmp_path):
+    with mesh(tiny_ggufs_shared[:2], tmp_path) as (addrs, _procs):
         ctx = zmq.Context()
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 2000)     # deliver everything before close
@@ -108,8 +120,8 @@ def test_malformed_messages_are_counted_and_the_node_keeps_serving(tiny_models, 
 
 
 @pytest.mark.timeout(120)
-def test_peers_json_lists_every_node_with_leader_of(tiny_models, tmp_path):
-    with mesh(tiny_models[:2], tmp_path) as (addrs, _procs):
+def test_peers_json_lists_every_node_with_leader_of(tiny_ggufs_shared, tmp_path):
+    with mesh(tiny_ggufs_shared[:2], tmp_path) as (addrs, _procs):
         nodes = peers_of(addrs[1])
     assert sorted(n["name"] for n in nodes) == ["node0", "node1"]
     for n in nodes:
@@ -118,7 +130,7 @@ def test_peers_json_lists_every_node_with_leader_of(tiny_models, tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_conversation_turns_reuse_the_kv_cache(tiny_models, tmp_path):
+def test_conversation_turns_reuse_the_kv_cache(tiny_ggufs_shared, tmp_path):
     from dwarfmesh.client import MeshClient
     from dwarfmesh.protocol import GenParams
 
@@ -134,7 +146,7 @@ def test_conversation_turns_reuse_the_kv_cache(tiny_models, tmp_path):
             fresh = await c.generate("", params, messages=turn2)     # no conversation id
             return first.summary, second.summary, fresh.summary
 
-    with mesh(tiny_models[:2], tmp_path) as (addrs, _procs):
+    with mesh(tiny_ggufs_shared[:2], tmp_path) as (addrs, _procs):
         first, second, fresh = asyncio.run(talk(addrs[0]))
     assert first["prompt_tokens_reused"] == 0
     # the second turn re-uses (at least) the whole first prompt from the cache
@@ -146,17 +158,14 @@ def test_conversation_turns_reuse_the_kv_cache(tiny_models, tmp_path):
 
 @pytest.mark.timeout(180)
 def test_a_prompt_longer_than_the_context_is_a_clear_error(tmp_path):
-    import json as _json
     import subprocess
     import sys
 
     from meshutil import ROOT, node_env
-    from tiny import make_tiny_model
+    from tiny import make_tiny_gguf
 
-    model = make_tiny_model(tmp_path / "short", 4)
-    config = _json.loads((model / "config.json").read_text())
-    config["max_position_embeddings"] = 32
-    (model / "config.json").write_text(_json.dumps(config))
+    model = tmp_path / "short.gguf"
+    make_tiny_gguf(model, "llama", seed=4, context=32)
     with mesh([model, model], tmp_path) as (addrs, _procs):
         out = subprocess.run([sys.executable, "-m", "dwarfmesh", "generate", "--connect", addrs[0],
                               "--prompt", "The quick brown fox " * 20], capture_output=True,
@@ -168,14 +177,17 @@ def test_a_prompt_longer_than_the_context_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.timeout(180)
-def test_nodes_that_served_an_answer_stop_cleanly_on_sigterm(tiny_models, tmp_path):
+@pytest.mark.parametrize("engine", ["auto", "mlx"])
+def test_nodes_that_served_an_answer_stop_cleanly_on_sigterm(tiny_ggufs_shared, tmp_path,
+                                                            engine):
     """SIGTERM (what Ctrl-C on a service manager sends) after real work: every node logs
-    that it stops and exits 0. (Tearing the model thread down with the interpreter used to
-    abort now and then: "terminate called without an active exception", exit 134.)"""
+    that it stops and exits 0, on the default engine and on mlx. (Tearing mlx's model
+    thread down with the interpreter used to abort now and then: "terminate called
+    without an active exception", exit 134.)"""
     for attempt in range(3):
         work = tmp_path / f"run{attempt}"
         work.mkdir()
-        with mesh(tiny_models, work) as (addrs, procs):
+        with mesh(tiny_ggufs_shared, work, extra=["--engine", engine]) as (addrs, procs):
             out = generate_cli(addrs[1], "def quicksort(xs):", "--max-tokens", "8", cache=work)
             assert out["steps"] == 8
             stop(procs)

@@ -14,6 +14,8 @@ from meshutil import node_env
 
 pytest_plugins = ("netns",)
 
+pytestmark = pytest.mark.usefixtures("own_model_cache")   # tiny GGUFs' tokenizers
+
 PROMPT = "def quicksort(xs):"
 
 
@@ -38,13 +40,13 @@ def wait_nodes(ns, n, env, deadline_s=60.0):
 
 
 @pytest.mark.timeout(300)
-def test_three_hosts_find_each_other_by_mdns_and_generate(bridged_netns_factory, tiny_models,
+def test_three_hosts_find_each_other_by_mdns_and_generate(bridged_netns_factory, tiny_ggufs_shared,
                                                           tmp_path, monkeypatch):
     env = node_env(tmp_path)
     monkeypatch.setenv("DWARFMESH_STATE", str(tmp_path))
     hosts = bridged_netns_factory(3)
     procs = []
-    for i, (ns, model) in enumerate(zip(hosts, tiny_models)):
+    for i, (ns, model) in enumerate(zip(hosts, tiny_ggufs_shared)):
         log = open(tmp_path / f"host{i}.log", "w")
         procs.append(ns.popen([sys.executable, "-m", "dwarfmesh", "node", "--model", str(model),
                                "--name", f"host{i}", "--host", ns.address, "--port", "5757"],

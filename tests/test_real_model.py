@@ -27,6 +27,9 @@ def pulled(name: str):
         pytest.skip(f"{name} is not pulled (run scripts/setup {name}): {exc}")
 
 
+pytestmark = pytest.mark.slow                  # real bundled models
+
+
 @pytest.fixture(scope="module")
 def smollm2():
     return pulled("smollm2-135m")

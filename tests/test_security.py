@@ -19,6 +19,8 @@ from meshutil import (
 from dwarfmesh.client import MeshClient, MeshError
 from dwarfmesh.security import KeyFileError, load_key, make_key_file
 
+pytestmark = pytest.mark.usefixtures("own_model_cache")   # tiny GGUFs' tokenizers
+
 PROMPT = "def quicksort(xs):"
 
 
@@ -47,21 +49,21 @@ def peers_with(address, key, timeout=3.0):
 
 
 @pytest.mark.timeout(240)
-def test_only_holders_of_the_key_join_and_strangers_are_counted(tiny_models, tmp_path):
+def test_only_holders_of_the_key_join_and_strangers_are_counted(tiny_ggufs_shared, tmp_path):
     key_file = make_key_file(tmp_path / "mesh.key")
     stranger_key = make_key_file(tmp_path / "other.key")
     key = load_key(key_file)
     ports = [free_port() for _ in range(3)]
     a0, a1, a2 = (f"127.0.0.1:{p}" for p in ports)
-    procs = [start_node(tiny_models[0], "n0", ports[0], tmp_path,
+    procs = [start_node(tiny_ggufs_shared[0], "n0", ports[0], tmp_path,
                         extra=["--mesh-key", str(key_file)]),
-             start_node(tiny_models[1], "n1", ports[1], tmp_path, peers=[a0],
+             start_node(tiny_ggufs_shared[1], "n1", ports[1], tmp_path, peers=[a0],
                         extra=["--mesh-key", str(key_file)]),
              # a stranger with another key, and one with no key at all, both dial n0
-             start_node(tiny_models[2], "stranger", ports[2], tmp_path, peers=[a0],
+             start_node(tiny_ggufs_shared[2], "stranger", ports[2], tmp_path, peers=[a0],
                         extra=["--mesh-key", str(stranger_key)])]
     open_port = free_port()
-    procs.append(start_node(tiny_models[2], "open", open_port, tmp_path, peers=[a0]))
+    procs.append(start_node(tiny_ggufs_shared[2], "open", open_port, tmp_path, peers=[a0]))
     try:
         end = time.monotonic() + 60
         nodes = []

@@ -21,6 +21,8 @@ from dwarfmesh import tui_render as R
 from dwarfmesh.client import MeshClient
 from dwarfmesh.protocol import GenParams, session_tag
 
+pytestmark = pytest.mark.usefixtures("own_model_cache")   # tiny GGUFs' tokenizers
+
 SUMMARY = {"text": "fused answer", "token_ids": [5, 6, 7], "finish_reason": "eos",
            "leader": "node1", "members": ["node0", "node1"],
            "models": {"node0": "m1", "node1": "m2"}, "prompt_tokens": 20,
@@ -185,7 +187,7 @@ def answer_column(screen: str, question: str, width: int) -> str:
 
 @pytest.mark.timeout(300)
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
-def test_chat_in_a_terminal(tiny_models, tmp_path):
+def test_chat_in_a_terminal(tiny_ggufs_shared, tmp_path):
     max_tokens, port = 600, free_port()
     env = {**node_env(tmp_path), "DWARFMESH_CACHE": str(tmp_path / "cache")}
     term = Tmux([sys.executable, "-m", "dwarfmesh", "chat", "--connect", f"127.0.0.1:{port}",
@@ -195,8 +197,8 @@ def test_chat_in_a_terminal(tiny_models, tmp_path):
         # No node yet: the chat says so and keeps trying.
         term.wait_for(rf"no answer from 127\.0\.0\.1:{port}", timeout=30)
         term.wait_for(r"attempt 2")
-        procs.append(start_node(tiny_models[0], "node0", port, tmp_path))
-        procs.append(start_node(tiny_models[1], "node1", free_port(), tmp_path,
+        procs.append(start_node(tiny_ggufs_shared[0], "node0", port, tmp_path))
+        procs.append(start_node(tiny_ggufs_shared[1], "node1", free_port(), tmp_path,
                                 peers=[f"127.0.0.1:{port}"]))
         wait_for_mesh(f"127.0.0.1:{port}", 2, procs=procs)
         term.wait_for(r"● mesh 127\.0\.0\.1[\s\S]*you ›", timeout=30)

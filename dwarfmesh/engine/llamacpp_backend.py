@@ -101,11 +101,12 @@ class LlamaCppBackend:
         self.n_vocab = 0
 
     def load(self) -> Loaded:
-        # llama.cpp's OpenMP threads spin after every decode by default: on a machine with
-        # as many cores as threads they then take the CPU from the event loop that must
-        # forward the frame (measured: 2.0 ms a token hand-off spinning, 0.16 ms passive).
-        # Read once, when libgomp loads with llama_cpp below.
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        # libgomp's default wait policy is left as it is (a bounded spin, throttled when
+        # threads outnumber cores): between the hundreds of small operations of one
+        # forward its threads must not sleep. PASSIVE made every forward 20-40% slower
+        # (SmolLM2-135M 44 vs 62 tok/s, Qwen2.5-Coder-0.5B 17 vs 20, bench/omp_policy.py),
+        # and an unbounded spin (ACTIVE) takes the core from the event loop after each
+        # decode (hand-off 1.4-1.9 ms a token against 0.9-1.1).
         try:
             import llama_cpp as lc
         except ImportError as e:
