@@ -94,6 +94,8 @@ class FaultMesh:
         self.switch, self.spare, self.workdir = switch, spare, workdir
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1",
                     "DWARFMESH_STATE": str(workdir / "state")}
+        # three nodes share this machine's cores: llama.cpp's threads sleep between ops
+        self.env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         self.hosts = [Host(i, ns, models[i], workdir / f"host{i}.log")
                       for i, ns in enumerate(hosts)]
         self.ids: dict[str, str] = {}

@@ -96,6 +96,8 @@ def running_mesh(models: list[str], *, work_dir: Path,
     while the nodes are still alive (e.g. to read their peak memory)."""
     work_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, DWARFMESH_STATE=str(work_dir), PYTHONUNBUFFERED="1")
+    if len(models) > 1:     # nodes sharing this machine's cores: llama.cpp's threads sleep
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     addrs = [f"127.0.0.1:{_free_port()}" for _ in models]
     procs: list[subprocess.Popen] = []
     try:

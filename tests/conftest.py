@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -7,6 +8,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 pytest.register_assert_rewrite("hostile_mesh")  # its asserts report like a test file's
 
 import dwarfmesh  # noqa: E402,F401  (OpenBLAS preload before anything imports mlx)
+
+# The tests run several llama.cpp nodes on one machine: threads that spin between
+# operations (libgomp's default, right for one node per machine) would take the cores
+# from the other nodes. Every node process started here inherits this.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @pytest.fixture(scope="session")

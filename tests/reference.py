@@ -140,3 +140,27 @@ def engine_greedy_with(engine, prompt: str, max_tokens: int) -> list[int]:
         return ids
     finally:
         engine.close_sync("reference")
+
+
+def fused_greedy(engines, prompt: str, max_tokens: int, k: int) -> list[int]:
+    """Greedy ids of an equal-weight linear pool of loaded engines' top-k frames, computed
+    here without the mesh (its end-of-text token included)."""
+    from dwarfmesh import fusion
+
+    ids = engines[0].encode(prompt)
+    frames = [e.open_sync("fused", ids, k) for e in engines]
+    out: list[int] = []
+    try:
+        for _ in range(max_tokens):
+            fused = fusion.fuse([f.ids for f in frames], [f.logprobs for f in frames],
+                                [f.rest_mass for f in frames], np.ones(len(frames)),
+                                engines[0].vocab_size, "linear")
+            tok = fusion.choose(fused, temperature=0.0, top_p=1.0, rng=None)
+            out.append(tok)
+            if tok in engines[0].eos_ids:
+                break
+            frames = [e.step_sync("fused", tok, k) for e in engines]
+        return out
+    finally:
+        for e in engines:
+            e.close_sync("fused")

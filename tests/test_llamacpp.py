@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from meshutil import free_port, generate_cli, node_env, peers_of, start_node, stop, wait_for_mesh
+from reference import fused_greedy
 from tiny import TOKENIZER_TEXT, make_tiny_gguf
 
-from dwarfmesh import fusion
 from dwarfmesh.engine import MAX_SESSIONS, EngineBusy
 from dwarfmesh.engine.choose import choose, make_engine
 
@@ -203,19 +203,8 @@ def test_engine_choice_and_its_errors(tiny_ggufs, tmp_path):
 
 def direct_fused(engines, prompt: str, max_tokens: int) -> str:
     """Greedy, equal weights, linear pool of the engines' frames, computed here."""
-    ids = engines[0].encode(prompt)
-    frames = [e.open_sync("d", ids, 64) for e in engines]
-    out: list[int] = []
-    for _ in range(max_tokens):
-        fused = fusion.fuse([f.ids for f in frames], [f.logprobs for f in frames],
-                            [f.rest_mass for f in frames], np.ones(len(frames)),
-                            engines[0].vocab_size, "linear")
-        tok = fusion.choose(fused, temperature=0.0, top_p=1.0, rng=None)
-        if tok in engines[0].eos_ids:
-            break
-        out.append(tok)
-        frames = [e.step_sync("d", tok, 64) for e in engines]
-    return engines[0].tokenizer.decode(out)
+    ids = fused_greedy(engines, prompt, max_tokens, 64)
+    return engines[0].tokenizer.decode([t for t in ids if t not in engines[0].eos_ids])
 
 
 @pytest.mark.timeout(300)

@@ -8,14 +8,12 @@ from __future__ import annotations
 import asyncio
 
 import msgpack
-import numpy as np
 import pytest
 import zmq
 from meshutil import generate_cli, mesh, peers_of, stop
-from reference import engine_greedy
+from reference import engine_greedy, fused_greedy
 
 import dwarfmesh  # noqa: F401
-from dwarfmesh import fusion
 from dwarfmesh.engine.choose import make_engine
 
 PROMPT = "def quicksort(xs):"
@@ -30,19 +28,7 @@ def direct_fused(paths, prompt: str, n_tokens: int, k: int) -> list[int]:
     try:
         for e in engines:
             e.load_sync()
-        ids = engines[0].encode(prompt)
-        frames = [e.open_sync("d", ids, k) for e in engines]
-        out: list[int] = []
-        for _ in range(n_tokens):
-            fused = fusion.fuse([f.ids for f in frames], [f.logprobs for f in frames],
-                                [f.rest_mass for f in frames], np.ones(len(frames)),
-                                engines[0].vocab_size, "linear")
-            t = fusion.choose(fused, temperature=0, top_p=1, rng=None)
-            out.append(t)
-            if t in engines[0].eos_ids:
-                break
-            frames = [e.step_sync("d", t, k) for e in engines]
-        return out
+        return fused_greedy(engines, prompt, n_tokens, k)
     finally:
         for e in engines:
             e.shutdown(wait=True)

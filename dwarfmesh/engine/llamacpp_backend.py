@@ -106,7 +106,9 @@ class LlamaCppBackend:
         # forward its threads must not sleep. PASSIVE made every forward 20-40% slower
         # (SmolLM2-135M 44 vs 62 tok/s, Qwen2.5-Coder-0.5B 17 vs 20, bench/omp_policy.py),
         # and an unbounded spin (ACTIVE) takes the core from the event loop after each
-        # decode (hand-off 1.4-1.9 ms a token against 0.9-1.1).
+        # decode (hand-off 1.4-1.9 ms a token against 0.9-1.1). Several nodes sharing
+        # one machine's cores should run with OMP_WAIT_POLICY=PASSIVE (the tests and the
+        # benches set it): there one node's spinning threads slow the others down.
         try:
             import llama_cpp as lc
         except ImportError as e:
