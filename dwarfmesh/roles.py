@@ -399,8 +399,7 @@ class SessionRoles:
             # through one of them (roles.attach), never through a stranger.
             self.refuse("Attach from a node outside the session")
             return
-        known = self.leading.get(msg.session) or self.text.leading.get(msg.session)
-        (log.debug if known is not None and known.origin == msg.origin else log.info)(
+        (log.debug if leader is not None and leader.origin == msg.origin else log.info)(
             "session %s: origin %s asks from step %d", msg.session, msg.origin,
             msg.next_step)
         member = self.member_of.get(msg.session)
