@@ -48,6 +48,14 @@ def candidate_matrix(
     ids: list[np.ndarray], logprobs: list[np.ndarray], rest: list[float], vocab_size: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Candidates (union of ids, first-seen order) and each member's prob of each: [N, C]."""
+    if len(ids) == 1:
+        # One frame (a one-node mesh, or the only frame in time): its own ids are the
+        # candidates, all inside its top-k. The general path below gives the same result
+        # for distinct ids, at several times the cost, on every token.
+        mid = np.asarray(ids[0], dtype=np.int64)
+        ordered = np.sort(mid)
+        if not np.any(ordered[1:] == ordered[:-1]):
+            return mid, np.exp(np.asarray(logprobs[0], dtype=np.float64))[None, :]
     all_ids = np.concatenate([np.asarray(a, dtype=np.int64) for a in ids])
     uniq, first = np.unique(all_ids, return_index=True)
     order = np.argsort(first, kind="stable")

@@ -3,8 +3,8 @@
 Every model call of a node happens on the engine's single worker thread (mlx streams are
 thread-local; a llama.cpp context is not safe to drive from two threads). The asyncio
 side calls `await engine.open(...)` / `step(...)` / `close(...)`; the call is queued to
-that thread and its result (or exception) comes back with one
-`loop.call_soon_threadsafe`.
+that thread (`open` and `step` at once, the others when awaited) and its result (or
+exception) comes back with one `loop.call_soon_threadsafe`.
 
 Per session the engine keeps the backend's KV cache, the log-probabilities of the next
 token (to report the exact log p of whichever token the leader commits, even outside the
@@ -92,7 +92,8 @@ class ModelThread:
             except RuntimeError:            # the loop has closed: nobody is waiting
                 pass
 
-    async def run(self, fn, *args):
+    def submit(self, fn, *args) -> asyncio.Future:
+        """Queue `fn(*args)` now; the future settles on the caller's loop when it ran."""
         if self.closed:
             raise RuntimeError("the engine is shut down")
         if self._thread is None:
@@ -101,7 +102,10 @@ class ModelThread:
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._jobs.put((loop, fut, fn, args))
-        return await fut
+        return fut
+
+    async def run(self, fn, *args):
+        return await self.submit(fn, *args)
 
     def stop(self, wait: bool) -> None:
         self.closed = True
@@ -149,11 +153,16 @@ class Engine:
     async def load(self) -> None:
         await self._run(self.load_sync)
 
-    async def open(self, session: str, prompt_ids: list[int] | np.ndarray, k: int) -> StepOut:
-        return await self._run(self.open_sync, session, prompt_ids, k)
+    # open and step are queued when called, not when first awaited: a leader asks for its
+    # own frame first and then sends the Token to its members and origin, and the model
+    # thread computes meanwhile (the send is not on the forward's critical path).
 
-    async def step(self, session: str, token_ids: int | list[int], k: int) -> StepOut:
-        return await self._run(self.step_sync, session, token_ids, k)
+    def open(self, session: str, prompt_ids: list[int] | np.ndarray,
+             k: int) -> asyncio.Future[StepOut]:
+        return self._pool.submit(self.open_sync, session, prompt_ids, k)
+
+    def step(self, session: str, token_ids: int | list[int], k: int) -> asyncio.Future[StepOut]:
+        return self._pool.submit(self.step_sync, session, token_ids, k)
 
     async def close(self, session: str, keep: bool = False) -> None:
         await self._run(self.close_sync, session, keep)
