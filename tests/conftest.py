@@ -7,12 +7,15 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 pytest.register_assert_rewrite("hostile_mesh")  # its asserts report like a test file's
 
-import dwarfmesh  # noqa: E402,F401  (OpenBLAS preload before anything imports mlx)
-
-# The tests run several llama.cpp nodes on one machine: threads that spin between
-# operations (libgomp's default, right for one node per machine) would take the cores
-# from the other nodes. Every node process started here inherits this.
+# The tests run several nodes on one machine: threads that spin between operations
+# (right for one node per machine) would take the cores from the other nodes and tests.
+# libgomp's (llama.cpp) sleep at once; OpenBLAS's (mlx on the CPU) spin 2^8 cycles, not
+# 2^28 (that spinning was a sixth of the CPU time of the real-model mlx tests). Set before
+# OpenBLAS is loaded (`import dwarfmesh`); every node process started here inherits them.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
+import dwarfmesh  # noqa: E402,F401  (OpenBLAS preload before anything imports mlx)
 
 
 @pytest.fixture(scope="session")
@@ -57,3 +60,16 @@ def mixed_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("mixed")
     return [make_tiny_model(root / f"v{v}", seed, vocab_size=v)
             for seed, v in ((11, 320), (12, 400), (13, 288))]
+
+
+# The files that take longest on 2 cores start first (stable: tests keep their order in a
+# file), so that when scripts/test runs two files at a time both workers finish near the
+# same moment, instead of one idling while the other runs a long file that came last.
+LONGEST_FIRST = ["test_llamacpp_real.py", "test_faults.py", "test_models.py",
+                 "test_netns_mesh.py", "test_humaneval.py", "test_hostile_fuzz.py",
+                 "test_hostile_authority.py", "test_bench.py", "test_rank.py", "test_mesh.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

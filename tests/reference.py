@@ -9,6 +9,7 @@ by the real registry models (tests/data/tokenizer_reference.json).
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -31,6 +32,16 @@ class Direct:
     def __init__(self, path: Path) -> None:
         self.model, self.tok = load(str(path))
         self.eos = set(self.tok.eos_token_ids)
+        self._prefix: tuple[list[int], list, np.ndarray] | None = None
+
+    def keep_prefix(self, text: str) -> None:
+        """Prefill `text` once into a fresh cache of mlx-lm's own making: a `cached`
+        proposal whose context's ids start with these continues from a copy of it (the
+        same computation as prefilling the whole context, without repeating a long one)."""
+        ids = self.tok.encode(text)
+        cache = make_prompt_cache(self.model)
+        last = np.array(self.model(mx.array([ids]), cache=cache)[0, -1], np.float64)
+        self._prefix = (ids, cache, last)
 
     def logprobs(self, ids: list[int]) -> np.ndarray:
         logits = self.model(mx.array([ids]))[0].astype(mx.float32)
@@ -57,11 +68,14 @@ class Direct:
         making (never trimmed)."""
         ids, gen, text, eos = self.tok.encode(context), [], "", False
         cache = make_prompt_cache(self.model) if cached else None
-        fed = 0
+        fed, last = 0, None
+        if cached and self._prefix is not None and ids[:len(self._prefix[0])] == self._prefix[0]:
+            cache, fed, last = copy.deepcopy(self._prefix[1]), len(self._prefix[0]), \
+                self._prefix[2]
         while budget > 0 and len(gen) < budget + UTF8_TAIL_TOKENS:
             if cache is None:
                 last = self.logprobs(ids + gen)[-1]
-            else:
+            elif fed < len(ids + gen):
                 new = (ids + gen)[fed:]
                 last = np.array(self.model(mx.array([new]), cache=cache)[0, -1], np.float64)
                 fed += len(new)

@@ -78,6 +78,7 @@ def test_real_mixed_pair_ranks_past_gemmas_sliding_window(smollm2, gemma, tmp_pa
     refs = {"smollm2-135m": Direct(smollm2), "gemma-3-270m": Direct(gemma)}
     for ref in refs.values():
         ref.model.set_dtype(mx.float32)       # as the engine runs it on the CPU
+        ref.keep_prefix(prompt)               # every round's context starts with it
     assert len(refs["gemma-3-270m"].tok.encode(prompt)) > 512
     with mesh(["smollm2-135m", "gemma-3-270m"], tmp_path, extra=MLX) as (addrs, _procs):
         out = generate_cli(addrs[1], prompt, "--max-tokens", str(MIXED_TOKENS), cache=tmp_path,
