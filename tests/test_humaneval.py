@@ -351,6 +351,9 @@ def test_two_problems_with_the_real_smollm2_through_node_processes_and_resume(
     assert [r["problems_run"] for r in s["runs"]] == [1, 1]
     assert s["results"][order[0]] == kept[order[0]]
     assert s["protocol"]["stop"] == he.STOPS
+    from dwarfmesh.engine.choose import choose         # the nodes' engine, as they chose it
+    default = choose("auto", "smollm2-135m")[0]
+    assert s["engine"].startswith({"llamacpp": "llama.cpp", "mlx": "mlx"}[default])
     assert s["protocol"]["max_tokens"] == 48 and s["protocol"]["decoding"].startswith("greedy")
     for task in order:
         r = s["results"][task]
