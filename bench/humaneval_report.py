@@ -227,8 +227,8 @@ def plot(data: dict, out: Path) -> str | None:
         return "no systems to plot"
     fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(names) + 2), 4.5))
     vals = [100 * (data["systems"][n]["pass_at_1"] or 0) for n in names]
-    lo = [v - 100 * data["systems"][n]["interval_95"][0] for v, n in zip(vals, names)]
-    hi = [100 * data["systems"][n]["interval_95"][1] - v for v, n in zip(vals, names)]
+    lo = [max(v - 100 * data["systems"][n]["interval_95"][0], 0.0) for v, n in zip(vals, names)]
+    hi = [max(100 * data["systems"][n]["interval_95"][1] - v, 0.0) for v, n in zip(vals, names)]
     xs = range(len(names))
     ax.bar(xs, vals, yerr=[lo, hi], capsize=4, color="#4c72b0", label="ours (95% Wilson)")
     anchored = [(i, ANCHORS[n]) for i, n in enumerate(names) if n in ANCHORS]

@@ -23,7 +23,11 @@ def wilson_interval(passed: int, n: int, z: float = Z95) -> tuple[float, float]:
     denom = 1.0 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # At 0 (or n) successes the bound is exactly 0 (or 1); centre - half rounds to ±1e-17,
+    # which puts the point estimate outside its own interval.
+    lo = 0.0 if passed == 0 else max(0.0, centre - half)
+    hi = 1.0 if passed == n else min(1.0, centre + half)
+    return lo, hi
 
 
 def mcnemar_exact(only_a: int, only_b: int) -> float:

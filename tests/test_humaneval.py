@@ -169,6 +169,8 @@ def test_wilson_interval_known_values_and_symmetry():
     lo, hi = wilson_interval(0, 10)
     assert lo == 0.0 and hi == pytest.approx(z2 / (10 + z2))      # closed form at 0 successes
     assert wilson_interval(0, 0) == (0.0, 1.0)
+    for n in range(1, 200):      # exact at the ends: the estimate is never outside
+        assert wilson_interval(0, n)[0] == 0.0 and wilson_interval(n, n)[1] == 1.0
     for k, n in ((3, 10), (41, 164), (1, 2)):
         lo, hi = wilson_interval(k, n)
         lo2, hi2 = wilson_interval(n - k, n)
@@ -351,7 +353,7 @@ def test_two_problems_with_the_real_smollm2_through_node_processes_and_resume(
     assert [r["problems_run"] for r in s["runs"]] == [1, 1]
     assert s["results"][order[0]] == kept[order[0]]
     assert s["protocol"]["stop"] == he.STOPS
-    from dwarfmesh.engine.choose import choose         # the nodes' engine, as they chose it
+    from dwarfmesh.engine.choose import choose  # the nodes' engine, as they chose it
     default = choose("auto", "smollm2-135m")[0]
     assert s["engine"].startswith({"llamacpp": "llama.cpp", "mlx": "mlx"}[default])
     assert s["protocol"]["max_tokens"] == 48 and s["protocol"]["decoding"].startswith("greedy")
