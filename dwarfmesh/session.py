@@ -208,13 +208,13 @@ class LeaderSession:
             self._slowest_s = max(self._slowest_s, out.forward_ms / 1000.0)
             self._frames[self.me.node_id] = out
             self._maybe_done()
+        if self._waiter.done():             # every frame is in (a one-node mesh, each step)
+            self._expect = set()
+            return dict(self._frames)
         first = step == 0 and self.resume_from is None
         limit = (prefill_bound(time.monotonic() - t0) if first
                  else reply_bound(self._slowest_s, self.step_timeout_s))
         deadline = None if first else self.step_deadline_s
-        if self._waiter.done():             # every frame is in (a one-node mesh, each step)
-            self._expect = set()
-            return dict(self._frames)
         try:
             if deadline is not None:
                 await asyncio.wait_for(asyncio.shield(self._waiter), deadline)
@@ -402,8 +402,8 @@ class LeaderSession:
         return self._detok.text if committed else ""
 
     def _learn(self, frames: dict[str, Frame], fused_on: dict[str, Frame], tok: int) -> None:
-        if self.params.weights == "online" and len(frames) > 1:
-            # (one member's weight stays 1: fixed share of one is the identity)
+        if self.params.weights == "online" and frames and len(self.weights) > 1:
+            # (a one-member session's weight stays 1: fixed share of one is the identity)
             present = [m for m in self.weights if m in frames]
             fusion.online_step(self.weights, present,
                                np.array([earned_logp(frames[m].prev_logp, fused_on.get(m), tok)
