@@ -178,3 +178,64 @@ def fused_greedy(engines, prompt: str, max_tokens: int, k: int) -> list[int]:
     finally:
         for e in engines:
             e.close_sync("fused")
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "hi there"}],
+    [{"role": "system", "content": "You are terse."},
+     {"role": "user", "content": "Sort [3,1,2] ."},
+     {"role": "assistant", "content": "[1, 2, 3]"},
+     {"role": "user", "content": "é and 日本 ?"}],
+]
+
+
+def streamed(detok, ids: list[int], *, chat: bool) -> list[str]:
+    """The pieces a node streams for `ids` through detokenizer `detok`."""
+    from dwarfmesh.session import answer_detokenizer
+
+    detok = answer_detokenizer(detok, chat=chat)
+    pieces = []
+    for t in ids:
+        detok.add_token(t)
+        pieces.append(detok.last_segment)
+    detok.finalize()
+    return pieces + [detok.last_segment]
+
+
+def assert_same_tokenizer(ours, theirs, texts: list[str], seed: int = 0) -> None:
+    """`ours` (engine.tokenizer.GGUFTokenizer) behaves as `theirs` (mlx-lm's loader over
+    transformers) in everything a node uses: fingerprint, end ids, encoding with and
+    without special tokens, decoding, the streamed pieces of an answer and of a chat
+    reply, and the chat template rendered and tokenized."""
+    import random
+
+    from dwarfmesh.engine.backend import tokenizer_fingerprint
+
+    assert tokenizer_fingerprint(ours) == tokenizer_fingerprint(theirs)
+    assert set(ours.eos_token_ids) == set(theirs.eos_token_ids)
+    assert ours.bos_token == theirs.bos_token and len(ours) == len(theirs)
+    assert ours.all_special_tokens == theirs.all_special_tokens
+    rng = random.Random(seed)
+    samples = [theirs.encode(t) for t in texts]
+    samples += [[rng.randrange(len(theirs)) for _ in range(16)] for _ in range(40)]
+    for text in texts:
+        for special in (True, False):
+            assert ours.encode(text, add_special_tokens=special) == theirs.encode(
+                text, add_special_tokens=special), (text, special)
+    for ids in samples:
+        assert ours.decode(ids) == theirs.decode(ids), ids
+        assert ours.decode(ids, clean_up_tokenization_spaces=False) == theirs.decode(
+            ids, clean_up_tokenization_spaces=False), ids
+        for chat in (True, False):
+            assert streamed(ours.detokenizer, ids, chat=chat) == streamed(
+                theirs.detokenizer, ids, chat=chat), (ids, chat)
+    assert bool(ours.chat_template) == bool(theirs.chat_template)
+    if theirs.chat_template:
+        for messages in CONVERSATIONS:
+            for gen in (True, False):
+                assert ours.apply_chat_template(messages, add_generation_prompt=gen,
+                                                tokenize=False) == \
+                    theirs.apply_chat_template(messages, add_generation_prompt=gen,
+                                               tokenize=False)
+                assert ours.apply_chat_template(messages, add_generation_prompt=gen) == list(
+                    theirs.apply_chat_template(messages, add_generation_prompt=gen))

@@ -183,6 +183,38 @@ def test_llamacpp_sessions_are_bounded_evicted_and_swept(tiny_ggufs):
         lcp.shutdown()
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_the_llamacpp_tokenizer_is_the_mlx_imports_without_transformers(tiny_ggufs, arch):
+    """The llama.cpp engine's tokenizer (`engine.tokenizer`, no transformers) against
+    mlx-lm's loader on the mlx import of the same file: the same in everything a node
+    does with it (the registry models are compared in test_llamacpp_real.py). A node
+    process on llama.cpp never imports transformers (two seconds of CPU at each start)."""
+    from mlx_lm.utils import load_tokenizer
+    from reference import assert_same_tokenizer
+
+    from dwarfmesh import models
+
+    gguf = str(tiny_ggufs[arch])
+    lcp = make_engine(gguf, "llamacpp", pull=False)[0]
+    lcp.load_sync()
+    try:
+        ours = lcp.tokenizer
+        assert type(ours).__name__ == "GGUFTokenizer"
+        theirs = load_tokenizer(models.resolve_model(gguf, pull=True),
+                                eos_token_ids=sorted(lcp.eos_ids))
+        texts = [TOKENIZER_TEXT[:300], "<|endoftext|>x y", "é 日本 \n\n  z", PROMPT]
+        assert_same_tokenizer(ours, theirs, texts)
+    finally:
+        lcp.shutdown()
+    probe = ("import sys; from dwarfmesh.engine.choose import make_engine; "
+             f"e = make_engine({gguf!r}, 'llamacpp', pull=False)[0]; e.load_sync(); "
+             "print(e.encode('def f'), 'transformers' in sys.modules, 'mlx_lm' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         timeout=60, cwd=ROOT)
+    assert out.stdout.split("]")[-1].split() == ["False", "False"], out.stderr[-2000:]
+
+
 @pytest.mark.timeout(60)
 def test_engine_choice_and_its_errors(tiny_ggufs, tmp_path):
     gguf = str(tiny_ggufs["llama"])

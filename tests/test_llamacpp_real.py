@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 from meshutil import free_port, generate_cli, peers_of, start_node, stop, wait_for_mesh
-from reference import REFERENCE
+from reference import REFERENCE, assert_same_tokenizer
 
 from dwarfmesh import models
 from dwarfmesh.engine.choose import make_engine
@@ -46,16 +46,16 @@ def test_the_ggufs_own_tokenizer_fuses_by_id_with_the_mlx_import(name):
     from llama_cpp import Llama
     from mlx_lm.utils import load_tokenizer
 
-    from dwarfmesh.engine.backend import tokenizer_fingerprint
+    from dwarfmesh.engine.tokenizer import GGUFTokenizer
 
     lcp = make_engine(name, "llamacpp", pull=False)[0]
     tok_dir, eos = lcp.backend.tokenizer_dir, lcp.backend.eos_ids
     converted = models.converted_dir_for(name)     # what the mlx engine loads (no weights)
     config = json.loads((converted / "config.json").read_text())
     mlx_tok = load_tokenizer(converted, eos_token_ids=config["eos_token_id"])
-    ours = load_tokenizer(tok_dir, eos_token_ids=eos)
-    assert tokenizer_fingerprint(ours) == tokenizer_fingerprint(mlx_tok)
-    assert set(ours.eos_token_ids) == set(mlx_tok.eos_token_ids)
+    ours = GGUFTokenizer(tok_dir, eos)             # what the llama.cpp engine loads
+    texts = list(REFERENCE["texts"].values()) + ["<|endoftext|> hi <bos>x", "  two", "a ,b"]
+    assert_same_tokenizer(ours, mlx_tok, texts)
     live = Llama(model_path=str(models.gguf_path_for(name)), vocab_only=True, verbose=False)
     text = "".join(REFERENCE["texts"].values())
     assert ours.encode(text, add_special_tokens=False) == live.tokenize(

@@ -23,7 +23,7 @@ import numpy as np
 class Loaded:
     """What a backend reports once its model is loaded."""
 
-    tokenizer: Any               # mlx-lm TokenizerWrapper (HF fast tokenizer + detokenizer)
+    tokenizer: Any               # mlx-lm TokenizerWrapper, or engine.tokenizer.GGUFTokenizer
     vocab_size: int              # width of the logits
     context_length: int | None   # positions one session may hold
     detail: str = ""             # one line for the log (threads, quantization, ...)

@@ -9,8 +9,9 @@ one batch. Sliding-window models (gemma-3) get a full-size window cache (`swa_fu
 any prefix can be trimmed back to, as with every other model.
 
 The tokenizer is the GGUF's own: built from its metadata by `gguf_tokenizer` exactly as
-the mlx import builds it (so both engines' fingerprints, ids and texts agree; tests
-check it against llama.cpp's tokenization). Owns llama.cpp calls only.
+the mlx import builds it, and run by `engine.tokenizer` without transformers (so both
+engines' fingerprints, ids and texts agree; tests check it against llama.cpp's
+tokenization and against mlx-lm's loader). Owns llama.cpp calls only.
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ class LlamaCppBackend:
         except ImportError as e:
             raise ValueError(f"llama-cpp-python is not installed ({e}); run scripts/setup "
                              "or use --engine mlx") from None
-        from mlx_lm.utils import load_tokenizer
+        from dwarfmesh.engine.tokenizer import GGUFTokenizer
 
         lc.llama_log_set(_log_callback(lc), ctypes.c_void_p(0))
         self._lc = lc
@@ -140,7 +141,7 @@ class LlamaCppBackend:
         self.ctx, self.mem = ctx, lc.llama_get_memory(ctx)
         self.batch = lc.llama_batch_init(PREFILL_STEP, 0, 1)
         self.context_length = min(n_train, int(lc.llama_n_ctx(ctx)))
-        tokenizer = load_tokenizer(self.tokenizer_dir, eos_token_ids=self.eos_ids)
+        tokenizer = GGUFTokenizer(self.tokenizer_dir, self.eos_ids)
         swa = int(lc.llama_model_n_swa(model))
         detail = (f"llama.cpp {getattr(lc, '__version__', '?')}, {self.threads} threads, "
                   f"{self.gguf.name}" + (f", sliding window {swa} kept in full" if swa else ""))
