@@ -62,6 +62,23 @@ def mixed_models(tmp_path_factory):
             for seed, v in ((11, 320), (12, 400), (13, 288))]
 
 
+@pytest.fixture(scope="session")
+def mixed_ggufs(tmp_path_factory):
+    """Three tiny GGUF files (llama layout) whose byte-level BPE tokenizers differ (vocab
+    320, 400, 288; model names v320, v400, v288), float32 weights and peaked outputs: a
+    node runs them on the machine's default engine, and `reference.direct_for` computes
+    the same numbers from scratch on that engine."""
+    from tiny import make_tiny_gguf
+
+    root = tmp_path_factory.mktemp("mixed-gguf")
+    out = []
+    for seed, v in ((11, 320), (12, 400), (13, 288)):
+        make_tiny_gguf(root / f"v{v}.gguf", "llama", seed=seed, vocab_size=v, context=2048,
+                       quantize=False, output_scale=8.0)
+        out.append(root / f"v{v}.gguf")
+    return out
+
+
 # The files that take longest on 2 cores start first (stable: tests keep their order in a
 # file), so that when scripts/test runs two files at a time both workers finish near the
 # same moment, instead of one idling while the other runs a long file that came last.

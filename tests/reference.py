@@ -29,9 +29,15 @@ REFERENCE = json.loads((Path(__file__).parent / "data" / "tokenizer_reference.js
 class Direct:
     """One model computed from scratch on whole texts: the independent reference."""
 
+    # How closely a log-prob (logp_abs) and a sum of them (nll_rel, nll_abs) match when
+    # the engine computes them another way (trimmed and reused caches, batched
+    # candidates): mlx computes in float32.
+    nll_rel, nll_abs, logp_abs = 1e-4, 2e-3, 1e-3
+
     def __init__(self, path: Path) -> None:
         self.model, self.tok = load(str(path))
         self.eos = set(self.tok.eos_token_ids)
+        self.vocab_size = self.model.args.vocab_size
         self._prefix: tuple[list[int], list, np.ndarray] | None = None
 
     def keep_prefix(self, text: str) -> None:
@@ -102,6 +108,56 @@ class Direct:
                 probs[piece] = probs.get(piece, 0.0) + float(np.exp(last[tok]))
         eos_logp = float(np.logaddexp.reduce(last[sorted(self.eos)]))
         return probs, eos_logp, max(1.0 - sum(probs.values()) - math.exp(eos_logp), 0.0)
+
+
+class LlamaDirect(Direct):
+    """`Direct` on llama.cpp, for a GGUF a node runs there: every query a fresh prefill of
+    the whole text (llama-cpp-python's high-level `Llama`, all positions' logits, its KV
+    cache cleared first), tokenized by mlx-lm's loader over the tokenizer the engine
+    writes for the file (itself checked against llama.cpp's tokenization)."""
+
+    # llama.cpp keeps the KV cache in float16 and its flash attention meets it in float16
+    # (2^-11 relative rounding): computed over other batches, a logit moves by ~5e-4 of
+    # its size, and the test models' logits reach ~30 (peaked outputs), so a log-prob
+    # by up to ~0.015. A stale or missing cache entry is off by nats per token.
+    nll_rel, nll_abs, logp_abs = 1e-3, 0.05, 0.01
+
+    def __init__(self, gguf: Path) -> None:
+        from llama_cpp import Llama
+        from mlx_lm.utils import load_tokenizer
+
+        from dwarfmesh.engine.choose import tokenizer_dir
+
+        tok_dir, eos = tokenizer_dir(Path(gguf))
+        self.tok = load_tokenizer(tok_dir, eos_token_ids=eos)
+        self.eos = set(self.tok.eos_token_ids)
+        # flash attention as the engine runs it (its context's default, AUTO, is on for
+        # the CPU): without it attention rounds differently, by up to 0.02 nats here
+        self.llm = Llama(model_path=str(gguf), n_ctx=2048, n_batch=2048, logits_all=True,
+                         flash_attn=True, verbose=False)
+        self.vocab_size = self.llm.n_vocab()
+        self._prefix = None
+
+    def keep_prefix(self, text: str) -> None:
+        raise NotImplementedError("LlamaDirect computes every proposal from scratch")
+
+    def logprobs(self, ids: list[int]) -> np.ndarray:
+        self.llm.reset()
+        self.llm.eval(ids)
+        logits = np.array(self.llm.scores[:len(ids)], dtype=np.float64)
+        return logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+
+
+def direct_for(gguf: Path) -> Direct:
+    """The from-scratch reference for a GGUF on the engine a node here runs it on
+    (`--engine auto`): llama.cpp on a CPU-only machine with llama-cpp-python, else mlx
+    on the file's import."""
+    from dwarfmesh import models
+    from dwarfmesh.engine.choose import choose
+
+    if choose("auto", str(gguf))[0] == "llamacpp":
+        return LlamaDirect(gguf)
+    return Direct(models.resolve_model(str(gguf), pull=True))
 
 
 def direct_topk_frames(model, ids: list[int], k: int):

@@ -4,9 +4,9 @@ real messages, and a network that loses exactly the message a race depends on.
 Real sockets cannot lose one chosen message (what a SIGKILL leaves in ZeroMQ's queues
 decides that), so these tests replace only the transport. Three copies of one model make
 the expected answer exact whatever the membership: that model's own greedy continuation.
-The id sessions run on the machine's default engine (a tiny GGUF: llama.cpp on a CPU-only
-machine), and the expected answer is that engine's own; the text session's test runs
-three tokenizers on mlx.
+Every session runs on the machine's default engine (tiny GGUFs: llama.cpp on a CPU-only
+machine); an id session's expected answer is that engine's own, and the text session runs
+three tokenizers (conftest's `mixed_ggufs`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from reference import engine_greedy
 
 import dwarfmesh  # noqa: F401  (OpenBLAS preload before mlx)
 from dwarfmesh import protocol as P
-from dwarfmesh.engine import Engine
 from dwarfmesh.engine.choose import make_engine
 from dwarfmesh.protocol import GenParams
 
@@ -237,17 +236,18 @@ def _origin(identity: bytes):
 
 
 @pytest.mark.timeout(240)
-def test_a_new_text_leader_adopts_a_commit_only_some_members_got(mixed_models, tmp_path,
+def test_a_new_text_leader_adopts_a_commit_only_some_members_got(mixed_ggufs, tmp_path,
                                                                   monkeypatch):
     """The text-session form of the first test: the dead leader's last Commit reached one
     member (the client's node, so the client has the piece) but not the member that
     takes over. The new leader must adopt the piece from the member that has it and go
     on from there."""
     monkeypatch.setenv("DWARFMESH_STATE", str(tmp_path))
-    engines = [Engine(str(m), model_name=f"m{i}") for i, m in enumerate(mixed_models)]
+    engines = [make_engine(str(m), model_name=f"m{i}", pull=False)[0]
+               for i, m in enumerate(mixed_ggufs)]
     for e in engines:
         e.load_sync()
-        e._pool = engines[0]._pool                   # one mlx thread, as in a node
+        e._pool = engines[0]._pool                   # one model thread, as in a node
     net = Net(engines)
     ids = _ids(net)
     session = session_led_by(ids["node0"], list(ids.values()), second=ids["node1"])

@@ -1,9 +1,13 @@
-"""Ensembles across different tokenizers (issue 6): rank and string-aligned fuse modes.
+"""Ensembles across different tokenizers: rank and string-aligned fuse modes.
 
-Tiny random-weight llama models whose byte-level BPE tokenizers differ (conftest's
-`mixed_models`: vocab sizes 320, 400, 288, so one text encodes to different ids). Every
-check compares what the mesh did with a computation made here directly with mlx-lm,
-from scratch (full forward passes, no KV cache), on the committed text."""
+The meshes run tiny random-weight GGUFs whose byte-level BPE tokenizers differ
+(conftest's `mixed_ggufs`: vocab sizes 320, 400, 288, so one text encodes to different
+ids) on the machine's default engine (`--engine auto`: llama.cpp on a CPU-only machine).
+Every check compares what the mesh did with a computation made here from scratch on that
+engine (`reference.direct_for`: a full forward over the whole committed text, no reuse
+of a KV cache). The in-process engine tests and the two whose subject exists only on mlx
+(mlx-lm's rotating cache) run the mlx engine on `mixed_models`, the same kind of models
+as mlx-lm directories."""
 
 from __future__ import annotations
 
@@ -15,8 +19,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from meshutil import generate_cli, mesh, peers_of, session_led_by, stop
-from mlx_lm import load
-from reference import Direct, direct_topk_frames
+from reference import Direct, direct_for, fused_greedy
 
 import dwarfmesh  # noqa: F401  (OpenBLAS preload before mlx, as in test_mesh.py)
 from dwarfmesh import textfuse as tf
@@ -29,15 +32,25 @@ from dwarfmesh.rank import RANK_CHUNK_TOKENS
 PROMPT = "def quicksort(xs):"
 
 
+pytestmark = pytest.mark.usefixtures("own_model_cache")
+
+
 @pytest.fixture(scope="module")
-def mixed_mesh(mixed_models, tmp_path_factory):
+def mixed_mesh(own_model_cache, mixed_ggufs, tmp_path_factory):
     cache = tmp_path_factory.mktemp("mixed-mesh")
-    with mesh(mixed_models, cache) as (addrs, _procs):
+    with mesh(mixed_ggufs, cache) as (addrs, _procs):
         yield addrs, cache
 
 
 @pytest.fixture(scope="module")
-def direct(mixed_models):
+def direct(own_model_cache, mixed_ggufs):
+    """From-scratch references of the meshes' models, by model name."""
+    return {p.stem: direct_for(p) for p in mixed_ggufs}
+
+
+@pytest.fixture(scope="module")
+def mlx_direct(mixed_models):
+    """From-scratch mlx references of `mixed_models`, by directory name."""
     return {p.name: Direct(p) for p in mixed_models}
 
 
@@ -79,9 +92,9 @@ def test_text_messages_round_trip_the_codec():
 
 
 @pytest.mark.timeout(120)
-def test_engine_text_state_equals_a_fresh_prefill_after_every_resync(mixed_models, direct):
+def test_engine_text_state_equals_a_fresh_prefill_after_every_resync(mixed_models, mlx_direct):
     path = mixed_models[1]
-    engine, ref = Engine(path), direct[path.name]
+    engine, ref = Engine(path), mlx_direct[path.name]
     engine.load_sync()
     opened = engine.text_open_sync("s", PROMPT, False)
     assert opened.logp == pytest.approx(-ref.nll(PROMPT), rel=1e-5)
@@ -188,7 +201,8 @@ def test_rank_mode_commits_a_proposal_per_round_scored_exactly(mixed_mesh, direc
         assert sorted(names) == sorted(out["members"])
         for name in names:
             want = [ref[name].continuation_nll(PROMPT + committed, t, e) for t, e in cands]
-            assert step["nll"][name] == pytest.approx(want, rel=1e-4, abs=2e-3), name
+            assert step["nll"][name] == pytest.approx(want, rel=ref[name].nll_rel,
+                                                      abs=ref[name].nll_abs), name
         best, _ = tf.choose_candidate(np.array([step["nll"][n] for n in names]),
                                       np.array([step["weights"][n] for n in names]), cands)
         assert best == step["chosen"]
@@ -241,10 +255,9 @@ def test_fuse_mode_aligns_members_by_string(mixed_mesh, direct):
             assert [t for t, _ in top] == list(probs)[:4], name
             assert [lp for _, lp in top] == pytest.approx(
                 [math.log(p) for p in list(probs.values())[:4]], abs=2e-2)
-            assert step["eos_logp"][name] == pytest.approx(eos_logp, abs=1e-3)
+            assert step["eos_logp"][name] == pytest.approx(eos_logp, abs=ref[name].logp_abs)
             lps = np.log(np.array(list(probs.values()))).astype(np.float16)
-            frames.append(tf.TextTopK(list(probs), lps, eos_logp, rest,
-                                      ref[name].model.args.vocab_size))
+            frames.append(tf.TextTopK(list(probs), lps, eos_logp, rest, ref[name].vocab_size))
         fused = tf.fuse_texts(frames, np.array([step["weights"][n] for n in names]), "linear")
         chosen = fused.candidates.index((step["piece"], step["eos"]))
         assert fused.probs[chosen] >= fused.probs.max() - 1e-6      # the argmax (or a tie)
@@ -256,28 +269,25 @@ def test_fuse_mode_aligns_members_by_string(mixed_mesh, direct):
 
 
 @pytest.mark.timeout(300)
-def test_same_tokenizer_auto_mode_takes_the_id_path_unchanged(tiny_models, tmp_path):
+def test_same_tokenizer_auto_mode_takes_the_id_path_unchanged(tiny_ggufs_shared, tmp_path):
+    from dwarfmesh.engine.choose import make_engine
+
     k, n = 16, 12
-    with mesh(tiny_models[:2], tmp_path) as (addrs, _procs):
+    with mesh(tiny_ggufs_shared[:2], tmp_path) as (addrs, _procs):
         auto = generate_cli(addrs[0], PROMPT, "--max-tokens", str(n), "--weights", "equal",
                             "--top-k", str(k), cache=tmp_path)
         fuse = generate_cli(addrs[1], PROMPT, "--max-tokens", str(n), "--weights", "equal",
                             "--top-k", str(k), "--mode", "fuse", cache=tmp_path)
     assert auto["mode"] == fuse["mode"] == "fuse-ids"
-    models = [load(str(p))[0] for p in tiny_models[:2]]
-    tok = load(str(tiny_models[0]))[1]
-    ids = tok.encode(PROMPT)
-    pairs = [direct_topk_frames(m, ids, k) for m in models]
-    frames, expected = [f for f, _ in pairs], []
-    from dwarfmesh import fusion
-    for _ in range(n):
-        fused = fusion.fuse([f[0] for f in frames], [f[1] for f in frames],
-                            [f[2] for f in frames], np.ones(2), 320, "linear")
-        t = fusion.choose(fused, temperature=0, top_p=1, rng=None)
-        expected.append(t)
-        if t in tok.eos_token_ids:
-            break
-        frames = [step(t) for _, step in pairs]
+    # the same engines the nodes run (`--engine auto`), fused here without the mesh
+    engines = [make_engine(str(p), pull=False)[0] for p in tiny_ggufs_shared[:2]]
+    for e in engines:
+        e.load_sync()
+    try:
+        expected = fused_greedy(engines, PROMPT, n, k)
+    finally:
+        for e in engines:
+            e.shutdown(wait=True)
     assert auto["token_ids"] == fuse["token_ids"] == expected
 
 
@@ -295,8 +305,8 @@ def answer(address: str, session: str, params: GenParams, on_text=None):
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("mode", ["rank", "fuse"])
-def test_a_member_dies_and_the_text_session_goes_on(mixed_models, tmp_path, mode):
-    with mesh(mixed_models, tmp_path) as (addrs, procs):
+def test_a_member_dies_and_the_text_session_goes_on(mixed_ggufs, tmp_path, mode):
+    with mesh(mixed_ggufs, tmp_path) as (addrs, procs):
         ids = {n["name"]: n["node_id"] for n in peers_of(addrs[0])}
         session = session_led_by(ids["node0"], list(ids.values()))
         pieces: list[str] = []
@@ -321,11 +331,13 @@ def test_a_member_whose_cache_cannot_trim_leaves_and_the_session_goes_on(
     """llama with sliding-window layers keeps mlx-lm's rotating cache (only architectures
     known to mask by window get a plain one), which cannot be trimmed once it wraps: that
     member must leave with a reason, and the others finish the answer, also when the member
-    that leaves is the leader's own (its Leave is dispatched locally)."""
+    that leaves is the leader's own (its Leave is dispatched locally). On mlx, because only
+    mlx has such a cache (llama.cpp keeps a sliding window in full, always trimmable)."""
     from tiny import make_tiny_model
 
     sliding = make_tiny_model(tmp_path / "swa", 21, vocab_size=288, window=4, arch="llama")
-    with mesh([sliding, mixed_models[0]], tmp_path) as (addrs, _procs):
+    with mesh([sliding, mixed_models[0]], tmp_path, extra=["--engine", "mlx"]) as (addrs,
+                                                                                 _procs):
         ids = {n["name"]: n["node_id"] for n in peers_of(addrs[0])}
         session = session_led_by(ids[leader], list(ids.values()))
 
@@ -338,14 +350,14 @@ def test_a_member_whose_cache_cannot_trim_leaves_and_the_session_goes_on(
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("mode", ["rank", "fuse"])
-def test_a_straggler_in_a_text_session_is_decided_around_and_comes_back(mixed_models,
+def test_a_straggler_in_a_text_session_is_decided_around_and_comes_back(mixed_ggufs,
                                                                           tmp_path, mode):
     """A member frozen for 1.5 s (SIGSTOP) under --step-deadline: the leader decides each
     step with the replies in hand, counts the member's late steps, keeps it in the session,
     and once thawed it answers again (its proposals / frames are back in the trace)."""
     import os
 
-    with mesh(mixed_models, tmp_path, extra=["--step-deadline", "400"]) as (addrs, procs):
+    with mesh(mixed_ggufs, tmp_path, extra=["--step-deadline", "400"]) as (addrs, procs):
         ids = {n["name"]: n["node_id"] for n in peers_of(addrs[0])}
         session = session_led_by(ids["node0"], list(ids.values()))
         pieces: list[str] = []
@@ -382,12 +394,11 @@ def kill_after_first_piece(proc):
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("mode", ["rank", "fuse"])
-def test_the_text_sessions_leader_dies_and_a_member_takes_over(mixed_models, tmp_path, mode):
+def test_the_text_sessions_leader_dies_and_a_member_takes_over(mixed_ggufs, tmp_path, mode):
     """The leader is SIGKILLed after the first commit: the survivor first in the session's
     rendezvous order resumes from the committed text, the other answers it, and the
-    client's stream goes on with nothing lost or repeated. (node1's random tiny model is
-    the one that mostly proposes whole text; it survives, so a round has a candidate.)"""
-    with mesh(mixed_models, tmp_path) as (addrs, procs):
+    client's stream goes on with nothing lost or repeated."""
+    with mesh(mixed_ggufs, tmp_path) as (addrs, procs):
         ids = {n["name"]: n["node_id"] for n in peers_of(addrs[0])}
         session = session_led_by(ids["node0"], list(ids.values()))
         pieces, on_text = kill_after_first_piece(procs[0])
@@ -404,10 +415,10 @@ def test_the_text_sessions_leader_dies_and_a_member_takes_over(mixed_models, tmp
 
 
 @pytest.mark.timeout(300)
-def test_the_text_clients_node_dies_and_the_stream_goes_on_elsewhere(mixed_models, tmp_path):
+def test_the_text_clients_node_dies_and_the_stream_goes_on_elsewhere(mixed_ggufs, tmp_path):
     """The node the client talks to (not the leader) is SIGKILLed after the first commit:
     the client attaches to another node, which asks the leader to replay what it missed."""
-    with mesh(mixed_models, tmp_path) as (addrs, procs):
+    with mesh(mixed_ggufs, tmp_path) as (addrs, procs):
         ids = {n["name"]: n["node_id"] for n in peers_of(addrs[0])}
         session = session_led_by(ids["node1"], list(ids.values()))
         pieces, on_text = kill_after_first_piece(procs[2])
@@ -418,14 +429,14 @@ def test_the_text_clients_node_dies_and_the_stream_goes_on_elsewhere(mixed_model
 
 
 @pytest.mark.timeout(120)
-def test_a_proposal_holds_a_whole_character(mixed_models, direct):
+def test_a_proposal_holds_a_whole_character(mixed_models, mlx_direct):
     """A budget that ends inside a multi-byte character (byte tokens; the tiny models'
     vocabularies are mostly bytes) does not make an empty proposal: a round where every
     member proposes nothing could not go on. The member runs on to finish the character,
     as the reference does."""
     seen_short = 0
     for path in mixed_models:
-        engine, ref = Engine(path), direct[path.name]
+        engine, ref = Engine(path), mlx_direct[path.name]
         engine.load_sync()
         for i, prompt in enumerate(["hello", "zz", "def f(x):", "é"]):
             engine.text_open_sync(f"s{i}", prompt, False)

@@ -137,10 +137,13 @@ def gguf_name(hf: str, arch: str) -> str:
 
 def make_tiny_gguf(path: Path, arch: str, *, seed: int = 0, tokenizer_model: str = "gpt2",
                    hidden: int = 64, layers: int | None = None, context: int = 256,
-                   vocab_size: int = 320):
+                   vocab_size: int = 320, quantize: bool = True, output_scale: float = 1.0):
     """Write a tiny GGUF; return (reference mlx-lm model with the weights as stored, tokenizer).
     Heads of 16 wide at the default `hidden` (4 heads, 2 for keys and values); a wider
-    model gets 64-wide heads."""
+    model gets 64-wide heads. `quantize=False` keeps the MLP in float32 (one engine's
+    batchings then agree to float rounding, not Q8_0's); `output_scale` > 1 gives the
+    model its own output layer, scaled up so distributions are peaked like a trained
+    model's (greedy choices are then far from ties)."""
     tok_dir = path.parent / f"{path.stem}-tok"
     tok_dir.mkdir(parents=True)
     make_tokenizer(tok_dir, vocab_size)
@@ -184,7 +187,7 @@ def make_tiny_gguf(path: Path, arch: str, *, seed: int = 0, tokenizer_model: str
         "vocab_size": len(tokens),
         "rope_theta": rope_theta,
         "max_position_embeddings": context,
-        "tie_word_embeddings": arch != "qwen2",
+        "tie_word_embeddings": arch != "qwen2" and output_scale == 1.0,
         "head_dim": head_dim,
         "query_pre_attn_scalar": head_dim,
     }
@@ -199,6 +202,9 @@ def make_tiny_gguf(path: Path, arch: str, *, seed: int = 0, tokenizer_model: str
         weights[name] = w.astype(np.float16).astype(np.float32)  # exact in the float16 output
     if config["tie_word_embeddings"]:
         weights.pop("lm_head.weight", None)
+    elif output_scale != 1.0:
+        w = weights["lm_head.weight"] * output_scale
+        weights["lm_head.weight"] = w.astype(np.float16).astype(np.float32)
 
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(layers)
@@ -229,7 +235,7 @@ def make_tiny_gguf(path: Path, arch: str, *, seed: int = 0, tokenizer_model: str
             w = llama_cpp_permute(w, kv_heads)
         elif arch == "gemma3" and name.endswith("norm.weight"):
             w = w + 1.0  # llama.cpp's converter folds Gemma's (1 + w) into the weight
-        if "mlp" in name:  # quantized, like a real file; the reference gets the rounded values
+        if "mlp" in name and quantize:  # like a real file; the reference gets the rounded values
             q = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0)
             writer.add_tensor(gguf_name(name, arch), q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
             weights[name] = gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0)
