@@ -8,7 +8,7 @@ and sessions spread evenly over the mesh.
 
 Same-vocabulary sessions fuse token ids, so only members whose tokenizer fingerprint
 matches can join one; `fusion_group` picks that group and says why others are left out.
-`plan_session` decides a session's path: id fusion, or (mixed tokenizers, issue 6) a
+`plan_session` decides a session's path: id fusion, or (mixed tokenizers) a
 text-level rank or fuse session over every live member.
 """
 

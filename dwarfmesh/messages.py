@@ -43,7 +43,7 @@ class GenParams:
     weights: str = "online"           # online | equal | perplexity | static
     stop: list[str] = field(default_factory=list)
     chat: bool = False                # apply each member's chat template to the prompt
-    mode: str = "auto"                # auto | fuse | rank (issue 6: see membership.plan_session)
+    mode: str = "auto"                # auto | fuse | rank (see membership.plan_session)
 
     def check(self) -> None:
         if not 1 <= self.max_tokens <= MAX_NEW_TOKENS:

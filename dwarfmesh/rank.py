@@ -1,4 +1,4 @@
-"""Text-level sessions on the leader (issue 6): ensembles across different tokenizers.
+"""Text-level sessions on the leader: ensembles across different tokenizers.
 
 `membership.plan_session` decides the path: id-level fusion (`session.LeaderSession`)
 when every live member shares one tokenizer; otherwise a text-level session over EVERY
@@ -58,6 +58,7 @@ from dwarfmesh.protocol import (
 )
 from dwarfmesh.rank_failover import TextFailover, TextResume
 from dwarfmesh.session_stats import text_summary
+from dwarfmesh.textcut import stop_at
 
 log = logging.getLogger(__name__)
 
@@ -404,9 +405,8 @@ class TextLeaderSession(TextFailover):
         p = self.params
         text = self.text + piece
         final, reason = eos, "eos"
-        hit = next((s for s in p.stop if s and s in text), None)
-        if hit is not None:
-            cut = text.index(hit)
+        cut = stop_at(text, len(piece), p.stop)
+        if cut is not None:
             piece = piece[:max(len(piece) - (len(text) - cut), 0)]
             text, final, reason = text[:cut], True, "stop"
         if not final and steps_left is not None and steps_left <= 0:     # fuse: steps

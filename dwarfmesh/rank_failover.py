@@ -1,4 +1,4 @@
-"""A text-level session's leader after a failover (issue 6; `rank.TextLeaderSession`).
+"""A text-level session's leader after a failover (`rank.TextLeaderSession`).
 
 - `TextResume`: where a new leader picks up, the committed answer piece by piece (every
   member holds it: they all applied the same Commits).

@@ -1,4 +1,4 @@
-"""A member's side of a text-level session (issue 6): rank or fuse across tokenizers.
+"""A member's side of a text-level session: rank or fuse across tokenizers.
 
 A text member holds TEXT, not ids: the prompt rendered by its own chat template (or the
 raw prompt) plus the committed answer. The engine keeps the matching ids and KV cache

@@ -54,6 +54,7 @@ from dwarfmesh.protocol import (
     prefix_hash,
 )
 from dwarfmesh.session_stats import SessionStats
+from dwarfmesh.textcut import stop_at
 
 log = logging.getLogger(__name__)
 
@@ -367,7 +368,7 @@ class LeaderSession:
                 piece += held_text(self._detok)
             if piece:
                 text += piece
-                cut = _stop_at(text, len(piece), p.stop)
+                cut = stop_at(text, len(piece), p.stop)
                 if cut is not None:
                     piece = piece[: max(len(piece) - (len(text) - cut), 0)]
                     text, final, reason = text[:cut], True, "stop"
@@ -490,17 +491,3 @@ def earned_logp(claimed: float | None, frame: Frame | None, token: int) -> float
 
 async def _ready(value: Any) -> Any:
     return value
-
-
-def _stop_at(text: str, added: int, stops: list[str]) -> int | None:
-    """Where the first stop string starts in `text`, given that only its last `added`
-    characters are new: earlier text was checked already, so only the tail is scanned
-    (the per-token loop must not rescan the whole answer)."""
-    best = None
-    for s in stops:
-        if s:
-            start = max(len(text) - added - len(s) + 1, 0)
-            at = text.find(s, start)
-            if at >= 0 and (best is None or at < best):
-                best = at
-    return best

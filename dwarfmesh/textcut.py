@@ -1,7 +1,9 @@
-"""Where a proposed continuation of text ends, and byte counts of text: pure functions.
+"""Where a proposed continuation of text ends, where an answer stops, and byte counts of
+text: pure functions.
 
-Shared by the engine (a rank member cuts its proposal with `proposal_cut`) and by
-`textfuse` (the leader counts bytes and aligns candidates). No I/O, no model, no fusion.
+Shared by the engine (a rank member cuts its proposal with `proposal_cut`), by
+`textfuse` (the leader counts bytes and aligns candidates) and by every leader (`stop_at`:
+one stop-string rule for id and text sessions). No I/O, no model, no fusion.
 """
 
 from __future__ import annotations
@@ -38,3 +40,18 @@ def proposal_cut(text: str, *, done: bool) -> int | None:
         if text[i].isspace() and not text[i - 1].isspace():
             return i
     return len(text)
+
+
+def stop_at(text: str, added: int, stops: list[str]) -> int | None:
+    """Where the answer `text` ends at a stop string: the earliest start of any of
+    `stops` (whichever is listed first), or None. Only the last `added` characters are
+    new, so only a match that reaches into them is looked for (earlier text was checked
+    when it came, and the per-step loop must not rescan the whole answer)."""
+    best = None
+    for s in stops:
+        if s:
+            start = max(len(text) - added - len(s) + 1, 0)
+            at = text.find(s, start)
+            if at >= 0 and (best is None or at < best):
+                best = at
+    return best

@@ -265,6 +265,34 @@ def test_fuse_mode_aligns_members_by_string(mixed_mesh, direct):
     assert committed == out["text"]
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("mode", ["rank", "fuse"])
+def test_a_text_session_stops_at_the_earliest_stop_string_as_an_id_session_does(mixed_mesh,
+                                                                                 mode):
+    """Stop strings end a text answer where the first of them starts in the text, whatever
+    their order on the command line (the rule `textcut.stop_at` gives id sessions too):
+    two stops that first appear in one committed piece, the later one listed first, cut
+    at the earlier."""
+    addrs, cache = mixed_mesh
+    base = generate_cli(addrs[0], PROMPT, "--mode", mode, "--max-tokens", "40", cache=cache)
+    text, offset, pick = base["text"], 0, None
+    for step in base["trace"]:
+        piece = (step["candidates"][step["chosen"]][0] if mode == "rank" else step["piece"])
+        n = 2 if len(piece) >= 4 else 1
+        early, late = piece[:n], piece[-n:]
+        if (len(piece) >= 2 and text.find(early) == offset
+                and text.find(late) == offset + len(piece) - n > offset):
+            pick = early, late
+            break
+        offset += len(piece)
+    assert pick, f"no piece holds two stops that first appear in it: {base['trace']}"
+    early, late = pick
+    out = generate_cli(addrs[0], PROMPT, "--mode", mode, "--max-tokens", "40",
+                       "--stop", late, "--stop", early, cache=cache)
+    assert out["finish_reason"] == "stop"
+    assert out["text"] == text[:text.find(early)]
+
+
 # --- one tokenizer: auto is today's id path --------------------------------------------------
 
 

@@ -37,6 +37,18 @@ def test_proposal_cut(text, done, cut):
     assert tf.proposal_cut(text, done=done) == cut
 
 
+@pytest.mark.timeout(10)
+def test_stop_at_is_the_earliest_start_of_any_stop_reaching_into_the_new_text():
+    from dwarfmesh.textcut import stop_at
+
+    text = "a = 1\n# note\ndef g():"
+    assert stop_at(text, len(text), ["\ndef ", "\n#"]) == text.index("\n#")   # not list order
+    assert stop_at(text, len(text), ["zz", ""]) is None
+    assert stop_at(text, 4, ["\ndef "]) is None              # all before the new tail: seen
+    assert stop_at(text, 8, ["\ndef "]) == text.index("\ndef ")   # spans old and new text
+    assert stop_at("xy", 1, ["xy"]) == 0 and stop_at("xy", 0, ["xy"]) is None
+
+
 def test_complete_text_drops_a_trailing_incomplete_character():
     assert tf.complete_text("ab\ufffd\ufffd") == "ab"
     assert tf.complete_text("a\ufffdb") == "a\ufffdb"
