@@ -28,7 +28,8 @@ ANCHORS = {   # Qwen2.5-Coder technical report, HumanEval pass@1 (%), instruct m
 }
 ANCHOR_NOTE = ("published: Qwen2.5-Coder technical report (arXiv 2409.12186), instruct models "
                "in bf16 with their chat template (the model writes the whole function from an "
-               "instruction). Ours: the Q4_K_M GGUF dequantized to float32, the plain "
+               "instruction). Ours: the registry's Q4_K_M GGUF (run as it is on llama.cpp, or "
+               "its float32 import on mlx: `systems.NAME.engine`), the plain "
                "completion protocol (no chat template: the instruct model continues the "
                "prompt as code), greedy, stop strings, a max-token limit; the quick runs use "
                "a subset. Each of these moves the figure.")
