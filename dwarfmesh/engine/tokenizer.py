@@ -36,8 +36,9 @@ class GGUFTokenizer:
     def __init__(self, directory: Path, eos_token_ids: list[int] | None = None) -> None:
         from tokenizers import Tokenizer
 
-        self._tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
-        spec = json.loads((directory / "tokenizer.json").read_text(encoding="utf-8"))
+        text = (directory / "tokenizer.json").read_text(encoding="utf-8")
+        self._tok = Tokenizer.from_str(text)
+        spec = json.loads(text)
         config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
         self.special_tokens_map = {name: config[name] for name in SPECIAL_TOKEN_NAMES
                                    if config.get(name) is not None}
