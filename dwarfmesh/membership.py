@@ -38,6 +38,7 @@ class Member:
     last_seen: float = 0.0
     incarnation: str = ""          # changes when the node restarts (same id, new process)
     engine: str = ""            # "mlx" | "llamacpp": shown by `dwarfmesh peers`
+    verified: bool = False      # answered a Hello at the address this node sends it to
 
 
 @dataclass
@@ -49,10 +50,23 @@ class Membership:
     liveness_s: float = HEARTBEAT_INTERVAL_S * LIVENESS
 
     def peer_up(self, member: Member, now: float) -> bool:
-        """Record a (re)introduced peer; True if it is new."""
-        new = member.node_id not in self.peers
-        self.peers[member.node_id] = replace(member, last_seen=now)
-        return new
+        """Record a (re)introduced peer; True if it is new. It stays verified while it
+        keeps its incarnation and address."""
+        old = self.peers.get(member.node_id)
+        verified = member.verified or (old is not None and old.verified
+                                       and (old.incarnation, old.address)
+                                       == (member.incarnation, member.address))
+        self.peers[member.node_id] = replace(member, last_seen=now, verified=verified)
+        return old is None
+
+    def verify(self, node_id: str) -> bool:
+        """The peer answered at its address: it may be planned into sessions. True if it
+        was not verified before."""
+        m = self.peers.get(node_id)
+        if m is None or m.verified:
+            return False
+        self.peers[node_id] = replace(m, verified=True)
+        return True
 
     def heard_from(self, node_id: str, now: float, leading: list[str] | None = None) -> None:
         m = self.peers.get(node_id)
@@ -80,6 +94,14 @@ class Membership:
     def alive(self) -> list[Member]:
         """Every live member, this node included, in node-id order."""
         return sorted([self.me, *self.peers.values()], key=lambda m: m.node_id)
+
+    def reachable(self) -> list[Member]:
+        """The live members this node has reached, itself included, in node-id order:
+        the ones a session may be planned with, listed and gossiped. A Hello proves only
+        that someone can send; a peer counts once it answered this node's Hello at the
+        address this node sends to (anyone can claim a node id, a model and an address
+        it does not listen on)."""
+        return [m for m in self.alive() if m is self.me or m.verified]
 
 
 def rendezvous_score(session: str, node_id: str) -> int:

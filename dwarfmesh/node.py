@@ -18,6 +18,12 @@ afresh. Long work (prefill, steps) runs in tasks, never in the receive loop.
 Nothing but a Hello counts from a connection that has not said Hello: every other node
 message is dropped and counted (`refused`), and the sender handed to the session tables
 is the peer the message came from, never a field of the message (roles.py: authority).
+
+A Hello on the ROUTER is answered with this node's Hello (at most every
+`HELLO_ANSWER_S` per peer), which reaches the sender on the DEALER it dialled: that is
+how a node learns that a peer listens where it sends. Only such verified peers are listed,
+gossiped and planned into sessions (`Membership.reachable`): a stranger that only sends
+Hellos, with any model and any address, changes no session.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ MAX_IDENTITIES = 4096          # routing ids remembered (peers reconnect with ne
 SWEEP_EVERY_BEATS = 30          # look for idle conversation caches every 30 heartbeats
 MAX_PEERS = 256                 # live peers one node keeps (a Hello past that is refused)
 SWEEP_MEMBERS_EVERY_BEATS = 5   # look for member sessions whose leader went quiet
+HELLO_ANSWER_S = HEARTBEAT_INTERVAL_S / 2   # answer one peer's Hellos at most this often
 
 
 @dataclass
@@ -87,6 +94,7 @@ class Node:
         self._addr_of: dict[str, str] = {}            # node_id -> address we dial it on
         self.roles = SessionRoles(self)
         self._by_identity: dict[bytes, str] = {}      # ROUTER routing id -> peer node id
+        self._answered: dict[str, float] = {}         # peer -> when its Hello was answered
         self.incarnation = secrets.token_hex(8)        # this process; a restart is new
         self.refusals: Counter[str] = Counter()        # messages refused by authority
         self._tasks: set[asyncio.Task] = set()
@@ -169,7 +177,7 @@ class Node:
         me = self.me
         # A receiver takes at most MAX_GOSSIP addresses: in a larger mesh, a different
         # sample each beat still reaches every peer.
-        gossip = [m.address for m in self.membership.peers.values()]
+        gossip = [m.address for m in self.membership.reachable() if m is not me]
         gossip = sorted(random.sample(gossip, min(len(gossip), MAX_GOSSIP)))
         return P.Hello(me.node_id, me.name, me.model, me.fingerprint, me.vocab_size,
                        PROTOCOL_VERSION, me.address, me.weight,
@@ -253,6 +261,7 @@ class Node:
 
     def _peer_gone(self, node_id: str, why: str) -> None:
         member = self.membership.peer_down(node_id)
+        self._answered.pop(node_id, None)
         address = self._addr_of.pop(node_id, None)
         if member is not None and why:
             log.warning("peer %s (%s) left: %s", member.name, node_id, why)
@@ -304,10 +313,16 @@ class Node:
         member = Member(hello.node_id, hello.name, hello.model, hello.fingerprint,
                         hello.vocab_size, address, hello.weight, tuple(hello.leading),
                         incarnation=hello.incarnation, engine=hello.engine)
-        if self.membership.peer_up(member, time.monotonic()):
+        now = time.monotonic()
+        new = self.membership.peer_up(member, now)
+        if origin.identity is not None and (
+                new or now - self._answered.get(hello.node_id, -HELLO_ANSWER_S)
+                >= HELLO_ANSWER_S):
+            # The answer proves to the sender that this node listens where it dialled.
+            self._answered[hello.node_id] = now
+            self.transport.reply(origin.identity, self._hello())
+        if new:
             log.info("peer %s joined: %s at %s", hello.name, hello.model, address)
-            if origin.identity is not None:
-                self.transport.reply(origin.identity, self._hello())
             # A peer that (re)joined gets a fresh DEALER: the old one may sit in libzmq's
             # reconnect backoff, and the first Start/Open to it must not wait for that.
             old = self._addr_of.pop(hello.node_id, None)
@@ -326,6 +341,9 @@ class Node:
                     self._dial(address)
             else:
                 self._learn(address)
+        if (origin.via == "dealer" and origin.address == self._addr_of.get(hello.node_id)
+                and self.membership.verify(hello.node_id)):
+            log.info("peer %s answers at %s", hello.name, origin.address)
 
     def send_to(self, node_id: str, msg: Any) -> int:
         """Send to a node by id; a message to this node itself is dispatched locally (on
@@ -400,7 +418,7 @@ class Node:
 
     def peer_list(self) -> list[dict[str, Any]]:
         out = []
-        for m in self.membership.alive():
+        for m in self.membership.reachable():
             me = m.node_id == self.node_id
             entry = {
                 "node_id": m.node_id, "name": m.name, "model": m.model, "engine": m.engine,

@@ -127,7 +127,7 @@ class SessionRoles:
     def _start(self, session: str, req: P.Generate, identity: bytes, term: int,
                avoid: set[str]) -> bool:
         node = self.node
-        alive = [m for m in node.membership.alive() if m.node_id not in avoid]
+        alive = [m for m in node.membership.reachable() if m.node_id not in avoid]
         plan = plan_session(req.params, alive)
         if not plan.group:
             return False
@@ -320,7 +320,7 @@ class SessionRoles:
             return
         # Acknowledge (the origin re-sends an unacknowledged Start): "I lead it from step 0".
         node.send_to(start.origin, P.Resume(start.session, node.node_id, 0, start.term))
-        plan = plan_session(start.params, node.membership.alive())
+        plan = plan_session(start.params, node.membership.reachable())
         log.info("session %s: %s (%s)", start.session, plan.kind, plan.why)
         if plan.kind != "fuse-ids":
             await self.text.lead(start, plan)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from dataclasses import replace
 from typing import Any
 
 from dwarfmesh import protocol as P
@@ -35,8 +36,8 @@ class _Transport:
     def reply(self, identity: bytes, msg: Any) -> int:
         if identity == CLIENT:
             self.net.client.append(P.decode(P.encode(msg)))
-        else:
-            self.net.deliver(self.address, identity.decode(), msg)
+        else:      # an answer comes in on the DEALER that dialled this node
+            self.net.deliver(self.address, identity.decode(), msg, via="dealer")
         return 1
 
     def _drop(self, reason: str, where: str) -> None:
@@ -82,7 +83,8 @@ class Net:
         for node in self.nodes.values():
             for other in self.nodes.values():
                 if other is not node:
-                    node.membership.peer_up(other.membership.me, loop_now)
+                    node.membership.peer_up(replace(other.membership.me, verified=True),
+                                            loop_now)
                     node._addr_of[other.node_id] = other.membership.me.address
                     node._by_identity[other.membership.me.address.encode()] = other.node_id
         for node in self.nodes.values():        # never expire: deaths are told (kill)
@@ -94,12 +96,13 @@ class Net:
     def addr(self, name: str) -> str:
         return self.node(name).membership.me.address
 
-    def deliver(self, src: str, dst: str, msg: Any) -> int:
+    def deliver(self, src: str, dst: str, msg: Any, via: str = "router") -> int:
         if dst not in self.alive or src not in self.alive or self.drop(src, dst, msg):
             return 0
         wire = P.decode(P.encode(msg))
         node = self.by_address[dst]
-        origin = Origin("router", src.encode(), "127.0.0.1", None, 100)
+        origin = (Origin("router", src.encode(), "127.0.0.1", None, 100) if via == "router"
+                  else Origin("dealer", None, "127.0.0.1", src, 100))
         asyncio.get_running_loop().call_soon(self._dispatch, node, dst, wire, origin)
         return 100
 

@@ -8,7 +8,10 @@ import asyncio
 import os
 import resource
 import socket
+import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import zmq
 
@@ -52,6 +55,42 @@ class Stranger:
         raise AssertionError("the node did not answer a PeersRequest in time")
 
     def close(self) -> None:
+        self.sock.close(linger=0)
+        self.ctx.term()
+
+
+class Listener:
+    """A ROUTER on 127.0.0.1 that answers every Hello with `make_hello()`, as a node does
+    (so the nodes count whoever says Hellos with its address as reachable), and keeps the
+    other messages it gets (`got`). Its socket is used by its own thread only."""
+
+    def __init__(self, make_hello: Callable[[], Any]) -> None:
+        self.make_hello, self.got = make_hello, []
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.address = f"127.0.0.1:{self.sock.bind_to_random_port('tcp://127.0.0.1')}"
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._done.is_set():
+            if not self.sock.poll(100):
+                continue
+            frames = self.sock.recv_multipart()
+            try:
+                msg = P.decode(frames[1:])
+            except P.ProtocolError:
+                continue
+            if isinstance(msg, P.Hello):
+                self.sock.send_multipart([frames[0], *P.encode(self.make_hello())])
+            else:
+                self.got.append(msg)
+
+    def close(self) -> None:
+        self._done.set()
+        self._thread.join(timeout=5)
         self.sock.close(linger=0)
         self.ctx.term()
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from hostile_mesh import answer, assert_unharmed, two_nodes, whole_mesh_answer
 from meshutil import peers_of
-from stranger import Stranger, hello, me
+from stranger import Listener, Stranger, hello, me
 
 from dwarfmesh import protocol as P
 from dwarfmesh.deadlines import MIN_PREFILL_WAIT_S, START_ACK_S
@@ -70,9 +70,10 @@ def test_injected_session_messages_do_not_touch_a_live_answer(authority_mesh):
 
 @contextmanager
 def silent_peer(addr: str, node_id: str, leads: bool):
-    """A peer that says Hello with the mesh's fingerprint every 0.5 s (so it is a member,
-    alive by heartbeats) and never answers anything; yields a conversation id whose
-    rendezvous leader is that peer (`leads`) or a real node; returns once it has left."""
+    """A peer that says Hello with the mesh's fingerprint every 0.5 s and answers the
+    nodes' Hellos (so it is a reachable member, alive by heartbeats) and never answers
+    anything else; yields a conversation id whose rendezvous leader is that peer (`leads`)
+    or a real node; returns once it has left."""
     fingerprint = me(addr)["fingerprint"]
     ids = [n["node_id"] for n in peers_of(addr, timeout=5)] + [node_id]
     conversation = next(c for c in (f"conv{i}" for i in range(1000))
@@ -80,10 +81,11 @@ def silent_peer(addr: str, node_id: str, leads: bool):
                         == leads)
     s = Stranger(addr)
     stop_beating = threading.Event()
+    inbox = Listener(lambda: hello(node_id, fingerprint=fingerprint, address=inbox.address))
 
     def beat():
         while not stop_beating.is_set():
-            s.send(hello(node_id, fingerprint=fingerprint))
+            s.send(hello(node_id, fingerprint=fingerprint, address=inbox.address))
             stop_beating.wait(0.5)
 
     beater = threading.Thread(target=beat)
@@ -98,6 +100,7 @@ def silent_peer(addr: str, node_id: str, leads: bool):
         stop_beating.set()
         beater.join()
         s.close()
+        inbox.close()
     time.sleep(4)                        # past the liveness window: it has left
 
 
@@ -157,10 +160,14 @@ def test_a_copycat_that_answers_with_impossible_frames_does_not_steer_or_stall(a
                 last = time.monotonic()
             if not inbox.poll(100):
                 continue
+            frames = inbox.recv_multipart()
             try:
-                msg = P.decode(inbox.recv_multipart()[1:])
+                msg = P.decode(frames[1:])
             except P.ProtocolError:
                 continue
+            if isinstance(msg, P.Hello):     # answered as a node does: it is reachable
+                inbox.send_multipart([frames[0], *P.encode(
+                    hello("copycat", fingerprint=fingerprint, address=f"127.0.0.1:{port}"))])
             if isinstance(msg, (P.Open, P.Token)):
                 step = 0 if isinstance(msg, P.Open) else msg.step + 1
                 s.send(P.Frame(msg.session, step, "copycat", 0, 0.0,
@@ -197,3 +204,43 @@ def test_stranger_opens_do_not_hold_session_slots(authority_mesh):
         s.close()
     time.sleep(2)
     assert_unharmed(authority_mesh)
+
+
+@pytest.mark.timeout(120)
+def test_a_stranger_that_only_says_hello_is_in_no_session(authority_mesh):
+    # Hellos to both nodes with another model's tokenizer and an address nobody listens
+    # on, every 0.3 s from before the answer to its end: a peer counted as live would
+    # turn the session into a text session over three members (or lead it). It stays
+    # unlisted, ungossiped, and out of the answer.
+    addrs = authority_mesh["addrs"]
+    ref = whole_mesh_answer(addrs[0], max_tokens=40)
+    strangers = [Stranger(a) for a in addrs]
+    done = threading.Event()
+    replies: list = []
+
+    def beat():
+        while not done.is_set():
+            for s in strangers:
+                s.send(hello("hello-only", fingerprint="0123abcd", address="127.0.0.1:9"))
+            for s in strangers:
+                while (msg := s.recv(0.15)) is not None:
+                    replies.append(msg)
+
+    beater = threading.Thread(target=beat)
+    beater.start()
+    try:
+        time.sleep(1.5)
+        for a in addrs:
+            assert "hello-only" not in {n["node_id"] for n in peers_of(a, timeout=5)}
+        out = answer(addrs[0], max_tokens=40)
+    finally:
+        done.set()
+        beater.join()
+        for s in strangers:
+            s.close()
+    assert out["mode"] == "fuse-ids" and sorted(out["members"]) == ["node0", "node1"]
+    assert out["text"] == ref["text"]
+    hellos = [m for m in replies if isinstance(m, P.Hello)]
+    assert len({h.node_id for h in hellos}) == 2, "each node answers a Hello with its own"
+    assert all("127.0.0.1:9" not in h.peers for h in hellos)
+    time.sleep(4)                            # past the liveness window: it has left
