@@ -160,6 +160,17 @@ def _record(res, wall_s: float, system: System, verdict: dict, completion: str,
             "weights_at_end": s.get("weights"), "loadavg_1min": os.getloadavg()[0]}
 
 
+def _fetch(model: str, requested: str) -> Path:
+    """What the model's node will run, fetched before the nodes start (with a progress
+    bar): the GGUF for llama.cpp, the mlx import (converted once) for mlx."""
+    from dwarfmesh.engine.choose import choose
+    from dwarfmesh.models import SHORT_NAMES, pull_gguf, resolve_model
+
+    if choose(requested, model)[0] == "llamacpp":
+        return pull_gguf(model) if model in SHORT_NAMES else Path(model).expanduser().resolve()
+    return resolve_model(model, pull=True)
+
+
 def pending(order: list[str], results: dict, n_models: int, *,
             redo_degraded: bool = False) -> list[str]:
     """Problems of `order` to run: those without a record, and with `redo_degraded` those
@@ -171,7 +182,6 @@ def pending(order: list[str], results: dict, n_models: int, *,
 def run_system(system: System, problems: dict, order: list[str], args, store, progress) -> bool:
     """Every problem of `order` this system has no record for; True if all went through."""
     from bench import speed
-    from dwarfmesh.models import resolve_model
     from dwarfmesh.protocol import GenParams
 
     results = store.load()["systems"].get(system.name, {}).get("results", {})
@@ -179,7 +189,7 @@ def run_system(system: System, problems: dict, order: list[str], args, store, pr
     bar = progress.add_task(system.name, total=len(order), completed=len(order) - len(todo))
     if not todo:
         return True
-    paths = [str(resolve_model(m, pull=True)) for m in system.models]   # pulled, converted
+    paths = [str(_fetch(m, args.engine)) for m in system.models]
     store.begin(system.name, {"models": list(system.models), "mode": system.mode,
                               "weights": system.weights,
                               "engine": _engine(args.engine, system.models)},

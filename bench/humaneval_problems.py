@@ -59,9 +59,17 @@ class TokenText:
     prompt, as text sessions do) and also records how the streamed text would have scored.
     """
 
-    def __init__(self, model_dir: str) -> None:
-        from mlx_lm.utils import load_tokenizer
-        self.tok = load_tokenizer(Path(model_dir))
+    def __init__(self, model: str) -> None:
+        """`model`: an mlx-lm model directory, or a GGUF file (its tokenizer as a
+        llama.cpp node loads it: no mlx import of the weights is needed)."""
+        path = Path(model)
+        if path.suffix.lower() == ".gguf":
+            from dwarfmesh.engine.choose import tokenizer_dir
+            from dwarfmesh.engine.tokenizer import GGUFTokenizer
+            self.tok = GGUFTokenizer(*tokenizer_dir(path))
+        else:
+            from mlx_lm.utils import load_tokenizer
+            self.tok = load_tokenizer(path)
 
     def __call__(self, prompt: str, ids: list[int]) -> str | None:
         tok = self.tok

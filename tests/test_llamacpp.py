@@ -137,10 +137,11 @@ def test_text_sessions_on_llamacpp_are_exact_and_match_mlx(tiny_ggufs):
         cands = [" jumps", " over the", "123"]
         nll = lcp.score_sync("x", cands, [False, True, False])
         assert nll == pytest.approx(mlx.score_sync("x", cands, [False, True, False]), abs=0.2)
-        # exact within llama.cpp: scoring equals extending a copy of the session
+        # within llama.cpp: scoring equals extending a copy of the session, to the
+        # rounding of two batchings (a missing or stale cache entry is off by nats)
         base = lcp.text_open_sync("y", text + "".join(pieces), False).logp
         whole = lcp.text_open_sync("y", text + "".join(pieces) + cands[0], False).logp
-        assert nll[0] == pytest.approx(-(whole - base), abs=2e-3)
+        assert nll[0] == pytest.approx(-(whole - base), abs=SELF_TOL["llama"])
         before = lcp.text_tokens_sync("x")
         proposed = lcp.propose_sync("x", 8)
         assert proposed.tokens >= 1
