@@ -130,7 +130,7 @@ class MeshClient:
                        on_text: Callable[[str], None] | None = None,
                        cancel: asyncio.Event | None = None, *,
                        messages: list[dict[str, str]] | None = None,
-                       conversation: str = "") -> GenerateResult:
+                       conversation: str = "", request_id: str = "") -> GenerateResult:
         """Run one answer; call on_text for each piece; return the text and the summary.
 
         With `messages` (chat turns: role, content) each member applies its own chat
@@ -139,10 +139,12 @@ class MeshClient:
         the new tokens. Set `cancel` to stop the answer early (it ends with reason
         "cancelled" and the text so far). If the node this client talks to dies mid-answer,
         the client attaches to another node of the mesh and the stream goes on from the
-        next token: no token is lost or repeated.
+        next token: no token is lost or repeated. `request_id` names the answer's session
+        (default: a random one); a Generate sent again with the same id gets the one
+        answer, not a second.
         """
         await self._first_answering_node()
-        session = conversation or uuid.uuid4().hex[:16]
+        session = conversation or request_id or uuid.uuid4().hex[:16]
         request = P.Generate(session, prompt, params, list(messages or []), conversation)
         await self._sock.send_multipart(P.encode(request))
         pieces: list[str] = []

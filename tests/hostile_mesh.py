@@ -25,11 +25,12 @@ TOKENS = 40
 
 
 def answer(address: str, max_tokens: int = TOKENS, prompt: str = PROMPT,
-           conversation: str = "") -> dict:
+           conversation: str = "", request_id: str = "") -> dict:
     async def go():
         async with MeshClient(address) as c:
             return (await c.generate(prompt, P.GenParams(max_tokens=max_tokens),
-                                     conversation=conversation)).summary
+                                     conversation=conversation,
+                                     request_id=request_id)).summary
     return asyncio.run(go())
 
 

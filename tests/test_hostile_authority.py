@@ -32,40 +32,40 @@ def authority_mesh(tiny_ggufs_shared, tmp_path_factory):
         yield mesh
 
 
-def _live_session(address: str, deadline_s: float = 20.0) -> str:
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        for n in peers_of(address, timeout=5):
-            if n["leader_of"]:
-                return n["leader_of"][0]
-        time.sleep(0.05)
-    raise AssertionError("no session became live")
-
-
 @pytest.mark.timeout(120)
 def test_injected_session_messages_do_not_touch_a_live_answer(authority_mesh):
     # needs authority (lead's branch)
     addr = authority_mesh["addrs"][0]
     ref = whole_mesh_answer(addr, max_tokens=200)
     out: dict = {}
-    runner = threading.Thread(target=lambda: out.update(answer(addr, max_tokens=200)))
-    runner.start()
-    sid = _live_session(addr)
+    # The session id is chosen here, so the strangers inject from before the answer
+    # starts until it ends: no poll has to catch a short answer live.
+    sid = f"inject-live-{time.monotonic_ns()}"
+    runner = threading.Thread(
+        target=lambda: out.update(answer(addr, max_tokens=200, request_id=sid)))
     strangers = [Stranger(a) for a in authority_mesh["addrs"]]
+    rounds = 0
     try:
-        for s in strangers:
-            for step in range(0, 200, 7):
-                s.send(P.Token(sid, step, 5, 0, "INJECTED", False))
-            s.send(P.Attach(sid, "", 0))
-            s.send(P.Attach(sid, "stranger1", 0))
-            s.send(P.Resume(sid, "stranger1", 0))
-            s.send(P.End(sid, "eos", {"text": "INJECTED ANSWER BY A STRANGER"}))
-            s.send(P.Cancel(sid))
+        runner.start()
+        while runner.is_alive():
+            for s in strangers:
+                for session in (sid, P.session_tag(sid)):   # its id, and its public tag
+                    for step in range(0, 200, 7):
+                        s.send(P.Token(session, step, 5, 0, "INJECTED", False))
+                    s.send(P.Attach(session, "stranger1", 0))
+                    s.send(P.Resume(session, "stranger1", 0))
+                    s.send(P.End(session, "eos", {"text": "INJECTED ANSWER BY A STRANGER"}))
+                    s.send(P.Cancel(session))
+                # (an Attach from a client with the id itself is its client's right: the
+                # id is the client's capability; the tag is public)
+                s.send(P.Attach(P.session_tag(sid), "", 0))
+            rounds += 1
+            time.sleep(0.005)            # a steady stream, not a flood (test_hostile's)
     finally:
+        runner.join(timeout=180)
         for s in strangers:
             s.close()
-    runner.join(timeout=180)
-    assert out.get("text") == ref["text"]
+    assert rounds > 0 and out.get("text") == ref["text"]
 
 
 @contextmanager
