@@ -73,9 +73,11 @@ class GenParams:
 class Hello:
     """Introduction and heartbeat in one: sent to every peer every heartbeat interval.
 
-    A Hello from a node this node does not know yet is answered with its own Hello (or a
-    Refuse); any Hello refreshes the sender's liveness, so there is no separate heartbeat
-    and no state where one side knows the other but not the reverse.
+    A Hello is answered with the receiver's own Hello (or a Refuse; at most twice a second
+    per peer), which reaches the sender on the connection it dialled: proof that the peer
+    listens where the sender sends, without which it is in no session. Any Hello
+    refreshes the sender's liveness, so there is no separate heartbeat and no state where
+    one side knows the other but not the reverse.
     """
 
     TAG: ClassVar[int] = 1
