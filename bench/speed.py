@@ -52,7 +52,9 @@ SUMMARY_KEYS = ("steps", "finish_reason", "prompt_tokens", "tokens_per_s", "ttft
                 "members", "models", "leader", "mode",
                 # text-level sessions (rank, fuse across tokenizers) also report these
                 "committed_bytes", "ms_per_byte", "wire_bytes_per_byte", "late_replies",
-                "dropped")
+                "dropped",
+                # speculative rounds
+                "speculate")
 
 
 def _die_with_parent() -> None:
@@ -173,16 +175,20 @@ def _deadline(params: GenParams) -> float:
 
 def timed_generate(address: str, prompt: str, params: GenParams) -> dict:
     """A warm-up answer, then the measured one; the summary's figures plus client timings."""
-    warm = dataclasses.replace(params, max_tokens=WARMUP_TOKENS)
-    for p in (warm, params):
-        try:
-            out = asyncio.run(asyncio.wait_for(_generate(address, prompt, p), _deadline(p)))
-        except asyncio.TimeoutError:
-            raise RuntimeError(f"no answer from the mesh at {address} within "
-                               f"{_deadline(p):.0f}s (see the node logs)") from None
-        except MeshError as e:
-            raise RuntimeError(f"the mesh at {address} failed: {e}") from None
-    return out
+    answer(address, prompt, dataclasses.replace(params, max_tokens=WARMUP_TOKENS))
+    return answer(address, prompt, params)
+
+
+def answer(address: str, prompt: str, params: GenParams) -> dict:
+    """One answer: the summary's figures, client timings and the token ids."""
+    try:
+        return asyncio.run(asyncio.wait_for(_generate(address, prompt, params),
+                                            _deadline(params)))
+    except asyncio.TimeoutError:
+        raise RuntimeError(f"no answer from the mesh at {address} within "
+                           f"{_deadline(params):.0f}s (see the node logs)") from None
+    except MeshError as e:
+        raise RuntimeError(f"the mesh at {address} failed: {e}") from None
 
 
 def measure_ensemble(models: dict[str, str], prompt: str, params: GenParams, *,

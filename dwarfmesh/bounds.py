@@ -26,6 +26,7 @@ from dwarfmesh.messages import (
     Attach,
     Candidates,
     Commit,
+    DraftFrame,
     Frame,
     Generate,
     Hello,
@@ -38,6 +39,7 @@ from dwarfmesh.messages import (
     TextFrame,
     TextOpen,
     Token,
+    Tokens,
 )
 
 # Log-probabilities computed in float32 and sent in float16 may round a hair past zero.
@@ -198,6 +200,19 @@ def _frame(msg: Frame, limits: Limits) -> None:
     _nll(msg.prompt_nll, "Frame.prompt_nll")
 
 
+def _draft_frame(msg: DraftFrame, limits: Limits) -> None:
+    _frame(msg, limits)
+    for name in ("draft", "more_ids", "round_ids"):
+        _vocab(getattr(msg, name), limits, f"DraftFrame.{name}")
+
+
+def _tokens(msg: Tokens, limits: Limits) -> None:
+    _vocab(msg.token_ids, limits, "Tokens.token_ids")
+    _vocab(msg.draft, limits, "Tokens.draft")
+    if any(len(t) > TOKEN_TEXT_CHARS for t in msg.texts):
+        raise ProtocolError("Tokens: text too long")
+
+
 def _token(msg: Token, limits: Limits) -> None:
     if limits.vocab_size is not None and msg.token_id >= limits.vocab_size:
         raise ProtocolError("Token: an id outside this node's vocabulary")
@@ -266,7 +281,8 @@ def _none(_msg: Any, _limits: Limits) -> None:
     pass
 
 
-_BY_TYPE = {Hello: _hello, Open: _open, Frame: _frame, Token: _token, TextOpen: _text_open,
+_BY_TYPE = {Hello: _hello, Open: _open, Frame: _frame, Token: _token,
+            DraftFrame: _draft_frame, Tokens: _tokens, TextOpen: _text_open,
             Proposal: _proposal, Candidates: _candidates, Scores: _scores,
             TextFrame: _text_frame, Commit: _commit, Start: _text_prompt,
             Generate: _text_prompt, Resume: _none, Attach: _none}

@@ -19,6 +19,7 @@ from dwarfmesh import __version__
 from dwarfmesh.config import (
     DEFAULT_PORT,
     DEFAULT_TOP_K,
+    MAX_DRAFT,
     MAX_NEW_TOKENS,
     MAX_TOP_K,
     default_node_name,
@@ -192,6 +193,22 @@ def _sampling_args(parser: argparse.ArgumentParser, *, max_tokens: int) -> None:
     parser.add_argument("--weights", choices=["online", "equal", "perplexity", "static"],
                         default="online", help="member weights (default: online fixed-share, "
                         "starting from prompt perplexity)")
+    parser.add_argument("--speculate", type=_speculate, default=0, metavar="off|auto|N",
+                        help="speculative rounds (members sharing a tokenizer): draft N tokens "
+                        "by prompt lookup, which every member checks in one forward, and commit "
+                        "as many as the fused choice agrees with; the same tokens as without "
+                        "it. auto adapts N to what is accepted. Default off")
+
+
+def _speculate(text: str) -> int:
+    if text == "off":
+        return 0
+    if text == "auto":
+        return -1
+    if text.isdigit() and 1 <= int(text) <= MAX_DRAFT:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"--speculate takes off, auto or 1 to {MAX_DRAFT}, "
+                                     f"not {text!r}")
 
 
 def _key_arg(parser: argparse.ArgumentParser) -> None:
@@ -278,7 +295,8 @@ async def _run_generate(args: argparse.Namespace) -> dict[str, Any]:
 
     params = GenParams(max_tokens=args.max_tokens, temperature=args.temperature,
                        top_p=args.top_p, seed=args.seed, top_k=args.top_k, fuse=args.fuse,
-                       weights=args.weights, stop=args.stop, chat=args.chat, mode=args.mode)
+                       weights=args.weights, stop=args.stop, chat=args.chat, mode=args.mode,
+                       speculate=args.speculate)
 
     def show(piece: str) -> None:
         print(piece, end="", flush=True)
@@ -293,8 +311,17 @@ async def _run_generate(args: argparse.Namespace) -> dict[str, Any]:
                 else f"{s.get('steps', 0)} tokens, {s.get('tokens_per_s', 0):.1f} tok/s")
         sys.stderr.write(f"[{pace}, leader {s.get('leader')}, members "
                          f"{', '.join(s.get('members', []))}, disagreement "
-                         f"{s.get('disagreement_rate', 0):.0%}, mode {s.get('mode')}]\n")
+                         f"{s.get('disagreement_rate', 0):.0%}, mode {s.get('mode')}"
+                         f"{_speculated(s)}]\n")
     return result.summary
+
+
+def _speculated(summary: dict[str, Any]) -> str:
+    spec = summary.get("speculate")
+    if not isinstance(spec, dict):
+        return ""
+    return (f", {spec.get('tokens_per_round', 0):.2f} tokens a round, "
+            f"{spec.get('acceptance', 0):.0%} of drafted tokens accepted")
 
 
 async def _run_serve(args: argparse.Namespace) -> None:

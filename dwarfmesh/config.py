@@ -14,7 +14,7 @@ import socket
 from pathlib import Path
 
 PROTOCOL_ID = b"DWM1"          # first frame of every multipart message
-PROTOCOL_VERSION = 2            # a peer with another version is refused with a clear reason
+PROTOCOL_VERSION = 3            # a peer with another version is refused with a clear reason
 
 DEFAULT_PORT = 5757             # ROUTER port of a node
 DEFAULT_TOP_K = 64              # entries per top-k frame (goal: <= 512 B per frame at k=64)
@@ -22,6 +22,7 @@ MAX_TOP_K = 1024                # frames with more entries are rejected
 MAX_MESSAGE_BYTES = 4 << 20     # ZMQ_MAXMSGSIZE: longer messages are dropped by libzmq itself
 MAX_PROMPT_TOKENS = 32768       # OPEN messages carrying more prompt ids are rejected
 MAX_NEW_TOKENS = 8192
+MAX_DRAFT = 16                  # drafted tokens one speculative round verifies, at most
 
 HEARTBEAT_INTERVAL_S = 1.0      # every node pings every peer this often (Paranoid Pirate)
 LIVENESS = 3                    # peer is dead after LIVENESS intervals of silence

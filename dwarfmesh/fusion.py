@@ -110,6 +110,14 @@ def choose(
     """
     if temperature <= 0.0 or rng is None:
         return int(fused.ids[int(np.argmax(fused.probs))])
+    ids, q = sampling_dist(fused, temperature=temperature, top_p=top_p)
+    return int(ids[int(rng.choice(len(ids), p=q))])
+
+
+def sampling_dist(fused: Fused, *, temperature: float,
+                  top_p: float) -> tuple[np.ndarray, np.ndarray]:
+    """The distribution `choose` samples from: candidates (most likely first) and their
+    probabilities after temperature and nucleus (top-p) truncation."""
     logits = np.log(np.maximum(fused.probs, 1e-300)) / temperature
     p = np.exp(logits - logits.max())
     p /= p.sum()
@@ -119,8 +127,32 @@ def choose(
         keep = order[: int(np.searchsorted(cum, top_p) + 1)]
     else:
         keep = order
-    q = p[keep] / p[keep].sum()
-    return int(fused.ids[keep[int(rng.choice(len(keep), p=q))]])
+    return fused.ids[keep], p[keep] / p[keep].sum()
+
+
+def verify_draft(fused: Fused, drafted: int, *, temperature: float, top_p: float,
+                 rng: np.random.Generator | None) -> int:
+    """The token at a drafted position: the draft itself when the fused distribution
+    accepts it, else the fused choice.
+
+    Greedy: the fused argmax (accepted when it is the draft), so a speculative answer is
+    the plain answer token for token. Sampling: speculative sampling's rule for a
+    deterministic drafter (one that proposes `drafted` with probability 1): accept with
+    probability q(drafted), else draw from q with `drafted` removed and renormalised
+    (the residual max(q - r, 0)). The token so chosen is distributed exactly as q, the
+    plain loop's draw (Leviathan et al. 2023, Chen et al. 2023)."""
+    if temperature <= 0.0 or rng is None:
+        return choose(fused, temperature=0.0, top_p=top_p, rng=None)
+    ids, q = sampling_dist(fused, temperature=temperature, top_p=top_p)
+    hit = np.nonzero(ids == drafted)[0]
+    q_d = float(q[hit[0]]) if hit.size else 0.0
+    if q_d > 0.0 and rng.random() < q_d:
+        return int(drafted)
+    if hit.size:
+        q = q.copy()
+        q[hit[0]] = 0.0
+        q /= q.sum()
+    return int(ids[int(rng.choice(len(ids), p=q))])
 
 
 def perplexity_weights(prompt_nll: list[float | None], tau: float) -> np.ndarray:

@@ -27,14 +27,17 @@ from typing import Any
 
 import numpy as np
 
+from dwarfmesh.config import MAX_DRAFT
 from dwarfmesh.membership import outranks
 from dwarfmesh.protocol import (
     Deposed,
+    DraftFrame,
     Frame,
     GenParams,
     Leave,
     Open,
     Token,
+    Tokens,
     extend_hash,
     prefix_hash,
 )
@@ -91,13 +94,15 @@ class MemberSession:
         self.closed = False
         self.taken_over = False        # this node now leads the session
         self._queue: list[Token] = []
+        self._draft: tuple[int, list[int]] = (-1, [])   # (step after a round, its draft)
+        self._round: list[int] = []    # the ids the last drained batch appended
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
 
     def _frame(self, out: Any) -> Frame:
         last = self.committed[-1] if self.committed else -1
-        return Frame(self.session, len(self.committed), self.me, self.hash, out.rest_mass,
-                     out.prev_logp, last, out.prompt_nll, out.forward_ms, out.ids, out.logprobs)
+        return make_frame(out, self.session, len(self.committed), self.me, self.hash, last,
+                          self._round if self.params.speculate else None)
 
     def _send_frame(self) -> None:
         if self.last_frame is not None and not self.taken_over:
@@ -118,9 +123,21 @@ class MemberSession:
         (see `follow_leader`)."""
         return follow_leader(self, sender, term)
 
-    def token(self, msg: Token) -> None:
-        """Queue a committed token; the drain task applies it (with any that follow)."""
-        self._queue.append(msg)
+    def token(self, msg: Token | Tokens) -> None:
+        """Queue a committed token, or a speculative round's tokens and draft; the drain
+        task applies them (with any that follow)."""
+        if isinstance(msg, Tokens):
+            n = len(msg.token_ids)
+            for i, t in enumerate(msg.token_ids):
+                last = i == n - 1
+                # Only the round's last hash travels: it checks every id before it.
+                self._queue.append(Token(msg.session, msg.step + i, int(t),
+                                         msg.prefix_hash if last else None, msg.texts[i],
+                                         msg.final and last, msg.term))
+            if msg.step + n >= self._draft[0]:      # not a late copy of an older round
+                self._draft = (msg.step + n, [int(t) for t in msg.draft])
+        else:
+            self._queue.append(msg)
         task = asyncio.get_running_loop().create_task(self._drain())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -144,7 +161,7 @@ class MemberSession:
                 if msg.step > step:
                     return await self._diverged(msg.step, "a token is missing")
                 expected = extend_hash(h, msg.token_id)
-                if msg.prefix_hash != expected:
+                if msg.prefix_hash is not None and msg.prefix_hash != expected:
                     return await self._diverged(msg.step)
                 hashes.append(h)
                 h = expected
@@ -157,10 +174,13 @@ class MemberSession:
                 self._commit(new, hashes, h)
                 await self._close()
                 return
-            out = await self.engine.step(self.session, new, self.params.top_k)
+            after, draft = self._draft
+            draft = draft if after == len(self.committed) + len(new) else None
+            out = await self.engine.step(self.session, new, self.params.top_k, draft)
             # Committed state changes only with the KV cache, under the lock: a takeover
             # that captures it (`state`, under the same lock) sees them agree.
             self._commit(new, hashes, h)
+            self._round = new
             self.last_frame = self._frame(out)
             self._send_frame()
 
@@ -208,3 +228,21 @@ class MemberSession:
             return {"prompt_ids": np.asarray(self.prompt_ids),
                     "committed": list(self.committed), "hashes": list(self.hashes),
                     "hash": self.hash, "last_frame": self.last_frame, "term": self.term}
+
+
+def make_frame(out: Any, session: str, step: int, sender: str, prefix: int, last: int,
+               round_ids: list[int] | None) -> Frame:
+    """The frame for `step` from an engine step's output: a `DraftFrame` in a speculative
+    session (round_ids not None: what this frame's step appended), else a `Frame`."""
+    base = (session, step, sender, prefix, out.rest_mass, out.prev_logp, last,
+            out.prompt_nll, out.forward_ms, out.ids, out.logprobs)
+    if round_ids is None:
+        return Frame(*base)
+    more = getattr(out, "more", ())
+    return DraftFrame(
+        *base, np.asarray(getattr(out, "draft", ()), dtype=np.uint32),
+        np.asarray(getattr(out, "draft_logp", ()), dtype=np.float32),
+        np.asarray([r for _, _, r in more], dtype=np.float32),
+        np.concatenate([i for i, _, _ in more]) if more else np.zeros(0, np.uint32),
+        np.concatenate([lp for _, lp, _ in more]) if more else np.zeros(0, np.float16),
+        np.asarray(round_ids[-(MAX_DRAFT + 1):], dtype=np.uint32))

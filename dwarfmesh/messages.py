@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from dwarfmesh.config import MAX_NEW_TOKENS, MAX_PROMPT_TOKENS, MAX_TOP_K
+from dwarfmesh.config import MAX_DRAFT, MAX_NEW_TOKENS, MAX_PROMPT_TOKENS, MAX_TOP_K
 
 MAX_STOPS = 16                  # stop strings per request ...
 MAX_STOP_CHARS = 256            # ... each at most this long (every one is searched per token)
@@ -44,6 +44,7 @@ class GenParams:
     stop: list[str] = field(default_factory=list)
     chat: bool = False                # apply each member's chat template to the prompt
     mode: str = "auto"                # auto | fuse | rank (see membership.plan_session)
+    speculate: int = 0                # id sessions: 0 off, N drafted tokens a round, -1 auto
 
     def check(self) -> None:
         if not 1 <= self.max_tokens <= MAX_NEW_TOKENS:
@@ -61,6 +62,9 @@ class GenParams:
             raise ProtocolError(f"unknown weights {self.weights!r}")
         if self.mode not in ("auto", "fuse", "rank"):
             raise ProtocolError(f"unknown mode {self.mode!r}")
+        if not -1 <= self.speculate <= MAX_DRAFT:
+            raise ProtocolError(f"speculate out of range: {self.speculate} (-1 = auto, 0 = "
+                                f"off, or 1 to {MAX_DRAFT} drafted tokens)")
         if len(self.stop) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in self.stop):
             raise ProtocolError(f"at most {MAX_STOPS} stop strings of at most "
                                 f"{MAX_STOP_CHARS} characters each")
@@ -165,6 +169,43 @@ class Token:
     text: str                  # the text this token adds (leader's detokenizer)
     final: bool                # no frame is wanted after this token; an End follows
     term: int = 0              # the sender's leadership term (fencing; see Resume)
+
+
+@dataclass(frozen=True)
+class DraftFrame(Frame):
+    """Member -> leader in a speculative session: the frame at `step` (the fields it
+    shares with `Frame`), then the frame after each token of `draft`, as if the draft
+    had been committed one token a round. The draft is echoed (a leader uses the extra
+    positions only when they are its own round's), with the exact log p of each drafted
+    token. `round_ids` are the tokens this member appended with the message it answers:
+    a leader taking over adopts a round that reached only some members from them."""
+
+    TAG: ClassVar[int] = 14
+    draft: np.ndarray = _array("<u4", MAX_DRAFT)
+    draft_logp: np.ndarray = _array("<f4", MAX_DRAFT)        # log p(draft[i] | prefix)
+    more_rest: np.ndarray = _array("<f4", MAX_DRAFT)         # rest mass after draft[i]
+    more_ids: np.ndarray = _array("<u4", MAX_DRAFT * MAX_TOP_K)          # k ids each
+    more_logprobs: np.ndarray = _array("<f2", MAX_DRAFT * MAX_TOP_K)
+    round_ids: np.ndarray = _array("<u4", MAX_DRAFT + 1)
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Leader -> members in a speculative session: the tokens one round committed from
+    `step` on (the accepted draft, then the fused choice) and the next draft, which a
+    member appends in the same forward and answers with a `DraftFrame`. One message a
+    round, so a member holds all of a round or none of it. The origin gets the same
+    tokens as `Token`s (a member that is also the origin reads them from this)."""
+
+    TAG: ClassVar[int] = 13
+    session: str
+    step: int                  # step of the first token
+    prefix_hash: int           # hash of the committed ids including the last token
+    texts: list[str]           # the text each token adds (leader's detokenizer)
+    final: bool                # the last token ends the answer; no frame is wanted
+    term: int
+    token_ids: np.ndarray = _array("<u4", MAX_DRAFT + 1)
+    draft: np.ndarray = _array("<u4", MAX_DRAFT)
 
 
 @dataclass(frozen=True)
@@ -376,6 +417,6 @@ class Commit:
 TEXT_MESSAGES: tuple[type, ...] = (TextOpen, Proposal, Candidates, Scores, TextFrame, Commit)
 
 MESSAGES: tuple[type, ...] = (
-    Hello, Refuse, Start, Open, Frame, Token, End, Leave, Resume, Deposed, Attach,
-    PeersRequest, PeersReply, Generate, Cancel, Error, *TEXT_MESSAGES,
+    Hello, Refuse, Start, Open, Frame, Token, End, DraftFrame, Tokens, Leave, Resume,
+    Deposed, Attach, PeersRequest, PeersReply, Generate, Cancel, Error, *TEXT_MESSAGES,
 )

@@ -393,7 +393,7 @@ class Node:
             await roles.lead(msg, sender)
         elif isinstance(msg, P.Open):
             await roles.open(msg, sender)
-        elif isinstance(msg, (P.Token, P.End, P.Resume)):
+        elif isinstance(msg, (P.Token, P.Tokens, P.End, P.Resume)):
             await roles.session_message(msg, sender)
         elif isinstance(msg, (P.TextOpen, P.Candidates, P.Commit)):
             await roles.text.handle(msg, sender)

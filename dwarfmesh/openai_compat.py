@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dwarfmesh.client import MeshError
-from dwarfmesh.config import MAX_NEW_TOKENS, MAX_PROMPT_TOKENS
+from dwarfmesh.config import MAX_DRAFT, MAX_NEW_TOKENS, MAX_PROMPT_TOKENS
 from dwarfmesh.protocol import GenParams, ProtocolError
 
 ENSEMBLE_ID = "dwarfmesh"          # the model id that means "the whole mesh"
@@ -88,6 +88,18 @@ def _content(value: Any, where: str) -> str:
     raise ApiError(400, f"{where}: only text content is supported", param=where)
 
 
+def _speculate(value: Any) -> int:
+    """dwarfmesh's own request key: "off" (default), "auto", or drafted tokens a round."""
+    if value in ("off", None, 0):
+        return 0
+    if value == "auto":
+        return -1
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_DRAFT:
+        return value
+    raise ApiError(400, f"'speculate' must be \"off\", \"auto\" or 1 to {MAX_DRAFT}",
+                   param="speculate", code="invalid_value")
+
+
 def parse_request(body: Any, kind: str) -> GenRequest:
     """Validate an OpenAI chat/completions request body; raise ApiError (400) if wrong."""
     if not isinstance(body, dict):
@@ -106,7 +118,7 @@ def parse_request(body: Any, kind: str) -> GenRequest:
         temperature=_number(body, "temperature", float, 0.0, 0.0, 2.0),
         top_p=_number(body, "top_p", float, 1.0, 1e-9, 1.0),
         seed=None if seed is None else seed % (1 << 63),
-        stop=stop)
+        stop=stop, speculate=_speculate(body.get("speculate", "off")))
     try:
         params.check()                  # what the mesh itself will check on arrival
     except ProtocolError as exc:

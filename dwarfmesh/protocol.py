@@ -35,6 +35,7 @@ from dwarfmesh.config import PROTOCOL_ID, PROTOCOL_VERSION
 from dwarfmesh.messages import *  # noqa: F403 - the protocol's public names are its messages
 from dwarfmesh.messages import (
     MESSAGES,
+    DraftFrame,
     Frame,
     Generate,
     GenParams,
@@ -42,6 +43,7 @@ from dwarfmesh.messages import (
     ProtocolError,
     Start,
     Token,
+    Tokens,
 )
 
 MAX_TEXT_CHARS = 1 << 20
@@ -190,6 +192,8 @@ def _check_semantics(msg: Any) -> None:
             raise ProtocolError("Frame: logprobs must be finite and <= 0")
         if not 0.0 <= msg.rest_mass <= 1.0 or msg.step < 0:
             raise ProtocolError("Frame: rest_mass or step out of range")
+        if isinstance(msg, DraftFrame):
+            _check_draft_frame(msg)
     elif isinstance(msg, (Start, Generate)):
         msg.params.check()
         for turn in msg.messages:
@@ -199,6 +203,22 @@ def _check_semantics(msg: Any) -> None:
         raise ProtocolError("Hello: vocab_size must be positive")
     elif isinstance(msg, Token) and (msg.token_id < 0 or msg.step < 0):
         raise ProtocolError("Token: negative id or step")
+    elif isinstance(msg, Tokens) and (msg.step < 0 or len(msg.token_ids) == 0
+                                      or len(msg.texts) != len(msg.token_ids)):
+        raise ProtocolError("Tokens: no tokens, a negative step, or texts and ids differ")
+
+
+def _check_draft_frame(msg: DraftFrame) -> None:
+    n, k = len(msg.more_rest), len(msg.ids)
+    if len(msg.draft) != len(msg.draft_logp) or n > len(msg.draft):
+        raise ProtocolError("DraftFrame: draft, its log p and its positions differ")
+    if len(msg.more_ids) != n * k or len(msg.more_logprobs) != n * k:
+        raise ProtocolError("DraftFrame: each drafted position needs k entries")
+    for values in (msg.more_logprobs, msg.draft_logp):
+        if not np.all(np.isfinite(values)) or np.any(values > 1e-3):
+            raise ProtocolError("DraftFrame: log-probabilities must be finite and <= 0")
+    if np.any(msg.more_rest < 0.0) or np.any(msg.more_rest > 1.0):
+        raise ProtocolError("DraftFrame: rest mass out of range")
 
 
 def check_version(hello: Hello) -> str | None:

@@ -45,6 +45,7 @@ from dwarfmesh.member import MemberSession
 from dwarfmesh.membership import elect_leader, outranks, plan_session, successor
 from dwarfmesh.rank_member import TextSessions
 from dwarfmesh.session import LeaderSession, PromptTooLong
+from dwarfmesh.speculate import SpecLeaderSession
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +200,16 @@ class SessionRoles:
         if fresh:
             node.spawn(self._watch_client(msg.session))
 
-    def to_client(self, msg: P.Token | P.End | P.Resume, sender: str) -> None:
+    def to_client(self, msg: P.Token | P.Tokens | P.End | P.Resume, sender: str) -> None:
+        if isinstance(msg, P.Tokens):
+            # A speculative round reached this origin as a member: its tokens one by one
+            # (the client does not check hashes: only the round's last one is known).
+            n = len(msg.token_ids)
+            for i, t in enumerate(msg.token_ids):
+                self.to_client(P.Token(msg.session, msg.step + i, int(t),
+                                       msg.prefix_hash if i == n - 1 else 0, msg.texts[i],
+                                       msg.final and i == n - 1, msg.term), sender)
+            return
         client = self.clients.get(msg.session)
         if client is None:
             return
@@ -328,7 +338,7 @@ class SessionRoles:
         group, excluded = plan.group, plan.excluded
         if all(m.node_id != node.node_id for m in group):
             group = [node.me]
-        await self._run_leader(start.session, LeaderSession(
+        await self._run_leader(start.session, leader_for(start.params)(
             session=start.session, origin=start.origin, prompt=start.prompt,
             params=start.params, members=group, me=node.me, engine=node.engine,
             send=node.send_to, messages=start.messages, keep=start.keep, excluded=excluded,
@@ -466,7 +476,8 @@ class SessionRoles:
         slots = getattr(self.node.engine, "max_sessions", 16)
         return max(1, int(slots * PEER_SESSION_SHARE))
 
-    async def session_message(self, msg: P.Token | P.End | P.Resume, sender: str) -> None:
+    async def session_message(self, msg: P.Token | P.Tokens | P.End | P.Resume,
+                              sender: str) -> None:
         if msg.session in self.clients:
             self.to_client(msg, sender)
         if isinstance(msg, P.End):
@@ -475,13 +486,13 @@ class SessionRoles:
             await self.text.resume(msg, sender)
         member = self.member_of.get(msg.session)
         if member is None:
-            if (isinstance(msg, P.Token) and msg.session not in self.clients
+            if (isinstance(msg, (P.Token, P.Tokens)) and msg.session not in self.clients
                     and not self.text.running(msg.session) and sender != self.node.node_id):
                 self.stray(msg, sender)
             return
         if member.taken_over or not member.follow(sender, msg.term):
             return
-        if isinstance(msg, P.Token):
+        if isinstance(msg, (P.Token, P.Tokens)):
             member.token(msg)
         elif isinstance(msg, P.Resume):
             member.resume(sender, msg.term)
@@ -561,7 +572,7 @@ class SessionRoles:
         member.leader, member.term = node.node_id, term
         peers = {m.node_id: m for m in node.membership.alive()}   # (who died meanwhile)
         members = [peers[i] for i in member.members if i in alive and i in peers]
-        leader = LeaderSession(
+        leader = leader_for(member.params)(
             session=member.session, origin=member.origin, params=member.params,
             members=members, me=node.me, engine=node.engine, send=node.send_to,
             keep=member.keep, resume_from=state, term=term, roster=set(member.members),
@@ -573,3 +584,8 @@ class SessionRoles:
             log.warning("session %s: its origin is gone too; waiting for a client to attach",
                         member.session)
         await self._run_leader(member.session, leader)
+
+
+def leader_for(params: P.GenParams) -> type[LeaderSession]:
+    """The leader's loop for an id session: speculative rounds when asked."""
+    return SpecLeaderSession if params.speculate else LeaderSession

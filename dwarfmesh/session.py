@@ -70,6 +70,8 @@ class PromptTooLong(ValueError):
 class LeaderSession:
     """Runs one answer as decode leader over `members` (this node is one of them)."""
 
+    AHEAD = 1              # tokens a member can be ahead of a new leader (one Token)
+
     def __init__(self, *, session: str, origin: str, params: GenParams, members: list[Member],
                  me: Member, engine: Any, send: Send, prompt: str = "",
                  messages: list[dict[str, Any]] | None = None, keep: bool = False,
@@ -101,6 +103,7 @@ class LeaderSession:
         self._cancelled = False
         self.own_out: Any = None
         self.tokens: list[int] = []
+        self.prompt_ids: Any = []
         self.weights: dict[str, float] = {}
         self.sent: list[Any] = []                # every Token (and the End) sent to the origin
 
@@ -116,8 +119,9 @@ class LeaderSession:
             self._catch_up(frame)
             return
         target = self._frames if frame.step == step else self._ahead
-        want = self._hash if frame.step == step else extend_hash(self._hash, frame.last_token)
-        if frame.prefix_hash != want:
+        ahead = [] if frame.step == step else self._ahead_ids(frame, frame.step - step)
+        want = prefix_hash(ahead, self._hash) if ahead else self._hash
+        if frame.step != step and not ahead or frame.prefix_hash != want:
             log.warning("session %s: %s diverged at step %d; leaving it out", self.session,
                         frame.sender, frame.step)
             self.member_lost(frame.sender)
@@ -197,7 +201,7 @@ class LeaderSession:
                       preset: dict[str, Frame] | None = None) -> dict[str, Frame]:
         """Expect frames for `step`, send what triggers them, add the local one, wait
         (asking silent members again, see `deadlines`)."""
-        self._expect = {step, step + 1} if ahead_ok else {step}
+        self._expect = set(range(step, step + 1 + (self.AHEAD if ahead_ok else 0)))
         self._frames, self._ahead = dict(preset or {}), {}
         self._waiter = asyncio.get_running_loop().create_future()
         send(None)
@@ -273,6 +277,15 @@ class LeaderSession:
                 # frame is small), and hears that its leader is alive (MEMBER_IDLE_S).
                 send(self._ids() - {self.me.node_id})
 
+    def summary_extra(self) -> dict[str, Any]:
+        """What a kind of session adds to the End's summary."""
+        return {}
+
+    def _ahead_ids(self, frame: Frame, n: int) -> list[int]:
+        """The `n` tokens a member's frame is ahead of this (new) leader by: a Token the
+        dead leader sent to only some members. [] when the frame cannot say."""
+        return [frame.last_token] if n == 1 and frame.last_token >= 0 else []
+
     def _own(self, step: int, out: Any) -> Frame:
         return Frame(self.session, step, self.me.node_id, self._hash, out.rest_mass,
                      out.prev_logp, -1, out.prompt_nll, out.forward_ms, out.ids, out.logprobs)
@@ -322,6 +335,7 @@ class LeaderSession:
                 open_msg, only=({m.node_id for m in self.members} - set(self._frames))
                 if only is None else only), local)
             self.stats.prompt_reused = getattr(self.own_out, "reused", 0)
+        self.prompt_ids = prompt_ids
         self.stats.mark_first_token(t_start)
         try:
             reason, text = await self._decode(committed, frames)
@@ -331,6 +345,7 @@ class LeaderSession:
             text=text, tokens=self.tokens, reason=reason, leader=self.me.name,
             members=self.members, excluded=self.excluded, prompt_tokens=len(prompt_ids),
             weights=self.weights)
+        summary.update(self.summary_extra())
         if self.term:
             summary["term"] = self.term
         if self.deposed is None:
@@ -348,36 +363,12 @@ class LeaderSession:
             if not frames:
                 return "error: no member frames", text
             t0 = time.perf_counter()
-            order = [m.node_id for m in self.members if m.node_id in frames]
-            fused = fusion.fuse([frames[m].ids for m in order],
-                                [frames[m].logprobs for m in order],
-                                [frames[m].rest_mass for m in order],
-                                np.array([self.weights[m] for m in order]),
-                                self.engine.vocab_size, p.fuse)
-            rng = np.random.default_rng([p.seed or 0, step]) if p.temperature > 0 else None
-            tok = fusion.choose(fused, temperature=p.temperature, top_p=p.top_p, rng=rng)
+            order, fused = self._fuse(frames)
+            tok = fusion.choose(fused, temperature=p.temperature, top_p=p.top_p,
+                                rng=self._rng(step))
             self.stats.fused(order, fused.member_top, tok, time.perf_counter() - t0)
-            self.tokens.append(tok)
-            final, reason = step + 1 >= p.max_tokens, "length"
-            if tok in self.engine.eos_ids:
-                piece, final, reason = "", True, "eos"
-            else:
-                self._detok.add_token(tok)
-                piece = self._detok.last_segment
-            if final:
-                piece += held_text(self._detok)
-            if piece:
-                text += piece
-                cut = stop_at(text, len(piece), p.stop)
-                if cut is not None:
-                    piece = piece[: max(len(piece) - (len(text) - cut), 0)]
-                    text, final, reason = text[:cut], True, "stop"
-            if self._cancelled:
-                final, reason = True, "cancelled"
-            self._hashes.append(self._hash)
-            self._hash = extend_hash(self._hash, tok)
-            token_msg = Token(self.session, step, tok, self._hash, piece, final, self.term)
-            if final:
+            token_msg, reason, text = self._append(step, tok, text)
+            if reason is not None:
                 self._broadcast(token_msg)
                 return reason, text
             t_step = time.perf_counter()
@@ -388,6 +379,47 @@ class LeaderSession:
             self.stats.stepped(time.perf_counter() - t_step, frames)
             self._learn(frames, fused_on, tok)
         return "length", text
+
+    def _fuse(self, frames: dict[str, Frame]) -> tuple[list[str], fusion.Fused]:
+        """Pool one position's frames (in the session's member order) under the weights."""
+        order = [m.node_id for m in self.members if m.node_id in frames]
+        return order, fusion.fuse([frames[m].ids for m in order],
+                                  [frames[m].logprobs for m in order],
+                                  [frames[m].rest_mass for m in order],
+                                  np.array([self.weights[m] for m in order]),
+                                  self.engine.vocab_size, self.params.fuse)
+
+    def _rng(self, step: int) -> np.random.Generator | None:
+        """Sampling is seeded per step: a new leader draws what the old one would have."""
+        p = self.params
+        return np.random.default_rng([p.seed or 0, step]) if p.temperature > 0 else None
+
+    def _append(self, step: int, tok: int, text: str) -> tuple[Token, str | None, str]:
+        """Commit `tok` at `step`: its text piece (cut at a stop string), its hash, and
+        whether it ends the answer. Returns its Token, the finish reason if it is the last
+        (else None) and the answer's text so far."""
+        p = self.params
+        self.tokens.append(tok)
+        final, reason = step + 1 >= p.max_tokens, "length"
+        if tok in self.engine.eos_ids:
+            piece, final, reason = "", True, "eos"
+        else:
+            self._detok.add_token(tok)
+            piece = self._detok.last_segment
+        if final:
+            piece += held_text(self._detok)
+        if piece:
+            text += piece
+            cut = stop_at(text, len(piece), p.stop)
+            if cut is not None:
+                piece = piece[: max(len(piece) - (len(text) - cut), 0)]
+                text, final, reason = text[:cut], True, "stop"
+        if self._cancelled:
+            final, reason = True, "cancelled"
+        self._hashes.append(self._hash)
+        self._hash = extend_hash(self._hash, tok)
+        msg = Token(self.session, step, tok, self._hash, piece, final, self.term)
+        return msg, reason if final else None, text
 
     def _replay_committed(self, committed: list[int]) -> str:
         """Detokenize the tokens committed before this leader (a takeover): for the text,
@@ -432,21 +464,26 @@ class LeaderSession:
                                     _ready(own), ahead_ok=True)
         ahead = dict(self._ahead)
         if ahead and self.deposed is None:
-            # Some members got token `step` from the dead leader before it died: adopt it.
-            tok = next(iter(ahead.values())).last_token
-            self._detok.add_token(tok)
-            self._hashes.append(self._hash)
-            self._hash = extend_hash(self._hash, tok)
-            committed.append(tok)
+            # Some members got the dead leader's last Token(s) before it died: adopt them.
+            first = next(iter(ahead.values()))
+            toks = self._ahead_ids(first, first.step - step)
+            ahead = {m: f for m, f in ahead.items() if f.step == first.step}
+            msgs = []
+            for i, tok in enumerate(toks):
+                self._detok.add_token(tok)
+                self._hashes.append(self._hash)
+                self._hash = extend_hash(self._hash, tok)
+                msgs.append(Token(self.session, step + i, tok, self._hash,
+                                  self._detok.last_segment, False, self.term))
+            committed.extend(toks)
             behind = {m for m in frames if m != self.me.node_id}
-            token_msg = Token(self.session, step, tok, self._hash, self._detok.last_segment,
-                              False, self.term)
-            self.sent.append(token_msg)
-            self.send(self.origin, token_msg)
-            local = self.engine.step(self.session, tok, self.params.top_k)
+            for token_msg in msgs:
+                self.sent.append(token_msg)
+                self.send(self.origin, token_msg)
+            local = self.engine.step(self.session, toks, self.params.top_k)
             frames = await self._gather(
-                step + 1, lambda only: self._to(token_msg, behind if only is None else only),
-                local, preset=ahead)
+                step + len(toks), lambda only: [self._to(m, behind if only is None else only)
+                                                for m in msgs], local, preset=ahead)
         return prompt_ids, committed, frames
 
 

@@ -60,7 +60,7 @@ class ChatApp:
         self._interrupt = asyncio.Event()
         params = GenParams(max_tokens=args.max_tokens, temperature=args.temperature,
                            top_p=args.top_p, seed=args.seed, top_k=args.top_k, fuse=args.fuse,
-                           weights=args.weights)
+                           weights=args.weights, speculate=args.speculate)
         self.state = R.ChatState(new_conversation(), params, address=args.connect or "",
                                  system=args.system)
 

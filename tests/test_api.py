@@ -44,6 +44,8 @@ QUESTION = [{"role": "user", "content": "def quicksort(xs):"}]
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
      "messages[0].content"),
     ({"messages": [{"role": "user", "content": "x" * 200_000}]}, "messages"),
+    ({"messages": QUESTION, "speculate": 99}, "speculate"),
+    ({"messages": QUESTION, "speculate": "yes"}, "speculate"),
 ])
 def test_bad_chat_requests_are_400_with_the_param_named(body, param):
     with pytest.raises(ApiError) as err:
@@ -65,6 +67,10 @@ def test_requests_map_onto_gen_params():
     assert (req.model, req.stream, req.include_usage) == ("m1", True, True)
     text = parse_request({"prompt": ["abc"]}, "text")
     assert (text.prompt, text.model, text.params.max_tokens) == ("abc", "dwarfmesh", 512)
+    assert text.params.speculate == 0
+    for value, gamma in (("auto", -1), (5, 5), ("off", 0)):
+        assert parse_request({"prompt": "a", "speculate": value}, "text").params.speculate \
+            == gamma
 
 
 @pytest.mark.timeout(10)

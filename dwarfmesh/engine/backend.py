@@ -53,6 +53,10 @@ class Backend(Protocol):
         """Append `ids` in one forward. Returns the next token's log-probs [V] after the
         last id, and log p(targets[i] | ids up to i) for each target (len <= len(ids))."""
 
+    def forward_all(self, cache: Any, ids: list[int]) -> np.ndarray:
+        """Append `ids` (a few: a speculative round) in one forward. Returns the log-probs
+        [len(ids), V] of the next token after each id."""
+
     def score(self, cache: Any, held: int, keep: int,
               rows: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Evaluate each row as a continuation of the first `keep` of the cache's `held`

@@ -27,6 +27,10 @@ class Session:
     tokens: list[int]            # ids whose keys/values are in the cache
     active: bool = True          # False: kept between turns, may be evicted
     last_used: float = 0.0
+    # a speculative round's drafted ids, the last `draft` of `tokens` (not committed), and
+    # the log-probs after the committed ids and after each drafted one
+    draft: int = 0
+    draft_logprobs: list[np.ndarray] = field(default_factory=list)
     # text-level sessions only: the text the ids encode, every id's exact log p
     text: str = ""
     templated: bool = False      # text is a rendered chat template: encode without specials

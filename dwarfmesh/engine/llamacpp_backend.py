@@ -230,6 +230,11 @@ class LlamaCppBackend:
             pos += len(chunk)
         return log_softmax(last), (np.concatenate(got) if got else np.zeros(0, np.float32))
 
+    def forward_all(self, cache: Seq, ids: list[int]) -> np.ndarray:
+        if not ids or len(ids) > self.out_rows:
+            raise ValueError(f"forward_all takes 1 to {self.out_rows} ids, not {len(ids)}")
+        return log_softmax(self._decode([(cache, ids, len(ids))]))
+
     def score(self, cache: Seq, held: int, keep: int,
               rows: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
         out: list[tuple[np.ndarray, np.ndarray]] = []

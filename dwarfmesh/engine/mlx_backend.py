@@ -94,6 +94,11 @@ class MlxBackend:
         mx.eval(got, last, [c.state for c in cache])
         return np.array(last), np.array(got, dtype=np.float32)
 
+    def forward_all(self, cache: Any, ids: list[int]) -> np.ndarray:
+        logp = _logprobs(self.model(mx.array([ids], dtype=mx.int32), cache=cache)[0])
+        mx.eval(logp, [c.state for c in cache])
+        return np.array(logp, dtype=np.float32)
+
     def score(self, cache: Any, held: int, keep: int,
               rows: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
         # One batched forward over copies of the cache trimmed to `keep`, rows padded.

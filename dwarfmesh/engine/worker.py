@@ -57,6 +57,11 @@ class StepOut:
     forward_ms: float
     position: int                # tokens in the cache after this step
     reused: int = 0              # prompt tokens whose KV cache was reused from the last turn
+    # a speculative round: the draft appended after the committed ids, the exact log p of
+    # each drafted id, and the top-k (ids, log-probs, rest mass) after each drafted id
+    draft: tuple[int, ...] = ()
+    draft_logp: tuple[float, ...] = ()
+    more: tuple[tuple[np.ndarray, np.ndarray, float], ...] = ()
 
 
 def _settle(fut: asyncio.Future, ok: bool, value: Any) -> None:
@@ -161,8 +166,9 @@ class Engine:
              k: int) -> asyncio.Future[StepOut]:
         return self._pool.submit(self.open_sync, session, prompt_ids, k)
 
-    def step(self, session: str, token_ids: int | list[int], k: int) -> asyncio.Future[StepOut]:
-        return self._pool.submit(self.step_sync, session, token_ids, k)
+    def step(self, session: str, token_ids: int | list[int], k: int,
+             draft: list[int] | None = None) -> asyncio.Future[StepOut]:
+        return self._pool.submit(self.step_sync, session, token_ids, k, draft)
 
     async def close(self, session: str, keep: bool = False) -> None:
         await self._run(self.close_sync, session, keep)
@@ -224,6 +230,7 @@ class Engine:
             reuse = min(common_prefix(s.tokens, new_ids), n - 1)   # one token makes logits
             self.backend.trim(s.cache, len(s.tokens) - reuse)
             s.tokens, s.token_logp, s.active = s.tokens[:reuse], [], True
+            s.draft, s.draft_logprobs = 0, []
         else:
             self._drop(session)
             s = self._new_session(session)
@@ -258,30 +265,76 @@ class Engine:
         log.info("evicting idle conversation %s to make room for %s", oldest, session)
         self._drop(oldest)
 
-    def step_sync(self, session: str, token_ids: int | list[int], k: int) -> StepOut:
+    def step_sync(self, session: str, token_ids: int | list[int], k: int,
+                  draft: list[int] | None = None) -> StepOut:
         """Append committed token(s); return the last one's exact log p and the next frame.
 
-        Several tokens at once is how a member that fell behind catches up: one forward
-        over all of them, one frame for the newest step.
+        Several tokens at once is how a member that fell behind catches up, and how a
+        speculative round commits: one forward over all of them, one frame for the
+        newest step. With a `draft`, the drafted ids are appended in the same forward and
+        the frame also holds the top-k after each of them; the next call keeps the
+        drafted ids it commits (their log-probs are known) and trims the rest.
         """
         t0 = time.perf_counter()
         s = self._sessions.get(session)
         if s is None or s.logprobs is None:
             raise KeyError(f"unknown session {session}")
         toks = [token_ids] if isinstance(token_ids, int) else [int(t) for t in token_ids]
-        if not toks or not all(0 <= t < self.vocab_size for t in toks):
-            raise ValueError(f"token ids {toks} outside the vocabulary")
-        if len(toks) == 1:
-            prev_logp = float(s.logprobs[toks[0]])
-            s.logprobs, _ = self.backend.forward(s.cache, toks)
-        else:
-            s.logprobs, got = self.backend.forward(s.cache, toks, toks[1:])
-            prev_logp = float(got[-1])
-        s.tokens.extend(toks)
+        draft = [int(t) for t in draft or ()]
+        if not toks or not all(0 <= t < self.vocab_size for t in toks + draft):
+            raise ValueError(f"token ids {toks} {draft} outside the vocabulary")
+        prev_logp, toks = self._settle_draft(s, toks)
+        if draft and not self.backend.trimmable(s.cache):
+            draft = []              # a cache that cannot drop them takes no drafts
+        if len(toks) > 1 or (toks and not draft):
+            # the committed ids this forward appends (all of them without a draft)
+            feed = toks[:-1] if draft else toks
+            if len(feed) == 1:
+                prev_logp = float(s.logprobs[feed[0]])
+                s.logprobs, _ = self.backend.forward(s.cache, feed)
+            else:
+                s.logprobs, got = self.backend.forward(s.cache, feed, feed[1:])
+                prev_logp = float(got[-1])
+            s.tokens.extend(feed)
+            toks = toks[len(feed):]
+        more: list[tuple[np.ndarray, np.ndarray, float]] = []
+        draft_logp: list[float] = []
+        if draft:
+            rows = self.backend.forward_all(s.cache, toks + draft)
+            if toks:                          # the round's last committed id
+                prev_logp = float(s.logprobs[toks[0]])
+                s.logprobs = rows[0]
+                rows = rows[1:]
+            before = s.logprobs
+            for d, after in zip(draft, rows):
+                draft_logp.append(max(float(before[d]), LOGP_FLOOR))
+                more.append(top_k(after, k))
+                before = after
+            s.tokens.extend(toks + draft)
+            s.draft, s.draft_logprobs = len(draft), [s.logprobs, *rows]
         s.last_used = time.monotonic()
         ids, lps, rest = top_k(s.logprobs, k)
         return StepOut(ids, lps, rest, max(prev_logp, LOGP_FLOOR), None,
-                       (time.perf_counter() - t0) * 1000.0, len(s.tokens))
+                       (time.perf_counter() - t0) * 1000.0, len(s.tokens) - s.draft,
+                       draft=tuple(draft), draft_logp=tuple(draft_logp), more=tuple(more))
+
+    def _settle_draft(self, s: Any, toks: list[int]) -> tuple[float, list[int]]:
+        """Committed `toks` against the session's pending draft: keep the drafted ids they
+        commit (their log-probs are known), trim the others. Returns the exact log p of
+        the last kept one (nan when none) and the ids still to append."""
+        if not s.draft:
+            return float("nan"), toks
+        pending = s.tokens[len(s.tokens) - s.draft:]
+        kept = common_prefix(toks, pending)
+        drop = s.draft - kept
+        if drop:
+            self.backend.trim(s.cache, drop)
+            del s.tokens[len(s.tokens) - drop:]
+        dists = s.draft_logprobs
+        prev = float(dists[kept - 1][pending[kept - 1]]) if kept else float("nan")
+        s.logprobs = dists[kept]
+        s.draft, s.draft_logprobs = 0, []
+        return prev, toks[kept:]
 
     def close_sync(self, session: str, keep: bool = False) -> None:
         """End a session's turn: free its cache, or keep it (idle) for the next turn."""

@@ -1,0 +1,192 @@
+"""Speculative rounds against plain rounds: the same mesh, the same prompts, one run.
+
+    .venv/bin/python bench/speculate.py                                   # the defaults
+    .venv/bin/python bench/speculate.py --systems qwen2.5-coder-0.5b+qwen2.5-coder-1.5b \\
+        --humaneval 8 --fortunes 4 --max-tokens 96 --speculate auto 4 \\
+        --json bench/results/speculate.json
+
+A system is models joined by `+` (one node each on this machine: `--engine auto`, so
+llama.cpp on a CPU-only one); a model named twice is two copies. For every prompt the
+plain answer and each `--speculate` setting answer in turn, in an order that rotates from
+prompt to prompt (so a slow spell of the shared machine does not fall on one setting).
+Per setting: decode tokens/s (the summary's, first token excluded), the ratio to plain
+on the same prompt with a bootstrap 95% interval of the median, tokens per round, the
+drafted tokens accepted, wire bytes per token, and whether the token ids are the plain
+answer's (`mismatches`: answers that differ anywhere; the goal is 0).
+
+Prompts: HumanEval's first N problems in the bench's fixed order (code), and N passages
+of the fortunes files (prose), each answered greedily.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench import speed  # noqa: E402
+from bench.humaneval_problems import STOPS, load_problems, subset  # noqa: E402
+from bench.texts import default_text_files, make_documents  # noqa: E402
+from dwarfmesh.protocol import GenParams  # noqa: E402
+
+OUT_DIR = ROOT / "bench" / "out" / "speculate"
+BOOTSTRAP = 2000
+
+
+def prompts(n_code: int, n_prose: int) -> list[dict]:
+    out = []
+    if n_code:
+        problems = load_problems()
+        for task in subset(problems, n_code):
+            out.append({"kind": "humaneval", "id": task, "prompt": problems[task]["prompt"],
+                        "stop": list(STOPS)})
+    if n_prose:
+        docs = make_documents(default_text_files(), max_bytes=n_prose * 400, doc_bytes=400,
+                              prompt_bytes=300)
+        for i, d in enumerate(docs[:n_prose]):
+            out.append({"kind": "fortunes", "id": f"{Path(d.file).name}#{i}",
+                        "prompt": d.prompt, "stop": []})
+    return out
+
+
+def setting_name(gamma: int) -> str:
+    return {0: "off", -1: "auto"}.get(gamma, str(gamma))
+
+
+def run_system(models: list[str], items: list[dict], gammas: list[int], args) -> dict:
+    settings = [0, *gammas]
+    rows: list[dict] = []
+    work = OUT_DIR / time.strftime("%Y%m%d-%H%M%S") / "+".join(models)
+    with speed.running_mesh(models, work_dir=work, node_args=["--engine", args.engine]) as addrs:
+        speed.answer(addrs[0], items[0]["prompt"], GenParams(max_tokens=8))     # warm-up
+        for n, item in enumerate(items):
+            order = settings[n % len(settings):] + settings[:n % len(settings)]
+            got = {}
+            for g in order:
+                params = GenParams(max_tokens=args.max_tokens, temperature=0.0,
+                                   stop=item["stop"], speculate=g)
+                got[g] = speed.answer(addrs[0], item["prompt"], params)
+            for g in settings:
+                s = got[g]
+                spec = s.get("speculate") or {}
+                rows.append({
+                    "kind": item["kind"], "id": item["id"], "speculate": setting_name(g),
+                    "tokens": s["steps"], "tokens_per_s": s["tokens_per_s"],
+                    "wire_bytes_per_token": s["wire_bytes_per_token"],
+                    "same_as_plain": s["token_ids"] == got[0]["token_ids"],
+                    "first_difference": _first_difference(s["token_ids"], got[0]["token_ids"]),
+                    "rounds": spec.get("rounds"), "drafted": spec.get("drafted"),
+                    "accepted": spec.get("accepted"),
+                    "tokens_per_round": spec.get("tokens_per_round"),
+                    "loadavg_1min": s["loadavg_1min"]})
+            print(f"  {item['id']}: " + ", ".join(
+                f"{setting_name(g)} {got[g]['tokens_per_s']:.2f} tok/s" for g in settings),
+                flush=True)
+    return {"models": models, "rows": rows, "summary": summarize(rows, settings)}
+
+
+def _first_difference(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def _median_ci(x: np.ndarray, rng: np.random.Generator) -> list[float]:
+    if len(x) < 2:
+        return [float(np.median(x))] * 2 if len(x) else [float("nan")] * 2
+    boots = np.median(rng.choice(x, size=(BOOTSTRAP, len(x))), axis=1)
+    return [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))]
+
+
+def summarize(rows: list[dict], settings: list[int]) -> dict:
+    """Per setting and prompt kind (and all): speed-up over plain on the same prompt."""
+    rng = np.random.default_rng(0)
+    out: dict[str, dict] = {}
+    plain = {(r["kind"], r["id"]): r for r in rows if r["speculate"] == "off"}
+    for g in settings:
+        name = setting_name(g)
+        for kind in ("all", *sorted({r["kind"] for r in rows})):
+            mine = [r for r in rows if r["speculate"] == name and kind in ("all", r["kind"])]
+            if not mine:
+                continue
+            ratio = np.array([r["tokens_per_s"] / plain[(r["kind"], r["id"])]["tokens_per_s"]
+                              for r in mine])
+            drafted = sum(r["drafted"] or 0 for r in mine)
+            out.setdefault(name, {})[kind] = {
+                "prompts": len(mine),
+                "tokens_per_s_median": float(np.median([r["tokens_per_s"] for r in mine])),
+                "speedup_median": float(np.median(ratio)),
+                "speedup_ci95": _median_ci(ratio, rng),
+                "tokens_per_round": (sum(r["tokens"] for r in mine)
+                                     / max(sum(r["rounds"] or r["tokens"] for r in mine), 1)),
+                "acceptance": (sum(r["accepted"] or 0 for r in mine) / drafted
+                               if drafted else None),
+                "wire_bytes_per_token_median": float(np.median(
+                    [r["wire_bytes_per_token"] for r in mine])),
+                "mismatches": sum(not r["same_as_plain"] for r in mine)}
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("--systems", nargs="+", default=[
+        "qwen2.5-coder-0.5b+qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b+qwen2.5-coder-0.5b"],
+        help="models joined by + (default: the same-tokenizer pair, two copies of the 0.5B)")
+    ap.add_argument("--humaneval", type=int, default=8, metavar="N",
+                    help="HumanEval prompts, in the bench's fixed order (default 8)")
+    ap.add_argument("--fortunes", type=int, default=4, metavar="N",
+                    help="passages of the fortunes files (default 4)")
+    ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--speculate", nargs="+", default=["auto", "4"], metavar="auto|N",
+                    help="settings to compare with plain rounds (default: auto 4)")
+    ap.add_argument("--engine", default="auto", choices=["auto", "mlx", "llamacpp"])
+    ap.add_argument("--json", type=Path, default=None, metavar="OUT",
+                    help="write the results here (e.g. bench/results/speculate.json)")
+    args = ap.parse_args(argv)
+    try:
+        args.gammas = [-1 if s == "auto" else int(s) for s in args.speculate]
+    except ValueError:
+        ap.error("--speculate takes auto or a number of drafted tokens")
+    if any(g == 0 or g < -1 for g in args.gammas):
+        ap.error("--speculate takes auto or 1 to 16 (plain rounds always run)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    items = prompts(args.humaneval, args.fortunes)
+    result = {"command": "bench/speculate.py " + " ".join(sys.argv[1:]),
+              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "max_tokens": args.max_tokens,
+              "machine": {"cpus": os.cpu_count(), "platform": sys.platform},
+              "prompts": [{k: v for k, v in p.items() if k != "prompt"} for p in items],
+              "systems": {}}
+    for spec in args.systems:
+        print(f"{spec}:", flush=True)
+        try:
+            result["systems"][spec] = run_system(spec.split("+"), items, args.gammas, args)
+        except RuntimeError as e:
+            print(f"{spec}: {e}", file=sys.stderr)
+            return 1
+        for name, kinds in result["systems"][spec]["summary"].items():
+            a = kinds["all"]
+            print(f"  {name:>4}: {a['tokens_per_s_median']:.2f} tok/s, x{a['speedup_median']:.2f} "
+                  f"[{a['speedup_ci95'][0]:.2f}, {a['speedup_ci95'][1]:.2f}], "
+                  f"{a['tokens_per_round']:.2f} tokens/round, mismatches {a['mismatches']}")
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

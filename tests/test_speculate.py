@@ -1,0 +1,247 @@
+"""Speculative rounds: the drafter, the acceptance rule, the engine's drafted forward, and
+whole answers (in one process through `inproc.Net`, and through real node processes)
+that must be the plain answer token for token, also across a failover in mid-round.
+
+Engines are real (tiny GGUFs on the machine's default engine); the in-process network
+replaces only the transport, to lose exactly the message a race depends on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from inproc import Net
+from meshutil import generate_cli, mesh, session_led_by
+
+import dwarfmesh  # noqa: F401  (OpenBLAS preload before mlx)
+from dwarfmesh import fusion
+from dwarfmesh import protocol as P
+from dwarfmesh.engine.choose import make_engine
+from dwarfmesh.protocol import GenParams
+from dwarfmesh.speculate import PromptLookup
+
+PROMPT = "def quicksort(xs):\n    if len(xs) <= 1:\n        return xs\n"
+TOKENS = 48
+KILL_AFTER_S = 0.02
+
+
+pytestmark = pytest.mark.usefixtures("own_model_cache")   # tiny GGUFs' tokenizers
+
+
+# --- the drafter and the acceptance rule (no model) ----------------------------------------
+
+
+@pytest.mark.timeout(10)
+def test_prompt_lookup_continues_the_latest_earlier_match():
+    d = PromptLookup(3)
+    #          0  1  2  3  4  5  6  7  8  9
+    ids = [5, 6, 7, 8, 1, 5, 6, 9, 2, 5, 6]
+    # "5 6" last occurred at 5..6 (then 9 2 5); the longest suffix with a match wins
+    assert d.draft(ids, 10) == [9, 2, 5]
+    assert d.draft(ids, 2) == [9, 2]                   # never past the answer's budget
+    assert d.draft([1, 2, 3, 4], 10) == []             # nothing seen twice: no draft
+    assert d.draft([7, 1, 2, 7], 10) == [1, 2, 7]      # a one-id match
+    auto = PromptLookup(-1)
+    g = auto.gamma
+    auto.accepted(g, g)
+    assert auto.gamma == g + 1                         # took it all: draft more
+    auto.accepted(auto.gamma, 0)
+    auto.accepted(auto.gamma, 0)
+    assert auto.gamma == g - 1                         # took none: draft less
+    for _ in range(20):
+        auto.accepted(auto.gamma, 0)
+    assert auto.gamma == 1
+
+
+def _fused(probs: list[float]) -> fusion.Fused:
+    p = np.asarray(probs, dtype=np.float64)
+    return fusion.Fused(ids=np.arange(len(p), dtype=np.uint32), probs=p / p.sum(),
+                        member_top=np.zeros(1, np.int64))
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("drafted", [0, 2, 3])
+def test_a_drafted_token_is_accepted_so_that_the_output_keeps_the_fused_distribution(drafted):
+    """Speculative sampling with a drafter that proposes one token for sure: whatever it
+    proposes (the likeliest token, a fair one, one outside the nucleus), the token that
+    comes out is distributed as the plain loop's draw. 40,000 seeded draws each: the
+    frequencies are within 5 standard errors of q (a deterministic check: fixed seeds)."""
+    fused = _fused([0.5, 0.3, 0.15, 0.05])
+    kw = {"temperature": 0.8, "top_p": 0.9}
+    ids, q = fusion.sampling_dist(fused, **kw)
+    want = np.zeros(4)
+    want[ids] = q
+    n = 40_000
+    got = np.zeros(4)
+    for i in range(n):
+        got[fusion.verify_draft(fused, drafted, rng=np.random.default_rng([7, i]), **kw)] += 1
+    se = np.sqrt(want * (1 - want) / n)
+    assert np.all(np.abs(got / n - want) <= 5 * se + 1e-12), (got / n, want)
+    assert got[3] == 0                                  # outside top-p: never, drafted or not
+    # greedy: the fused argmax, drafted or not
+    assert fusion.verify_draft(fused, drafted, temperature=0.0, top_p=1.0, rng=None) == 0
+
+
+# --- the engine's drafted forward -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def models(tiny_ggufs_shared):
+    return [str(p) for p in tiny_ggufs_shared]
+
+
+def _engine(path: str, backend: str = "auto"):
+    engine = make_engine(path, backend, model_name="tiny", pull=False)[0]
+    engine.load_sync()
+    return engine
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", ["mlx", "llamacpp"])
+def test_a_drafted_step_gives_the_frames_of_committing_the_draft_one_token_at_a_time(
+        models, backend):
+    """Both backends: the frame after each drafted token equals the frame after committing
+    it one token at a time (to float16 rounding and the two batchings' arithmetic), and
+    the next step keeps the drafted ids it commits and trims the rest."""
+    engine = _engine(models[0], backend)
+    try:
+        prompt = engine.encode(PROMPT)
+        k = 16
+        engine.open_sync("plain", prompt, k)
+        plain = [engine.step_sync("plain", t, k) for t in [11, 12, 13, 14, 15]]
+        engine.open_sync("spec", prompt, k)
+        out = engine.step_sync("spec", [11], k, [12, 13, 14])
+        assert out.position == len(prompt) + 1 and out.draft == (12, 13, 14)
+        assert list(out.ids) == list(plain[0].ids)
+        assert out.prev_logp == pytest.approx(plain[0].prev_logp, abs=0.05)
+        for i, (ids, lps, rest) in enumerate(out.more):
+            # the frame after drafted token i is the frame after committing it
+            assert list(ids) == list(plain[i + 1].ids)
+            assert rest == pytest.approx(plain[i + 1].rest_mass, abs=0.01)
+            np.testing.assert_allclose(lps.astype(np.float32),
+                                       plain[i + 1].logprobs.astype(np.float32), atol=0.05)
+            assert out.draft_logp[i] == pytest.approx(plain[i + 1].prev_logp, abs=0.05)
+        # commit two drafted ids and a different third: 12 and 13 are kept, 14 trimmed
+        nxt = engine.step_sync("spec", [12, 13, 20], k)
+        assert nxt.position == len(prompt) + 4
+        engine.open_sync("ref", prompt, k)
+        ref = engine.step_sync("ref", [11, 12, 13, 20], k)
+        assert list(nxt.ids) == list(ref.ids)
+        assert nxt.prev_logp == pytest.approx(ref.prev_logp, abs=0.05)
+        # a commit of exactly the drafted ids needs no forward, and then no draft: plain
+        engine.step_sync("spec", [21], k, [22, 23])
+        again = engine.step_sync("spec", [22, 23], k)
+        ref = engine.step_sync("ref", [21, 22, 23], k)
+        assert again.position == ref.position == len(prompt) + 7
+        assert list(again.ids) == list(ref.ids)
+        assert again.prev_logp == pytest.approx(ref.prev_logp, abs=0.05)
+    finally:
+        engine.shutdown(wait=True)
+
+
+# --- whole answers ----------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["different", "copies"])
+def engines3(request, models, tmp_path, monkeypatch):
+    """Three tiny models on one model thread, as nodes in one process: three different
+    ones, or copies of one (whose answer a member's death does not change)."""
+    monkeypatch.setenv("DWARFMESH_STATE", str(tmp_path))
+    paths = models if request.param == "different" else [models[0]] * 3
+    out = [make_engine(m, model_name=f"tiny{i}", pull=False)[0] for i, m in enumerate(paths)]
+    for e in out:
+        e.load_sync()
+        e._pool = out[0]._pool
+    yield out
+    for e in out:
+        e.shutdown(wait=True)
+
+
+def _answer(engines, speculate: int, session: str = "s1", drop=None, kill=None,
+            weights: str = "online") -> P.End:
+    net = Net(engines)
+    ids = {n.opts.name: n.node_id for n in net.nodes.values()}
+    if kill is not None:
+        session = session_led_by(ids["node0"], list(ids.values()), second=ids["node1"])
+    if drop is not None:
+        net.drop = drop(net)
+
+    async def go() -> P.End:
+        net.generate("node2", P.Generate(
+            session, PROMPT, GenParams(max_tokens=TOKENS, speculate=speculate, weights=weights),
+            [], session))
+        return await asyncio.wait_for(net.end(90), 90)
+
+    end = asyncio.run(go())
+    assert [t.step for t in net.streamed()] == list(range(len(end.summary["token_ids"])))
+    assert "".join(t.text for t in net.streamed()) == end.summary["text"]
+    return end
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("engines3", ["different", "copies"], indirect=True)
+def test_a_speculative_answer_is_the_plain_answer_token_for_token(engines3):
+    """Three different models, online weights: every speculative round fuses each position
+    as the plain loop would, so the answers (and the weights they end with) agree."""
+    plain = _answer(engines3, 0).summary
+    for speculate in (4, -1):
+        spec = _answer(engines3, speculate).summary
+        assert spec["token_ids"] == plain["token_ids"], speculate
+        assert spec["text"] == plain["text"]
+        for name, w in plain["weights"].items():
+            assert spec["weights"][name] == pytest.approx(w, abs=1e-3)
+        s = spec["speculate"]
+        assert s["drafter"] == "prompt-lookup" and s["auto"] == (speculate == -1)
+        assert s["rounds"] < len(spec["token_ids"])          # some round took a draft
+        assert s["accepted"] > 0 and 0 < s["acceptance"] <= 1
+        assert s["tokens_per_round"] == pytest.approx(len(spec["token_ids"]) / s["rounds"])
+    assert "speculate" not in plain
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("engines3", ["copies"], indirect=True)
+@pytest.mark.parametrize("missed_by", ["node1", "node2"])
+def test_a_round_that_reached_only_some_members_survives_its_leaders_death(engines3, missed_by):
+    """The leader's speculative round (several tokens) reached one member, not the other,
+    then the leader died. node1 takes over. When node1 missed the round, it is behind
+    node2 by the whole round and adopts it from node2's frame; when node2 missed it, node1
+    sends it the tokens it lacks. Either way: the plain answer, every token streamed once,
+    and both members to the end (a round not adopted would make one of them diverge).
+    Copies of one model, equal weights: the answer does not depend on who is left, as in
+    test_failover (a new leader also starts online weights afresh, speculative or not)."""
+    plain = _answer(engines3, 0, weights="equal").summary["token_ids"]
+    state = {"sent": set(), "killed": False}
+
+    def drop(net):
+        leader, missed = net.addr("node0"), net.addr(missed_by)
+
+        def rule(src, dst, msg) -> bool:
+            if (src == leader and isinstance(msg, P.Tokens) and len(msg.token_ids) > 1
+                    and msg.step >= 8 and not state["killed"]):
+                state["sent"].add(dst)
+                if len(state["sent"]) == 2:
+                    state["killed"] = True
+                    asyncio.get_running_loop().call_later(KILL_AFTER_S, net.kill, "node0")
+                return dst == missed
+            return False
+        return rule
+
+    end = _answer(engines3, 4, drop=drop, kill=True, weights="equal")
+    assert state["killed"], "no round of several tokens to lose"
+    s = end.summary
+    assert s["token_ids"] == plain
+    assert s["leader"] == "node1" and s["term"] == 1
+    assert sorted(s["members"]) == ["node1", "node2"]          # nobody dropped
+
+
+@pytest.mark.timeout(300)
+def test_speculate_through_real_nodes_and_the_cli(tiny_ggufs_shared, tmp_path):
+    with mesh(tiny_ggufs_shared[:2], tmp_path) as (addrs, _procs):
+        plain = generate_cli(addrs[0], PROMPT, "--max-tokens", "40", cache=tmp_path)
+        spec = generate_cli(addrs[1], PROMPT, "--max-tokens", "40", "--speculate", "auto",
+                            cache=tmp_path)
+    assert spec["token_ids"] == plain["token_ids"]
+    assert spec["speculate"]["rounds"] < spec["steps"] == plain["steps"]
+    assert spec["wire_bytes_per_token"] > 0
