@@ -36,28 +36,21 @@ from dwarfmesh.member import make_frame
 from dwarfmesh.protocol import DraftFrame, Frame, Token, Tokens
 from dwarfmesh.session import LeaderSession
 
-AUTO_START = 4          # drafted tokens a round under --speculate auto, at first
 MIN_NGRAM, MAX_NGRAM = 1, 4
+EMA = 0.2               # weight of the newest measurement in the cost estimates
+PROBE_EVERY = 16        # auto drafting nothing: a short draft every this many rounds
+PROBE_DRAFT = 2
 
 
 class PromptLookup:
     """Drafts by prompt lookup (Saxena 2023, "Prompt Lookup Decoding"): the longest
     suffix of the text so far (MAX_NGRAM ids down to MIN_NGRAM) that occurred before, and
     what followed its latest earlier occurrence. Free to compute, and strong where
-    answers repeat their context (code: names, signatures, indentation).
-
-    With `gamma` < 0 (auto), the draft length adapts to what the members accept: one
-    more after a round that took the whole draft, one less (down to 1) after a round
-    that took none of it."""
+    answers repeat their context (code: names, signatures, indentation)."""
 
     name = "prompt-lookup"
 
-    def __init__(self, gamma: int) -> None:
-        self.auto = gamma < 0
-        self.gamma = AUTO_START if self.auto else min(gamma, MAX_DRAFT)
-
-    def draft(self, ids: list[int], limit: int) -> list[int]:
-        n_max = min(self.gamma, limit)
+    def draft(self, ids: list[int], n_max: int) -> list[int]:
         if n_max <= 0:
             return []
         arr = np.asarray(ids, dtype=np.int64)
@@ -71,13 +64,75 @@ class PromptLookup:
                 return [int(t) for t in arr[start:start + n_max]]
         return []
 
-    def accepted(self, drafted: int, took: int) -> None:
-        if not self.auto or not drafted:
-            return
-        if took == drafted:
-            self.gamma = min(self.gamma + 1, MAX_DRAFT)
-        elif took == 0:
-            self.gamma = max(self.gamma - 1, 1)
+
+class DraftLength:
+    """How many tokens a round drafts: `gamma` as asked, or (auto) the length that
+    maximises the expected tokens a round commits per second the round takes.
+
+    A drafted token is accepted with probability `alpha` (estimated from the rounds so
+    far, geometric model: a round's walk accepts drafted tokens until the first that the
+    fused choice rejects), so a round drafting g tokens commits (1 - alpha^(g+1)) /
+    (1 - alpha) tokens on average. It takes the round's overhead (network, leader) plus
+    its slowest member's forward over the positions: t1 for one, plus `per_position` for
+    each drafted one, measured from the members' own forward times. Where a forward over
+    several positions costs about as much as over one (a GPU, or float32 on a CPU) auto
+    drafts long; where it costs several times more (llama.cpp's quantized kernels on a
+    CPU) it drafts little or nothing, and probes now and then with a short draft."""
+
+    def __init__(self, gamma: int) -> None:
+        self.auto = gamma < 0
+        self.fixed = min(gamma, MAX_DRAFT)
+        self.tried = self.took = 0             # drafted positions walked, and accepted
+        self.t1: float | None = None           # slowest forward over one position (s)
+        self.per_position: float | None = None  # ... and each further position (s)
+        self.overhead = 0.0                    # round time beyond the slowest forward (s)
+        self.idle = 0                          # rounds since auto last drafted
+        self.gamma = self.fixed if not self.auto else 0
+
+    @property
+    def alpha(self) -> float:
+        return (self.took + 1) / (self.tried + 2)   # Laplace's rule: 0.5 before any
+
+    def next(self) -> int:
+        """The draft length for the next round."""
+        if not self.auto:
+            return self.fixed
+        if self.t1 is None:
+            g = 0                            # measure a forward over one position, then
+        elif self.per_position is None:
+            g = PROBE_DRAFT                  # ... over a few
+        else:
+            a = min(self.alpha, 0.999)
+
+            def rate(g: int) -> float:
+                return ((1 - a ** (g + 1)) / (1 - a)
+                        / (self.overhead + self.t1 + self.per_position * g))
+            g = max(range(MAX_DRAFT + 1), key=rate)
+            if g == 0 and self.idle >= PROBE_EVERY:
+                g = PROBE_DRAFT
+        self.idle = 0 if g else self.idle + 1
+        self.gamma = g
+        return g
+
+    def walked(self, took: int, rejected: bool) -> None:
+        """A round's walk accepted `took` drafted tokens, and ended at a drafted token
+        the fused choice rejected (`rejected`) or not (the draft ran out, or the answer)."""
+        self.tried += took + int(rejected)
+        self.took += took
+
+    def timed(self, drafted: int, round_s: float, forward_s: float) -> None:
+        """A round that sent `drafted` tokens took `round_s`, its slowest member's forward
+        `forward_s`."""
+        self.overhead = _ema(self.overhead, max(round_s - forward_s, 0.0))
+        if drafted == 0:
+            self.t1 = _ema(self.t1, forward_s)
+        elif self.t1 is not None:
+            self.per_position = _ema(self.per_position,
+                                     max(forward_s - self.t1, 0.0) / drafted)
+
+
+def _ema(old: float | None, new: float) -> float:
+    return new if old is None else (1 - EMA) * old + EMA * new
 
 
 class SpecLeaderSession(LeaderSession):
@@ -87,7 +142,8 @@ class SpecLeaderSession(LeaderSession):
 
     def __init__(self, **kw: Any) -> None:
         super().__init__(**kw)
-        self.drafter = PromptLookup(self.params.speculate)
+        self.drafter = PromptLookup()
+        self.length = DraftLength(self.params.speculate)
         self._draft: list[int] = []        # the draft the current frames were computed on
         self._round: list[int] = []        # the tokens the last round committed
         self.rounds = self.drafted = self.accepted = 0
@@ -161,11 +217,13 @@ class SpecLeaderSession(LeaderSession):
                 if reason is not None:
                     break
                 prev = cur
-            self._count(took)
+            rejected = len(msgs) <= len(self._draft) and msgs[-1].token_id != \
+                self._draft[len(msgs) - 1]
+            self._count(took, rejected)
             ids = [m.token_id for m in msgs]
             self._round = ids
-            draft = ([] if reason is not None
-                     else self.drafter.draft(prompt + self.tokens, p.max_tokens - step - 1))
+            draft = ([] if reason is not None else self.drafter.draft(
+                prompt + self.tokens, min(self.length.next(), p.max_tokens - step - 1)))
             round_msg = Tokens(self.session, msgs[0].step, self._hash, [m.text for m in msgs],
                                reason is not None, self.term, np.asarray(ids, np.uint32),
                                np.asarray(draft, np.uint32))
@@ -177,15 +235,19 @@ class SpecLeaderSession(LeaderSession):
             local = self.engine.step(self.session, ids, p.top_k, draft)
             frames = await self._gather(step, lambda only, r=round_msg, m=msgs:
                                         self._send_round(r, m, only), local)
-            self.stats.stepped(time.perf_counter() - t_step, frames)
+            round_s = time.perf_counter() - t_step
+            self.stats.stepped(round_s, frames)
+            if frames:
+                self.length.timed(len(draft), round_s,
+                                  max(f.forward_ms for f in frames.values()) / 1000.0)
             self._learn(frames, cur, ids[-1])
         return "length", text
 
-    def _count(self, took: int) -> None:
+    def _count(self, took: int, rejected: bool) -> None:
         self.rounds += 1
         self.drafted += len(self._draft)
         self.accepted += took
-        self.drafter.accepted(len(self._draft), took)
+        self.length.walked(took, rejected)
 
     def _send_round(self, round_msg: Tokens, msgs: list[Token], only: set[str] | None) -> None:
         """The round to the remote members (or those in `only`) as one `Tokens`, then its
@@ -204,9 +266,12 @@ class SpecLeaderSession(LeaderSession):
                 self.send(self.origin, msg)
 
     def summary_extra(self) -> dict[str, Any]:
+        length = self.length
         return {"speculate": {
-            "drafter": self.drafter.name, "auto": self.drafter.auto,
-            "gamma": self.drafter.gamma, "rounds": self.rounds, "drafted": self.drafted,
-            "accepted": self.accepted,
+            "drafter": self.drafter.name, "auto": length.auto, "gamma_last": length.gamma,
+            "rounds": self.rounds, "drafted": self.drafted, "accepted": self.accepted,
             "acceptance": self.accepted / self.drafted if self.drafted else 0.0,
-            "tokens_per_round": len(self.tokens) / max(self.rounds, 1)}}
+            "tokens_per_round": len(self.tokens) / max(self.rounds, 1),
+            "forward_ms_one_position": None if length.t1 is None else length.t1 * 1000.0,
+            "forward_ms_per_drafted_position": (None if length.per_position is None
+                                                else length.per_position * 1000.0)}}

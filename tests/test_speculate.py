@@ -20,7 +20,7 @@ from dwarfmesh import fusion
 from dwarfmesh import protocol as P
 from dwarfmesh.engine.choose import make_engine
 from dwarfmesh.protocol import GenParams
-from dwarfmesh.speculate import PromptLookup
+from dwarfmesh.speculate import PROBE_DRAFT, PROBE_EVERY, DraftLength, PromptLookup
 
 PROMPT = "def quicksort(xs):\n    if len(xs) <= 1:\n        return xs\n"
 TOKENS = 48
@@ -35,24 +35,44 @@ pytestmark = pytest.mark.usefixtures("own_model_cache")   # tiny GGUFs' tokenize
 
 @pytest.mark.timeout(10)
 def test_prompt_lookup_continues_the_latest_earlier_match():
-    d = PromptLookup(3)
+    d = PromptLookup()
     #          0  1  2  3  4  5  6  7  8  9
     ids = [5, 6, 7, 8, 1, 5, 6, 9, 2, 5, 6]
     # "5 6" last occurred at 5..6 (then 9 2 5); the longest suffix with a match wins
-    assert d.draft(ids, 10) == [9, 2, 5]
-    assert d.draft(ids, 2) == [9, 2]                   # never past the answer's budget
+    assert d.draft(ids, 3) == [9, 2, 5]
+    assert d.draft(ids, 2) == [9, 2]
+    assert d.draft(ids, 0) == []
     assert d.draft([1, 2, 3, 4], 10) == []             # nothing seen twice: no draft
     assert d.draft([7, 1, 2, 7], 10) == [1, 2, 7]      # a one-id match
-    auto = PromptLookup(-1)
-    g = auto.gamma
-    auto.accepted(g, g)
-    assert auto.gamma == g + 1                         # took it all: draft more
-    auto.accepted(auto.gamma, 0)
-    auto.accepted(auto.gamma, 0)
-    assert auto.gamma == g - 1                         # took none: draft less
-    for _ in range(20):
-        auto.accepted(auto.gamma, 0)
-    assert auto.gamma == 1
+
+
+@pytest.mark.timeout(10)
+def test_auto_drafts_long_where_positions_are_cheap_and_little_where_they_are_not():
+    assert DraftLength(5).next() == 5                  # as asked, whatever it measures
+
+    def settle(per_position_s: float, accept: float) -> int:
+        """auto after 200 rounds on a mesh whose forward costs 20 ms, plus
+        per_position_s for each drafted token, whose drafts are taken with `accept`."""
+        length = DraftLength(-1)
+        rng = np.random.default_rng(0)
+        for _ in range(200):
+            g = length.next()
+            took = 0
+            while took < g and rng.random() < accept:
+                took += 1
+            length.walked(took, took < g)
+            forward = 0.020 + per_position_s * g
+            length.timed(g, forward + 0.002, forward)
+        return length.next()
+
+    assert settle(0.001, 0.8) >= 6           # a GPU: a position costs 5% of a forward
+    assert settle(0.001, 0.3) in (1, 2, 3)    # ... but most drafted tokens are wrong
+    assert settle(0.016, 0.5) == 0            # a CPU's quantized kernels: 80% a position
+    assert settle(0.016, 0.97) >= 2           # ... unless nearly every draft is right
+    probe = DraftLength(-1)
+    probe.t1, probe.per_position, probe.tried = 0.02, 0.02, 100
+    drafts = [probe.next() for _ in range(3 * PROBE_EVERY)]
+    assert drafts.count(0) >= 2 * PROBE_EVERY and drafts.count(PROBE_DRAFT) >= 2
 
 
 def _fused(probs: list[float]) -> fusion.Fused:
@@ -194,6 +214,8 @@ def test_a_speculative_answer_is_the_plain_answer_token_for_token(engines3):
             assert spec["weights"][name] == pytest.approx(w, abs=1e-3)
         s = spec["speculate"]
         assert s["drafter"] == "prompt-lookup" and s["auto"] == (speculate == -1)
+        if speculate == -1:
+            continue      # auto may well decide that drafting does not pay here
         assert s["rounds"] < len(spec["token_ids"])          # some round took a draft
         assert s["accepted"] > 0 and 0 < s["acceptance"] <= 1
         assert s["tokens_per_round"] == pytest.approx(len(spec["token_ids"]) / s["rounds"])
