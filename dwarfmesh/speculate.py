@@ -50,9 +50,9 @@ class PromptLookup:
 
     name = "prompt-lookup"
 
-    def draft(self, ids: list[int], n_max: int) -> list[int]:
-        if n_max <= 0:
-            return []
+    def match(self, ids: list[int]) -> tuple[int, list[int]]:
+        """The length of the longest suffix of `ids` seen before, and what followed its
+        latest earlier occurrence (at most MAX_DRAFT ids); (0, []) when none."""
         arr = np.asarray(ids, dtype=np.int64)
         for n in range(min(MAX_NGRAM, len(arr) - 1), MIN_NGRAM - 1, -1):
             tail = arr[-n:]
@@ -61,8 +61,11 @@ class PromptLookup:
             hits = np.nonzero((windows == tail).all(axis=1))[0]
             if hits.size:
                 start = int(hits[-1]) + n
-                return [int(t) for t in arr[start:start + n_max]]
-        return []
+                return n, [int(t) for t in arr[start:start + MAX_DRAFT]]
+        return 0, []
+
+    def draft(self, ids: list[int], n_max: int) -> list[int]:
+        return self.match(ids)[1][:max(n_max, 0)]
 
 
 class DraftLength:
@@ -72,29 +75,32 @@ class DraftLength:
     A drafted token is accepted with probability `alpha` (estimated from the rounds so
     far, geometric model: a round's walk accepts drafted tokens until the first that the
     fused choice rejects), so a round drafting g tokens commits (1 - alpha^(g+1)) /
-    (1 - alpha) tokens on average. It takes the round's overhead (network, leader) plus
-    its slowest member's forward over the positions: t1 for one, plus `per_position` for
-    each drafted one, measured from the members' own forward times. Where a forward over
+    (1 - alpha) tokens on average. `alpha` is kept per kind of draft (for prompt lookup:
+    the length of the n-gram it matched; a 4-gram's continuation is right far more often
+    than a 1-gram's). A round takes the round's overhead (network, leader) plus its
+    slowest member's forward over the positions: t1 for one, plus `per_position` for each
+    drafted one, measured from the members' own forward times. Where a forward over
     several positions costs about as much as over one (a GPU, or float32 on a CPU) auto
     drafts long; where it costs several times more (llama.cpp's quantized kernels on a
-    CPU) it drafts little or nothing, and probes now and then with a short draft."""
+    CPU) it drafts only what is nearly always right, and probes the rest now and then
+    with a short draft."""
 
     def __init__(self, gamma: int) -> None:
         self.auto = gamma < 0
         self.fixed = min(gamma, MAX_DRAFT)
-        self.tried = self.took = 0             # drafted positions walked, and accepted
+        self.walks: dict[int, list[int]] = {}  # kind -> [positions walked, accepted]
+        self.idle: dict[int, int] = {}         # kind -> rounds since auto drafted it
         self.t1: float | None = None           # slowest forward over one position (s)
         self.per_position: float | None = None  # ... and each further position (s)
         self.overhead = 0.0                    # round time beyond the slowest forward (s)
-        self.idle = 0                          # rounds since auto last drafted
         self.gamma = self.fixed if not self.auto else 0
 
-    @property
-    def alpha(self) -> float:
-        return (self.took + 1) / (self.tried + 2)   # Laplace's rule: 0.5 before any
+    def alpha(self, kind: int = 0) -> float:
+        tried, took = self.walks.get(kind, (0, 0))
+        return (took + 1) / (tried + 2)        # Laplace's rule: 0.5 before any
 
-    def next(self) -> int:
-        """The draft length for the next round."""
+    def next(self, kind: int = 0) -> int:
+        """The draft length for the next round, whose draft is of `kind`."""
         if not self.auto:
             return self.fixed
         if self.t1 is None:
@@ -102,23 +108,25 @@ class DraftLength:
         elif self.per_position is None:
             g = PROBE_DRAFT                  # ... over a few
         else:
-            a = min(self.alpha, 0.999)
+            a = min(self.alpha(kind), 0.999)
+            t1, per, over = self.t1, self.per_position, self.overhead
 
             def rate(g: int) -> float:
-                return ((1 - a ** (g + 1)) / (1 - a)
-                        / (self.overhead + self.t1 + self.per_position * g))
+                return (1 - a ** (g + 1)) / (1 - a) / (over + t1 + per * g)
             g = max(range(MAX_DRAFT + 1), key=rate)
-            if g == 0 and self.idle >= PROBE_EVERY:
+            if g == 0 and self.idle.get(kind, 0) >= PROBE_EVERY:
                 g = PROBE_DRAFT
-        self.idle = 0 if g else self.idle + 1
+        self.idle[kind] = 0 if g else self.idle.get(kind, 0) + 1
         self.gamma = g
         return g
 
-    def walked(self, took: int, rejected: bool) -> None:
-        """A round's walk accepted `took` drafted tokens, and ended at a drafted token
-        the fused choice rejected (`rejected`) or not (the draft ran out, or the answer)."""
-        self.tried += took + int(rejected)
-        self.took += took
+    def walked(self, took: int, rejected: bool, kind: int = 0) -> None:
+        """A round's walk accepted `took` drafted tokens of a draft of `kind`, and ended at
+        a drafted token the fused choice rejected (`rejected`) or not (the draft ran
+        out, or the answer did)."""
+        walk = self.walks.setdefault(kind, [0, 0])
+        walk[0] += took + int(rejected)
+        walk[1] += took
 
     def timed(self, drafted: int, round_s: float, forward_s: float) -> None:
         """A round that sent `drafted` tokens took `round_s`, its slowest member's forward
@@ -145,6 +153,7 @@ class SpecLeaderSession(LeaderSession):
         self.drafter = PromptLookup()
         self.length = DraftLength(self.params.speculate)
         self._draft: list[int] = []        # the draft the current frames were computed on
+        self._kind = 0                     # ... and its kind (the n-gram length it matched)
         self._round: list[int] = []        # the tokens the last round committed
         self.rounds = self.drafted = self.accepted = 0
 
@@ -222,15 +231,17 @@ class SpecLeaderSession(LeaderSession):
             self._count(took, rejected)
             ids = [m.token_id for m in msgs]
             self._round = ids
-            draft = ([] if reason is not None else self.drafter.draft(
-                prompt + self.tokens, min(self.length.next(), p.max_tokens - step - 1)))
+            kind, draft = (0, []) if reason is not None else self.drafter.match(
+                prompt + self.tokens)
+            if draft:
+                draft = draft[:min(self.length.next(kind), p.max_tokens - step - 1)]
             round_msg = Tokens(self.session, msgs[0].step, self._hash, [m.text for m in msgs],
                                reason is not None, self.term, np.asarray(ids, np.uint32),
                                np.asarray(draft, np.uint32))
             if reason is not None:
                 self._send_round(round_msg, msgs, None)
                 return reason, text
-            self._draft = draft
+            self._draft, self._kind = draft, kind
             t_step = time.perf_counter()
             local = self.engine.step(self.session, ids, p.top_k, draft)
             frames = await self._gather(step, lambda only, r=round_msg, m=msgs:
@@ -247,7 +258,7 @@ class SpecLeaderSession(LeaderSession):
         self.rounds += 1
         self.drafted += len(self._draft)
         self.accepted += took
-        self.length.walked(took, rejected)
+        self.length.walked(took, rejected, self._kind)
 
     def _send_round(self, round_msg: Tokens, msgs: list[Token], only: set[str] | None) -> None:
         """The round to the remote members (or those in `only`) as one `Tokens`, then its

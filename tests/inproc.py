@@ -62,7 +62,8 @@ class Net:
     """`engines[i]` runs as node `node{i}` at address `addr(f"node{i}")`; everyone sees
     everyone. (Addresses are names here: nothing is ever sent to them.)"""
 
-    def __init__(self, engines: list[Any], drop=None, step_timeout_s: float | None = None):
+    def __init__(self, engines: list[Any], drop=None, step_timeout_s: float | None = None,
+                 step_deadline_s: float | None = None):
         self.drop = drop or (lambda src, dst, msg: False)
         self.alive: set[str] = set()
         self.client: list[Any] = []
@@ -70,7 +71,8 @@ class Net:
         self.by_address: dict[str, Node] = {}
         for i, engine in enumerate(engines):
             node = Node(NodeOptions(model=engine.model_name, name=f"node{i}", mdns=False,
-                                    step_timeout_s=step_timeout_s), engine)
+                                    step_timeout_s=step_timeout_s,
+                                    step_deadline_s=step_deadline_s), engine)
             address = f"127.0.0.1:{17000 + i}"
             node.transport = _Transport(self, address)
             node.membership = Membership(me=Member(

@@ -70,9 +70,14 @@ def test_auto_drafts_long_where_positions_are_cheap_and_little_where_they_are_no
     assert settle(0.016, 0.5) == 0            # a CPU's quantized kernels: 80% a position
     assert settle(0.016, 0.97) >= 2           # ... unless nearly every draft is right
     probe = DraftLength(-1)
-    probe.t1, probe.per_position, probe.tried = 0.02, 0.02, 100
-    drafts = [probe.next() for _ in range(3 * PROBE_EVERY)]
+    probe.t1, probe.per_position, probe.walks[1] = 0.02, 0.02, [100, 0]
+    drafts = [probe.next(1) for _ in range(3 * PROBE_EVERY)]
     assert drafts.count(0) >= 2 * PROBE_EVERY and drafts.count(PROBE_DRAFT) >= 2
+    # acceptance is kept per kind of draft: a 4-gram match that is nearly always right
+    # is drafted where a 1-gram match is not (a position costing 60% of a forward)
+    probe.per_position, probe.walks[4] = 0.012, [100, 97]
+    assert probe.next(4) >= 2 and probe.next(1) == 0
+    assert PromptLookup().match([5, 6, 7, 8, 1, 5, 6, 7]) == (3, [8, 1, 5, 6, 7])
 
 
 def _fused(probs: list[float]) -> fusion.Fused:
@@ -167,10 +172,14 @@ def test_a_drafted_step_gives_the_frames_of_committing_the_draft_one_token_at_a_
 @pytest.fixture(params=["different", "copies"])
 def engines3(request, models, tmp_path, monkeypatch):
     """Three tiny models on one model thread, as nodes in one process: three different
-    ones, or copies of one (whose answer a member's death does not change)."""
+    ones, or copies of one (whose answer a member's death does not change), on the
+    machine's default engine; "copies-mlx" on mlx (one forward over many tokens gives the
+    logits of many forwards of one, to ~1e-6: a member that caught up is exact)."""
     monkeypatch.setenv("DWARFMESH_STATE", str(tmp_path))
     paths = models if request.param == "different" else [models[0]] * 3
-    out = [make_engine(m, model_name=f"tiny{i}", pull=False)[0] for i, m in enumerate(paths)]
+    backend = "mlx" if request.param.endswith("mlx") else "auto"
+    out = [make_engine(m, backend, model_name=f"tiny{i}", pull=False)[0]
+           for i, m in enumerate(paths)]
     for e in out:
         e.load_sync()
         e._pool = out[0]._pool
@@ -180,8 +189,8 @@ def engines3(request, models, tmp_path, monkeypatch):
 
 
 def _answer(engines, speculate: int, session: str = "s1", drop=None, kill=None,
-            weights: str = "online") -> P.End:
-    net = Net(engines)
+            weights: str = "online", net=None) -> P.End:
+    net = net or Net(engines)
     ids = {n.opts.name: n.node_id for n in net.nodes.values()}
     if kill is not None:
         session = session_led_by(ids["node0"], list(ids.values()), second=ids["node1"])
@@ -256,6 +265,36 @@ def test_a_round_that_reached_only_some_members_survives_its_leaders_death(engin
     assert s["token_ids"] == plain
     assert s["leader"] == "node1" and s["term"] == 1
     assert sorted(s["members"]) == ["node1", "node2"]          # nobody dropped
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("engines3", ["copies-mlx"], indirect=True)
+def test_a_straggler_is_fused_around_and_catches_up_in_speculative_rounds(engines3):
+    """Under a step deadline, a member that stalls for 1 s (node2; node0 leads) is left
+    out of the rounds meanwhile, stays in the session, and catches up: every round's
+    Tokens reached it, so it feeds them all through its model in one forward (and takes
+    the newest round's draft) and its frames are fused again. Copies of one model on
+    mlx: the answer is the plain one."""
+    plain = _answer(engines3, 0, weights="equal").summary["token_ids"]
+    net = Net(engines3, step_deadline_s=0.15)
+    slow = net.node("node2")
+    step = slow.engine.step
+    calls = {"n": 0}
+
+    async def stalls_once(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            await asyncio.sleep(1.0)
+        return await step(*args, **kwargs)
+
+    slow.engine.step = stalls_once
+    end = _answer(engines3, 4, kill=True, weights="equal", net=net)
+    s = end.summary
+    assert s["token_ids"] == plain
+    assert s["leader"] == "node0" and "node2" in s["members"]       # late, not dropped
+    assert s["late_frames"].get("node2", 0) >= 1
+    assert s["agreement"]["node2"] > 0
+    assert s["speculate"]["accepted"] > 0
 
 
 @pytest.mark.timeout(300)
