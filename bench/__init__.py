@@ -8,6 +8,7 @@
 | `llamacpp.py` | the same model's GGUF through llama.cpp, as the single-node peer |
 | `engines.py` | the two engines on one GGUF, and llama.cpp alone (`--repeat`, `--pairs`) |
 | `omp_policy.py` | libgomp's wait policy for a llama.cpp node |
+| `speculate.py` | speculative rounds against plain ones, on one mesh in one run |
 | `report.py` | goals, the rich tables and the PNG plot of one result |
 
 Importing `bench` imports `dwarfmesh` first, whose OpenBLAS preload must precede mlx.

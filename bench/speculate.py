@@ -65,7 +65,8 @@ def run_system(models: list[str], items: list[dict], gammas: list[int], args) ->
     settings = [0, *gammas]
     rows: list[dict] = []
     work = OUT_DIR / time.strftime("%Y%m%d-%H%M%S") / "+".join(models)
-    with speed.running_mesh(models, work_dir=work, node_args=["--engine", args.engine]) as addrs:
+    node_args = ["--engine", args.engine] + (["--no-repack"] if args.no_repack else [])
+    with speed.running_mesh(models, work_dir=work, node_args=node_args) as addrs:
         speed.answer(addrs[0], items[0]["prompt"], GenParams(max_tokens=8))     # warm-up
         for n, item in enumerate(items):
             order = settings[n % len(settings):] + settings[:n % len(settings)]
@@ -151,6 +152,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--speculate", nargs="+", default=["auto", "4"], metavar="auto|N",
                     help="settings to compare with plain rounds (default: auto 4)")
     ap.add_argument("--engine", default="auto", choices=["auto", "mlx", "llamacpp"])
+    ap.add_argument("--no-repack", action="store_true",
+                    help="nodes run `--no-repack` (llama.cpp: drafted forwards exact)")
     ap.add_argument("--json", type=Path, default=None, metavar="OUT",
                     help="write the results here (e.g. bench/results/speculate.json)")
     args = ap.parse_args(argv)
@@ -168,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     items = prompts(args.humaneval, args.fortunes)
     result = {"command": "bench/speculate.py " + " ".join(sys.argv[1:]),
               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "max_tokens": args.max_tokens,
+              "engine": args.engine, "no_repack": args.no_repack,
               "machine": {"cpus": os.cpu_count(), "platform": sys.platform},
               "prompts": [{k: v for k, v in p.items() if k != "prompt"} for p in items],
               "systems": {}}

@@ -38,7 +38,8 @@ async def run_node(args: argparse.Namespace) -> None:
     try:
         with fd_limit_kept():                     # (the choice may import mlx-lm too)
             engine, why = make_engine(args.model, getattr(args, "engine", "auto"),
-                                      model_name=name)
+                                      model_name=name,
+                                      repack=not getattr(args, "no_repack", False))
     except (ValueError, ModelError) as exc:
         raise CliError(str(exc).splitlines()[0]) from None
     log.debug("file descriptor limit: %d", raise_fd_limit())

@@ -104,7 +104,8 @@ def tokenizer_dir(gguf: Path) -> tuple[Path, list[int]]:
 
 
 def make_engine(spec: str, requested: str = "auto", *, model_name: str | None = None,
-                threads: int | None = None, pull: bool = True) -> tuple[Engine, str]:
+                threads: int | None = None, pull: bool = True,
+                repack: bool = True) -> tuple[Engine, str]:
     """An unloaded Engine for `spec` on the chosen backend, and the reason for the choice.
     Raises ValueError / models.ModelError with a one-line message."""
     engine, reason = choose(requested, spec)
@@ -120,5 +121,5 @@ def make_engine(spec: str, requested: str = "auto", *, model_name: str | None = 
                                     f"{spec}`")
         gguf = models.pull_gguf(spec)
     tok_dir, eos = tokenizer_dir(gguf)
-    backend = LlamaCppBackend(gguf, tok_dir, eos, threads=threads)
+    backend = LlamaCppBackend(gguf, tok_dir, eos, threads=threads, repack=repack)
     return Engine(gguf, model_name=name, backend=backend), reason

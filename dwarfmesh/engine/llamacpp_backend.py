@@ -91,10 +91,12 @@ class LlamaCppBackend:
     name = "llamacpp"
 
     def __init__(self, gguf: str | Path, tokenizer_dir: str | Path, eos_ids: list[int], *,
-                 threads: int | None = None, n_ctx: int = LLAMA_CONTEXT) -> None:
+                 threads: int | None = None, n_ctx: int = LLAMA_CONTEXT,
+                 repack: bool = True) -> None:
         self.gguf, self.tokenizer_dir = Path(gguf), Path(tokenizer_dir)
         self.eos_ids = list(eos_ids)
         self.threads = threads or physical_cores()
+        self.repack = repack
         self.n_ctx_wanted = n_ctx
         self._free = list(range(MAX_SESSIONS - 1, -1, -1))
         self._lc: Any = None
@@ -121,6 +123,10 @@ class LlamaCppBackend:
         self._lc = lc
         lc.llama_backend_init()
         mparams = lc.llama_model_default_params()
+        # Repacked weights (llama.cpp's default) use other kernels for one token than for
+        # several: a drafted or caught-up forward's log-probs differ from one token at a
+        # time (up to 0.9 nats measured here), so near-ties can go the other way.
+        mparams.use_extra_bufts = self.repack
         model = lc.llama_model_load_from_file(str(self.gguf).encode(), mparams)
         if not model:
             raise ValueError(f"llama.cpp cannot load {self.gguf}")
@@ -144,7 +150,8 @@ class LlamaCppBackend:
         tokenizer = GGUFTokenizer(self.tokenizer_dir, self.eos_ids)
         swa = int(lc.llama_model_n_swa(model))
         detail = (f"llama.cpp {getattr(lc, '__version__', '?')}, {self.threads} threads, "
-                  f"{self.gguf.name}" + (f", sliding window {swa} kept in full" if swa else ""))
+                  f"{'' if self.repack else 'weights not repacked, '}{self.gguf.name}"
+                  + (f", sliding window {swa} kept in full" if swa else ""))
         return Loaded(tokenizer, self.n_vocab, self.context_length, detail)
 
     # --- caches ---------------------------------------------------------------------
