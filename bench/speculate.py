@@ -137,6 +137,43 @@ def summarize(rows: list[dict], settings: list[int]) -> dict:
     return out
 
 
+def forward_costs(model: str, engine: str, repack: bool, repeat: int = 15) -> dict:
+    """One engine in this process, nothing else running: the median time of a forward over
+    1, 2, 5 and 9 positions (what a round with 0, 1, 4, 8 drafted tokens costs a member),
+    and whether the log-probs after each of 5 positions forwarded together are those of
+    5 forwards of one token."""
+    from dwarfmesh.engine.choose import make_engine
+
+    e = make_engine(model, engine, pull=True, repack=repack)[0]
+    e.load_sync()
+    try:
+        b = e.backend
+        prompt = e.encode("def quicksort(xs):\n    if len(xs) <= 1:\n        return xs\n")
+        e.open_sync("costs", prompt, 64)
+        cache = e._sessions["costs"].cache
+        toks = [int(t) for t in prompt[:5]]
+        one = []
+        for t in toks:
+            one.append(b.forward(cache, [t])[0])
+        b.trim(cache, len(toks))
+        together = b.forward_all(cache, toks)
+        b.trim(cache, len(toks))
+        out = {"model": model, "engine": e.engine_name, "repack": repack,
+               "max_abs_logprob_difference": float(max(
+                   np.abs(a - c).max() for a, c in zip(one, together))), "forward_ms": {}}
+        for n in (1, 2, 5, 9):
+            times = []
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                b.forward_all(cache, toks[:1] * n)
+                times.append(time.perf_counter() - t0)
+                b.trim(cache, n)
+            out["forward_ms"][str(n)] = round(float(np.median(times)) * 1000.0, 2)
+        return out
+    finally:
+        e.shutdown(wait=True)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -154,6 +191,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--engine", default="auto", choices=["auto", "mlx", "llamacpp"])
     ap.add_argument("--no-repack", action="store_true",
                     help="nodes run `--no-repack` (llama.cpp: drafted forwards exact)")
+    ap.add_argument("--forward-costs", nargs="+", default=None, metavar="MODEL",
+                    help="instead: each model's forward over 1, 2, 5, 9 positions in this "
+                         "process (on --engine; llama.cpp with and without repacking)")
     ap.add_argument("--json", type=Path, default=None, metavar="OUT",
                     help="write the results here (e.g. bench/results/speculate.json)")
     args = ap.parse_args(argv)
@@ -168,6 +208,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.forward_costs:
+        from dwarfmesh.engine.choose import choose
+
+        costs = []
+        for model in args.forward_costs:
+            kind = choose(args.engine, model)[0]
+            for repack in ((True, False) if kind == "llamacpp" else (True,)):
+                costs.append(forward_costs(model, args.engine, repack))
+                print(json.dumps(costs[-1]), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps({"command": "bench/speculate.py " + " ".join(
+                sys.argv[1:]), "forward_costs": costs}, indent=1))
+        return 0
     items = prompts(args.humaneval, args.fortunes)
     result = {"command": "bench/speculate.py " + " ".join(sys.argv[1:]),
               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "max_tokens": args.max_tokens,

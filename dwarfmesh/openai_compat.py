@@ -224,6 +224,8 @@ def mesh_info(summary: dict[str, Any], conversation: str = "") -> dict[str, Any]
     keys = ("leader", "members", "models", "weights", "agreement", "disagreement_rate",
             "excluded", "prompt_tokens_reused", "ttft_ms", "tokens_per_s")
     info = {k: summary.get(k) for k in keys}
+    if "speculate" in summary:
+        info["speculate"] = summary["speculate"]
     if conversation:
         info["conversation"] = conversation
     return info

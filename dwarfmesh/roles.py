@@ -28,8 +28,10 @@ The node owns the sockets and the membership; this class owns the session tables
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +47,7 @@ from dwarfmesh.member import MemberSession
 from dwarfmesh.membership import elect_leader, outranks, plan_session, successor
 from dwarfmesh.rank_member import TextSessions
 from dwarfmesh.session import LeaderSession, PromptTooLong
-from dwarfmesh.speculate import SpecLeaderSession
+from dwarfmesh.speculate import DraftLength, SpecLeaderSession
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +101,7 @@ class SessionRoles:
         # Recently finished sessions, so a client that re-attaches late still gets its
         # answer: as leader, what was streamed; as member, who led.
         self.finished: dict[str, tuple[float, list[Any]]] = {}
+        self.spec_memory: dict[frozenset[str], DraftLength] = {}   # speculate auto's costs
         self.led_by: dict[str, tuple[str, int]] = {}   # session -> (leader, term)
         self.text = TextSessions(node)   # sessions across tokenizers (rank, fuse-text)
 
@@ -338,11 +341,18 @@ class SessionRoles:
         group, excluded = plan.group, plan.excluded
         if all(m.node_id != node.node_id for m in group):
             group = [node.me]
-        await self._run_leader(start.session, leader_for(start.params)(
+        await self._run_leader(start.session, self.leader_for(start.params)(
             session=start.session, origin=start.origin, prompt=start.prompt,
             params=start.params, members=group, me=node.me, engine=node.engine,
             send=node.send_to, messages=start.messages, keep=start.keep, excluded=excluded,
             term=start.term, **node.session_timeouts()))
+
+    def leader_for(self, params: P.GenParams) -> Callable[..., LeaderSession]:
+        """The leader's loop for an id session: speculative rounds when asked (starting
+        from what this node measured for the same members last time)."""
+        if params.speculate:
+            return functools.partial(SpecLeaderSession, memory=self.spec_memory)
+        return LeaderSession
 
     async def _run_leader(self, session: str, leader: LeaderSession) -> None:
         self.leading[session] = leader
@@ -572,7 +582,7 @@ class SessionRoles:
         member.leader, member.term = node.node_id, term
         peers = {m.node_id: m for m in node.membership.alive()}   # (who died meanwhile)
         members = [peers[i] for i in member.members if i in alive and i in peers]
-        leader = leader_for(member.params)(
+        leader = self.leader_for(member.params)(
             session=member.session, origin=member.origin, params=member.params,
             members=members, me=node.me, engine=node.engine, send=node.send_to,
             keep=member.keep, resume_from=state, term=term, roster=set(member.members),
@@ -584,8 +594,3 @@ class SessionRoles:
             log.warning("session %s: its origin is gone too; waiting for a client to attach",
                         member.session)
         await self._run_leader(member.session, leader)
-
-
-def leader_for(params: P.GenParams) -> type[LeaderSession]:
-    """The leader's loop for an id session: speculative rounds when asked."""
-    return SpecLeaderSession if params.speculate else LeaderSession

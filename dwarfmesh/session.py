@@ -354,9 +354,7 @@ class LeaderSession:
 
     async def _decode(self, committed: list[int], frames: dict[str, Frame]) -> tuple[str, str]:
         p = self.params
-        self.tokens = list(committed)
-        self.weights = self._initial_weights(frames)
-        text = self._replay_committed(committed)
+        text = self._begin(committed, frames)
         for step in range(len(committed), p.max_tokens):
             if self.deposed is not None:
                 return "deposed", text
@@ -379,6 +377,13 @@ class LeaderSession:
             self.stats.stepped(time.perf_counter() - t_step, frames)
             self._learn(frames, fused_on, tok)
         return "length", text
+
+    def _begin(self, committed: list[int], frames: dict[str, Frame]) -> str:
+        """Decoding starts (or resumes) after `committed`: weights from the first frames;
+        the text so far."""
+        self.tokens = list(committed)
+        self.weights = self._initial_weights(frames)
+        return self._replay_committed(committed)
 
     def _fuse(self, frames: dict[str, Frame]) -> tuple[list[str], fusion.Fused]:
         """Pool one position's frames (in the session's member order) under the weights."""

@@ -38,8 +38,9 @@ from dwarfmesh.session import LeaderSession
 
 MIN_NGRAM, MAX_NGRAM = 1, 4
 EMA = 0.2               # weight of the newest measurement in the cost estimates
-PROBE_EVERY = 16        # auto drafting nothing: a short draft every this many rounds
+PROBE_EVERY = 64        # auto drafting nothing of a kind: a short draft every this many rounds
 PROBE_DRAFT = 2
+MEMORY_KEPT = 64        # sets of members whose measurements a node keeps between answers
 
 
 class PromptLookup:
@@ -85,7 +86,7 @@ class DraftLength:
     CPU) it drafts only what is nearly always right, and probes the rest now and then
     with a short draft."""
 
-    def __init__(self, gamma: int) -> None:
+    def __init__(self, gamma: int, prior: DraftLength | None = None) -> None:
         self.auto = gamma < 0
         self.fixed = min(gamma, MAX_DRAFT)
         self.walks: dict[int, list[int]] = {}  # kind -> [positions walked, accepted]
@@ -94,6 +95,11 @@ class DraftLength:
         self.per_position: float | None = None  # ... and each further position (s)
         self.overhead = 0.0                    # round time beyond the slowest forward (s)
         self.gamma = self.fixed if not self.auto else 0
+        if prior is not None:                  # what the same members' last answer learned
+            self.t1, self.per_position, self.overhead = (prior.t1, prior.per_position,
+                                                         prior.overhead)
+            self.walks = {k: list(v) for k, v in prior.walks.items()}
+            self.idle = dict(prior.idle)
 
     def alpha(self, kind: int = 0) -> float:
         tried, took = self.walks.get(kind, (0, 0))
@@ -148,14 +154,30 @@ class SpecLeaderSession(LeaderSession):
 
     AHEAD = MAX_DRAFT + 1          # a member may hold a whole round the new leader lacks
 
-    def __init__(self, **kw: Any) -> None:
+    def __init__(self, *, memory: dict[frozenset[str], DraftLength] | None = None,
+                 **kw: Any) -> None:
+        """`memory`: the node's last `DraftLength` per set of members, so that an answer
+        starts from what the one before it measured instead of measuring again."""
         super().__init__(**kw)
         self.drafter = PromptLookup()
-        self.length = DraftLength(self.params.speculate)
+        self._memory = memory
+        self._key = frozenset(m.node_id for m in self.members)
+        prior = memory.get(self._key) if memory is not None else None
+        self.length = DraftLength(self.params.speculate, prior)
         self._draft: list[int] = []        # the draft the current frames were computed on
         self._kind = 0                     # ... and its kind (the n-gram length it matched)
         self._round: list[int] = []        # the tokens the last round committed
         self.rounds = self.drafted = self.accepted = 0
+
+    async def run(self) -> dict[str, Any]:
+        try:
+            return await super().run()
+        finally:
+            if self._memory is not None and self.length.t1 is not None:
+                self._memory.pop(self._key, None)
+                self._memory[self._key] = self.length
+                while len(self._memory) > MEMORY_KEPT:
+                    self._memory.pop(next(iter(self._memory)))
 
     def _own(self, step: int, out: Any) -> Frame:
         last = self.tokens[-1] if self.tokens else -1
@@ -188,9 +210,7 @@ class SpecLeaderSession(LeaderSession):
 
     async def _decode(self, committed: list[int], frames: dict[str, Frame]) -> tuple[str, str]:
         p = self.params
-        self.tokens = list(committed)
-        self.weights = self._initial_weights(frames)
-        text = self._replay_committed(committed)
+        text = self._begin(committed, frames)
         prompt = [int(t) for t in self.prompt_ids]
         step = len(committed)
         while step < p.max_tokens:

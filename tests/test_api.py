@@ -20,7 +20,14 @@ from meshutil import ROOT, free_port, node_env, peers_of, start_node, stop, wait
 
 from dwarfmesh.api import ApiServer
 from dwarfmesh.client import MeshClient, MeshError
-from dwarfmesh.openai_compat import ApiError, ConversationIndex, parse_request, stop_safe_len, usage
+from dwarfmesh.openai_compat import (
+    ApiError,
+    ConversationIndex,
+    mesh_info,
+    parse_request,
+    stop_safe_len,
+    usage,
+)
 from dwarfmesh.protocol import GenParams
 
 pytestmark = pytest.mark.usefixtures("own_model_cache")   # tiny GGUFs' tokenizers
@@ -68,6 +75,8 @@ def test_requests_map_onto_gen_params():
     text = parse_request({"prompt": ["abc"]}, "text")
     assert (text.prompt, text.model, text.params.max_tokens) == ("abc", "dwarfmesh", 512)
     assert text.params.speculate == 0
+    assert mesh_info({"leader": "a", "speculate": {"rounds": 3}})["speculate"] == {"rounds": 3}
+    assert "speculate" not in mesh_info({"leader": "a"})
     for value, gamma in (("auto", -1), (5, 5), ("off", 0)):
         assert parse_request({"prompt": "a", "speculate": value}, "text").params.speculate \
             == gamma

@@ -113,8 +113,19 @@ def test_a_drafted_token_is_accepted_so_that_the_output_keeps_the_fused_distribu
 
 
 @pytest.fixture(scope="module")
-def models(tiny_ggufs_shared):
-    return [str(p) for p in tiny_ggufs_shared]
+def models(tmp_path_factory):
+    """Three tiny GGUFs sharing one tokenizer, float32 weights and peaked outputs: one
+    engine's batchings agree to float rounding, and greedy choices are far from ties, so
+    an answer decoded a few tokens a forward is the plain answer on any CPU."""
+    from tiny import make_tiny_gguf
+
+    root = tmp_path_factory.mktemp("spec-gguf")
+    out = []
+    for seed in (1, 2, 3):
+        make_tiny_gguf(root / f"s{seed}.gguf", "llama", seed=seed, quantize=False,
+                       output_scale=8.0)
+        out.append(str(root / f"s{seed}.gguf"))
+    return out
 
 
 def _engine(path: str, backend: str = "auto"):
@@ -214,9 +225,10 @@ def _answer(engines, speculate: int, session: str = "s1", drop=None, kill=None,
 def test_a_speculative_answer_is_the_plain_answer_token_for_token(engines3):
     """Three different models, online weights: every speculative round fuses each position
     as the plain loop would, so the answers (and the weights they end with) agree."""
-    plain = _answer(engines3, 0).summary
+    plain = _answer(engines3, 0, session="plain").summary
     for speculate in (4, -1):
-        spec = _answer(engines3, speculate).summary
+        # (a session id of its own: the same id again is the next turn of a conversation)
+        spec = _answer(engines3, speculate, session=f"spec{speculate}").summary
         assert spec["token_ids"] == plain["token_ids"], speculate
         assert spec["text"] == plain["text"]
         for name, w in plain["weights"].items():
@@ -229,6 +241,25 @@ def test_a_speculative_answer_is_the_plain_answer_token_for_token(engines3):
         assert s["accepted"] > 0 and 0 < s["acceptance"] <= 1
         assert s["tokens_per_round"] == pytest.approx(len(spec["token_ids"]) / s["rounds"])
     assert "speculate" not in plain
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("engines3", ["copies"], indirect=True)
+def test_auto_starts_an_answer_from_what_the_last_one_measured(engines3):
+    """The leader keeps auto's measurements per set of members: the next answer over the
+    same members starts from them instead of measuring again."""
+    net = Net(engines3)
+    first = _answer(engines3, -1, session="a1", net=net).summary
+    memory = net.node(first["leader"]).roles.spec_memory
+    assert list(memory) == [frozenset(n.node_id for n in net.nodes.values())]
+    learned = next(iter(memory.values()))
+    assert learned.t1 is not None and learned.t1 * 1000.0 == pytest.approx(
+        first["speculate"]["forward_ms_one_position"])
+    again = DraftLength(-1, learned)
+    assert (again.t1, again.per_position, again.walks) == (
+        learned.t1, learned.per_position, learned.walks)
+    again.walked(3, False, 4)
+    assert learned.walks.get(4) != again.walks[4]        # a copy: the prior stays as it was
 
 
 @pytest.mark.timeout(240)
@@ -298,8 +329,8 @@ def test_a_straggler_is_fused_around_and_catches_up_in_speculative_rounds(engine
 
 
 @pytest.mark.timeout(300)
-def test_speculate_through_real_nodes_and_the_cli(tiny_ggufs_shared, tmp_path):
-    with mesh(tiny_ggufs_shared[:2], tmp_path) as (addrs, _procs):
+def test_speculate_through_real_nodes_and_the_cli(models, tmp_path):
+    with mesh(models[:2], tmp_path) as (addrs, _procs):
         plain = generate_cli(addrs[0], PROMPT, "--max-tokens", "40", cache=tmp_path)
         spec = generate_cli(addrs[1], PROMPT, "--max-tokens", "40", "--speculate", "auto",
                             cache=tmp_path)
