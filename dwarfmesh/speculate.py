@@ -13,7 +13,9 @@ over one. A speculative round (`SpecLeaderSession._decode`):
 3. At the first position where the fused choice differs (or past the draft) it commits
    that choice: the round commits the accepted draft plus one token, at least one.
 4. It drafts the next tokens (`PromptLookup`: the longest recent n-gram of the prompt
-   and answer seen before, continued as it went on then; no model runs) and sends every
+   and answer seen before, continued as it went on then; no model runs), as many as
+   `DraftLength` says (fixed, or auto: what pays, given the measured acceptance and
+   the members' forward times over one position and over several), and sends every
    member one `Tokens` message: the round's tokens and the next draft. Each member
    appends both in one forward (`Engine.step` with a draft keeps the drafted ids it
    commits and trims the rest) and answers one `DraftFrame`.

@@ -9,6 +9,7 @@ replaces only the transport, to lose exactly the message a race depends on.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import numpy as np
 import pytest
@@ -244,6 +245,25 @@ def test_a_speculative_answer_is_the_plain_answer_token_for_token(engines3):
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.parametrize("engines3", ["different"], indirect=True)
+def test_a_sampled_speculative_answer_is_seeded(engines3):
+    """Sampling with drafts: the same seed gives the same answer (each position's draw
+    is seeded by its step, as in the plain loop), another seed another one."""
+    def sampled(session: str, seed: int) -> list[int]:
+        net = Net(engines3)
+
+        async def go() -> P.End:
+            net.generate("node2", P.Generate(session, PROMPT, GenParams(
+                max_tokens=TOKENS, speculate=4, temperature=1.5, seed=seed), [], ""))
+            return await asyncio.wait_for(net.end(90), 90)
+        return asyncio.run(go()).summary["token_ids"]
+
+    first = sampled("t1", 3)
+    assert sampled("t2", 3) == first
+    assert sampled("t3", 4) != first
+
+
+@pytest.mark.timeout(240)
 @pytest.mark.parametrize("engines3", ["copies"], indirect=True)
 def test_auto_starts_an_answer_from_what_the_last_one_measured(engines3):
     """The leader keeps auto's measurements per set of members: the next answer over the
@@ -296,6 +316,46 @@ def test_a_round_that_reached_only_some_members_survives_its_leaders_death(engin
     assert s["token_ids"] == plain
     assert s["leader"] == "node1" and s["term"] == 1
     assert sorted(s["members"]) == ["node1", "node2"]          # nobody dropped
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("engines3", ["copies"], indirect=True)
+@pytest.mark.parametrize("fault", ["dies", "diverges"])
+def test_a_member_that_dies_or_diverges_mid_answer_is_left_out(engines3, fault):
+    """node2 (a member; node0 leads) dies after a few rounds, or from then on answers
+    with frames whose prefix hash is not the committed one (a member whose verification
+    went wrong). The leader leaves it out and the answer goes on, exact, with the
+    others."""
+    plain = _answer(engines3, 0, weights="equal").summary["token_ids"]
+    net = Net(engines3)
+    bad = net.node("node2")
+    frames = {"n": 0}
+    send = bad.transport.send
+
+    def faulty_send(address: str, msg) -> int:
+        if isinstance(msg, P.DraftFrame):
+            frames["n"] += 1
+            if frames["n"] == 6 and fault == "dies":
+                asyncio.get_running_loop().call_soon(net.kill, "node2")
+            if frames["n"] >= 6 and fault == "diverges":
+                msg = dataclasses.replace(msg, prefix_hash=msg.prefix_hash ^ 1)
+        return send(address, msg)
+
+    bad.transport.send = faulty_send
+    ids = {n.opts.name: n.node_id for n in net.nodes.values()}
+    session = session_led_by(ids["node0"], list(ids.values()))
+
+    async def go() -> P.End:
+        net.generate("node1", P.Generate(session, PROMPT, GenParams(
+            max_tokens=TOKENS, speculate=4, weights="equal"), [], session))
+        return await asyncio.wait_for(net.end(90), 90)
+
+    end = asyncio.run(go())
+    s = end.summary
+    assert frames["n"] >= 6, "node2 sent too few frames for the fault"
+    assert s["token_ids"] == plain
+    assert s["leader"] == "node0" and sorted(s["members"]) == ["node0", "node1"]
+    assert [t.step for t in net.streamed()] == list(range(len(plain)))
 
 
 @pytest.mark.timeout(240)
