@@ -238,10 +238,10 @@ def make_frame(out: Any, session: str, step: int, sender: str, prefix: int, last
             out.prompt_nll, out.forward_ms, out.ids, out.logprobs)
     if round_ids is None:
         return Frame(*base)
-    more = getattr(out, "more", ())
+    more = out.more
     return DraftFrame(
-        *base, np.asarray(getattr(out, "draft", ()), dtype=np.uint32),
-        np.asarray(getattr(out, "draft_logp", ()), dtype=np.float32),
+        *base, np.asarray(out.draft, dtype=np.uint32),
+        np.asarray(out.draft_logp, dtype=np.float32),
         np.asarray([r for _, _, r in more], dtype=np.float32),
         np.concatenate([i for i, _, _ in more]) if more else np.zeros(0, np.uint32),
         np.concatenate([lp for _, lp, _ in more]) if more else np.zeros(0, np.float16),

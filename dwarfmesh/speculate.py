@@ -53,10 +53,10 @@ class PromptLookup:
 
     name = "prompt-lookup"
 
-    def match(self, ids: list[int]) -> tuple[int, list[int]]:
+    def match(self, ids: list[int] | np.ndarray) -> tuple[int, list[int]]:
         """The length of the longest suffix of `ids` seen before, and what followed its
         latest earlier occurrence (at most MAX_DRAFT ids); (0, []) when none."""
-        arr = np.asarray(ids, dtype=np.int64)
+        arr = np.asarray(ids, dtype=np.int64)       # (an int64 array is used as it is)
         for n in range(min(MAX_NGRAM, len(arr) - 1), MIN_NGRAM - 1, -1):
             tail = arr[-n:]
             # every earlier start of the n-gram (not the suffix itself), latest first
@@ -213,7 +213,11 @@ class SpecLeaderSession(LeaderSession):
     async def _decode(self, committed: list[int], frames: dict[str, Frame]) -> tuple[str, str]:
         p = self.params
         text = self._begin(committed, frames)
-        prompt = [int(t) for t in self.prompt_ids]
+        # Prompt and answer ids in one preallocated buffer that prompt lookup reads as it
+        # is: no list copied into an array every round.
+        history = np.empty(len(self.prompt_ids) + p.max_tokens, dtype=np.int64)
+        held = len(self.prompt_ids) + len(self.tokens)
+        history[:held] = [*map(int, self.prompt_ids), *self.tokens]
         step = len(committed)
         while step < p.max_tokens:
             if self.deposed is not None:
@@ -227,6 +231,7 @@ class SpecLeaderSession(LeaderSession):
             prev: dict[str, Frame] = {}
             cur: dict[str, Frame] = {}
             took = 0                          # drafted tokens this round accepted
+            rejected = False                  # ... and the walk ended at one it rejected
             for i in range(depth):
                 cur = {m: v[i] for m, v in views.items()}
                 if i:                         # the drafted token accepted at i-1 teaches
@@ -243,18 +248,19 @@ class SpecLeaderSession(LeaderSession):
                 msgs.append(msg)
                 step += 1
                 if i >= len(self._draft) or tok != self._draft[i]:
+                    rejected = i < len(self._draft)
                     break
                 took += 1
                 if reason is not None:
                     break
                 prev = cur
-            rejected = len(msgs) <= len(self._draft) and msgs[-1].token_id != \
-                self._draft[len(msgs) - 1]
             self._count(took, rejected)
             ids = [m.token_id for m in msgs]
             self._round = ids
+            history[held:held + len(ids)] = ids
+            held += len(ids)
             kind, draft = (0, []) if reason is not None else self.drafter.match(
-                prompt + self.tokens)
+                history[:held])
             if draft:
                 draft = draft[:min(self.length.next(kind), p.max_tokens - step - 1)]
             round_msg = Tokens(self.session, msgs[0].step, self._hash, [m.text for m in msgs],
