@@ -43,8 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import llamacpp  # noqa: E402
 from bench.speed import running_mesh, timed_generate  # noqa: E402
-from dwarfmesh import models  # noqa: E402
-from dwarfmesh.protocol import GenParams  # noqa: E402
+from dwarfmesh.models import registry as models  # noqa: E402
+from dwarfmesh.wire.protocol import GenParams  # noqa: E402
 
 log = logging.getLogger("bench.engines")
 PROMPT = "def quicksort(xs):"

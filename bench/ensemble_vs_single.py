@@ -121,7 +121,7 @@ def _git_commit() -> str | None:
 
 def _names(specs: list[str]) -> dict[str, str]:
     """Display name -> spec; the same model twice gets `#2`."""
-    from dwarfmesh.models import model_id
+    from dwarfmesh.models.registry import model_id
     out: dict[str, str] = {}
     for spec in specs:
         name = base = model_id(spec)
@@ -146,8 +146,8 @@ def _mixed(result: dict, paths: dict[str, str]) -> bool:
 
 def run(args: argparse.Namespace, console) -> dict:
     from bench import llamacpp, quality, report, speed, texts
-    from dwarfmesh.models import resolve_model
-    from dwarfmesh.protocol import GenParams
+    from dwarfmesh.models.registry import resolve_model
+    from dwarfmesh.wire.protocol import GenParams
 
     specs = _names(args.models)
     paths = {n: str(resolve_model(s, pull=True)) for n, s in specs.items()}

@@ -40,15 +40,15 @@ def emit(obj: dict[str, Any]) -> None:
 
 
 async def peers(address: str) -> list[dict[str, Any]]:
-    from dwarfmesh.client import MeshClient
+    from dwarfmesh.ui.client import MeshClient
 
     async with MeshClient(address) as c:
         return await c.peers(timeout=PEERS_TIMEOUT_S)
 
 
 async def generate(req: dict[str, Any], pieces: list[str], times: list[float]) -> Any:
-    from dwarfmesh.client import MeshClient
-    from dwarfmesh.protocol import GenParams
+    from dwarfmesh.ui.client import MeshClient
+    from dwarfmesh.wire.protocol import GenParams
 
     def on_text(piece: str) -> None:
         pieces.append(piece)
@@ -79,7 +79,7 @@ def goodbye(node_id: str, address: str) -> None:
         _TYPE_PTR,
     )
 
-    from dwarfmesh.discovery import SERVICE_TYPE, instance_name
+    from dwarfmesh.mesh.discovery import SERVICE_TYPE, instance_name
 
     out = DNSOutgoing(_FLAGS_QR_RESPONSE | _FLAGS_AA)
     out.add_answer_at_time(DNSPointer(SERVICE_TYPE, _TYPE_PTR, _CLASS_IN, 0,

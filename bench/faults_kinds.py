@@ -54,7 +54,7 @@ class Plan:
 def session_where(prefix: str, mesh: FaultMesh, ok: Callable[[list[str]], bool]
                   ) -> tuple[str, list[str]]:
     """A fresh conversation id whose rendezvous order (host names) satisfies `ok`."""
-    from dwarfmesh.membership import rank_for_session
+    from dwarfmesh.mesh.membership import rank_for_session
 
     by_id = {mesh.ids[h.name]: h.name for h in mesh.hosts}
     members = [SimpleNamespace(node_id=i) for i in by_id]

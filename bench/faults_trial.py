@@ -77,7 +77,7 @@ class TrialContext:
         import mlx.core as mx
         from mlx_lm import load, stream_generate
 
-        from dwarfmesh.session import answer_detokenizer
+        from dwarfmesh.sessions.leader import answer_detokenizer
 
         m, tok = load(model)
         if mx.default_device() == mx.cpu:
@@ -310,7 +310,7 @@ def recovery(events: list[tuple[str, float, bool]], sent: float, times: list[flo
 def _tag(session: str) -> str:
     """How `peers` lists a session a node leads (a tag, where the package hides ids)."""
     try:
-        from dwarfmesh.protocol import session_tag
+        from dwarfmesh.wire.protocol import session_tag
     except ImportError:
         return session
     return session_tag(session)

@@ -67,7 +67,7 @@ class System:
 
 def parse_system(spec: str) -> System:
     """`a+b@opt,opt`: models joined by `+`; options: a mode and/or a weighting."""
-    from dwarfmesh.models import SHORT_NAMES
+    from dwarfmesh.models.registry import SHORT_NAMES
     body, _, opts = spec.partition("@")
     models = tuple(m for m in body.split("+"))
     if not all(models):
@@ -121,7 +121,7 @@ def _engine(requested: str, models: tuple[str, ...]) -> str:
 
 
 async def _generate(address: str, prompt: str, params) -> tuple[object, float]:
-    from dwarfmesh.client import MeshClient
+    from dwarfmesh.ui.client import MeshClient
     async with MeshClient(address) as c:
         t0 = time.perf_counter()
         res = await c.generate(prompt, params)
@@ -129,7 +129,7 @@ async def _generate(address: str, prompt: str, params) -> tuple[object, float]:
 
 
 def generate(address: str, prompt: str, params) -> tuple[object, float]:
-    from dwarfmesh.client import MeshError
+    from dwarfmesh.ui.client import MeshError
     deadline = ANSWER_BASE_S + ANSWER_PER_TOKEN_S * params.max_tokens
     try:
         return asyncio.run(asyncio.wait_for(_generate(address, prompt, params), deadline))
@@ -164,7 +164,7 @@ def _fetch(model: str, requested: str) -> Path:
     """What the model's node will run, fetched before the nodes start (with a progress
     bar): the GGUF for llama.cpp, the mlx import (converted once) for mlx."""
     from dwarfmesh.engine.choose import choose
-    from dwarfmesh.models import SHORT_NAMES, pull_gguf, resolve_model
+    from dwarfmesh.models.registry import SHORT_NAMES, pull_gguf, resolve_model
 
     if choose(requested, model)[0] == "llamacpp":
         return pull_gguf(model) if model in SHORT_NAMES else Path(model).expanduser().resolve()
@@ -182,7 +182,7 @@ def pending(order: list[str], results: dict, n_models: int, *,
 def run_system(system: System, problems: dict, order: list[str], args, store, progress) -> bool:
     """Every problem of `order` this system has no record for; True if all went through."""
     from bench import speed
-    from dwarfmesh.protocol import GenParams
+    from dwarfmesh.wire.protocol import GenParams
 
     results = store.load()["systems"].get(system.name, {}).get("results", {})
     todo = pending(order, results, len(system.models), redo_degraded=args.redo_degraded)

@@ -25,7 +25,7 @@ WARMUP_PROMPT = "Hello"
 
 def gguf_for(spec: str) -> Path | None:
     """The GGUF a model spec was converted from: a pulled short name's, or the file itself."""
-    from dwarfmesh import models as dm_models
+    from dwarfmesh.models import registry as dm_models
 
     if spec.lower().endswith(".gguf") and Path(spec).is_file():
         return Path(spec)

@@ -7,13 +7,13 @@ For members that share a tokenizer (one vocabulary, fingerprint-checked as the m
 does) the ensemble's probability of the actual next token is computed with the mesh's
 own pieces, so the figure is the mesh's, not an approximation of it:
 
-- weights: `equal`; `perplexity` = `fusion.perplexity_weights` of each member's mean NLL
+- weights: `equal`; `perplexity` = `pools.perplexity_weights` of each member's mean NLL
   on the document's prompt (τ = `config.PERPLEXITY_TAU`); `online` (the mesh default) =
-  `fusion.OnlineWeights` from that prior with `config.ONLINE_ETA` / `ONLINE_ALPHA`, fed
+  `pools.OnlineWeights` from that prior with `config.ONLINE_ETA` / `ONLINE_ALPHA`, fed
   each member's exact log p of each actual token, reset per document (one session each);
 - full vocabulary (`bpb`): linear pool Σ w_i p_i(t) with each member's exact p_i(t); the
   log-linear pool Σ w_i log p_i(t) − log Z with Z summed over the whole vocabulary;
-- top-k frame (`bpb_topk`): what the frames alone give: `fusion.fuse` over the members'
+- top-k frame (`bpb_topk`): what the frames alone give: `pools.fuse` over the members'
   float16 top-k frames (the engine's k, rest mass, uniform floor `member_floor`). A token
   outside every member's top-k gets the floor. The mesh's log-linear pool normalises over
   the candidates only (it chooses among them); here the V − C non-candidates get the
@@ -47,9 +47,9 @@ from mlx_lm.models.cache import make_prompt_cache
 import dwarfmesh  # noqa: F401  (OpenBLAS preload must precede the mlx import)
 from bench import quality_text
 from bench.texts import Document
-from dwarfmesh import fusion
 from dwarfmesh.config import ONLINE_ALPHA, ONLINE_ETA, PERPLEXITY_TAU
 from dwarfmesh.engine import LOGP_FLOOR, Engine
+from dwarfmesh.fusion import pools
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def _member_topk_nll(frame, targets: np.ndarray, vocab: int) -> tuple[np.ndarray
     hit = ids == targets[:, None]
     inside = hit.any(axis=1)
     lp_in = np.where(hit, lps.astype(np.float64), 0.0).sum(axis=1)
-    floor = np.array([fusion.member_floor(r, ids.shape[1], vocab) for r in rest])
+    floor = np.array([pools.member_floor(r, ids.shape[1], vocab) for r in rest])
     return np.where(inside, -lp_in, -np.log(np.maximum(floor, 1e-300))), ~inside
 
 
@@ -112,15 +112,15 @@ def _ensemble_topk_nll(frames, targets: np.ndarray, w: np.ndarray, vocab: int,
     ids, lps, rest = frames
     w = w / w.sum()
     if pool == "linear":
-        fused = fusion.fuse(ids, lps, rest, w, vocab, "linear")
+        fused = pools.fuse(ids, lps, rest, w, vocab, "linear")
         j = np.flatnonzero(fused.ids == targets)
         if j.size:
             return -math.log(fused.probs[j[0]]), False
-        floor = sum(wi * fusion.member_floor(r, len(i), vocab) for wi, r, i in zip(w, rest, ids))
+        floor = sum(wi * pools.member_floor(r, len(i), vocab) for wi, r, i in zip(w, rest, ids))
         return -math.log(max(floor, 1e-300)), True
-    cands, probs = fusion.candidate_matrix(ids, lps, rest, vocab)
+    cands, probs = pools.candidate_matrix(ids, lps, rest, vocab)
     logq = w @ np.log(np.maximum(probs, 1e-300))
-    floors = [max(fusion.member_floor(r, len(i), vocab), 1e-300) for r, i in zip(rest, ids)]
+    floors = [max(pools.member_floor(r, len(i), vocab), 1e-300) for r, i in zip(rest, ids)]
     log_out = float(w @ np.log(floors))
     n_out = vocab - len(cands)
     terms = np.append(logq, log_out + math.log(n_out)) if n_out > 0 else logq
@@ -129,7 +129,7 @@ def _ensemble_topk_nll(frames, targets: np.ndarray, w: np.ndarray, vocab: int,
     return (log_z - logq[j[0]], False) if j.size else (log_z - log_out, True)
 
 
-def _weights(kind: str, prior: np.ndarray, online: fusion.OnlineWeights,
+def _weights(kind: str, prior: np.ndarray, online: pools.OnlineWeights,
              tl: np.ndarray) -> np.ndarray:
     """[T, N] weights each token is fused with; advances `online` through the tokens."""
     n_tok, n = tl.shape[1], tl.shape[0]
@@ -175,7 +175,7 @@ def _score_document(engines: list[Engine], doc: Tokenized, k: int, tally: _Token
     n, vocab = len(engines), first.vocab_size
     caches = [make_prompt_cache(e.model) for e in engines]
     prompt_nll = np.zeros(n)
-    online: fusion.OnlineWeights | None = None
+    online: pools.OnlineWeights | None = None
     prior = np.full(n, 1.0 / n)
     for a in range(0, len(inputs), WINDOW):
         b = min(a + WINDOW, len(inputs))
@@ -209,8 +209,8 @@ def _score_document(engines: list[Engine], doc: Tokenized, k: int, tally: _Token
         if online is None:
             scored_prompt = max(len(prompt_ids) - 1, 0)
             nll = [v / scored_prompt if scored_prompt else None for v in prompt_nll]
-            prior = fusion.perplexity_weights(nll, PERPLEXITY_TAU)
-            online = fusion.OnlineWeights(prior, eta=ONLINE_ETA, alpha=ONLINE_ALPHA)
+            prior = pools.perplexity_weights(nll, PERPLEXITY_TAU)
+            online = pools.OnlineWeights(prior, eta=ONLINE_ETA, alpha=ONLINE_ALPHA)
         tally.add("oracle", (-tl_arr).min(axis=0))
         for kind in WEIGHTINGS:
             w = _weights(kind, prior, online, tl_arr)

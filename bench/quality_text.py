@@ -15,9 +15,9 @@ every member at once:
   conditional. Summed over a document it is log P(ids(prompt + text)) − log P(ids(prompt)),
   the member's own figure (`bpb_text`);
 - the ensemble's probability of unit j is the mixture Σ_i w_i P_i(unit j | before), with
-  w from the mesh's own weight code: the prior `fusion.perplexity_weights` of each
+  w from the mesh's own weight code: the prior `pools.perplexity_weights` of each
   member's prompt NLL per byte (τ = `PERPLEXITY_TAU`, as rank.py does), then
-  `fusion.OnlineWeights` with the text sessions' constants (η = `TEXT_ONLINE_ETA`, fixed
+  `pools.OnlineWeights` with the text sessions' constants (η = `TEXT_ONLINE_ETA`, fixed
   share α = `TEXT_ONLINE_ALPHA`, chosen on dev text by `bench/tune_text_weights.py`) fed
   every member's log p of every unit, reset per document.
 
@@ -44,7 +44,6 @@ import time
 import numpy as np
 
 from bench.texts import Document
-from dwarfmesh import fusion
 from dwarfmesh.config import (
     ONLINE_ALPHA,
     ONLINE_ETA,
@@ -52,7 +51,8 @@ from dwarfmesh.config import (
     TEXT_ONLINE_ALPHA,
     TEXT_ONLINE_ETA,
 )
-from dwarfmesh.textfuse import utf8_len
+from dwarfmesh.fusion import pools
+from dwarfmesh.fusion.text import utf8_len
 
 METHOD = ("exact mixture over units cut where every member's tokenization is stable "
           "(each member's exact log p of each unit of the same text; online fixed-share "
@@ -105,7 +105,7 @@ def units(engines: list, views: list[dict], doc: Document) -> tuple[np.ndarray, 
 
 def _mixture(lp: np.ndarray, prior: np.ndarray, eta: float | None, alpha: float) -> np.ndarray:
     """Per-unit NLL of the mixture; lp is [members, units]; eta None = static weights."""
-    online = fusion.OnlineWeights(prior, eta=eta or 0.0, alpha=alpha)
+    online = pools.OnlineWeights(prior, eta=eta or 0.0, alpha=alpha)
     nll = np.empty(lp.shape[1])
     for j in range(lp.shape[1]):
         nll[j] = -np.logaddexp.reduce(np.log(online.w) + lp[:, j])
@@ -132,7 +132,7 @@ def prepare(engines: list, per_member: list[list[dict]], docs: list[Document]) -
     for d, doc in enumerate(docs):
         views = [pm[d] for pm in per_member]
         lp, cuts = units(engines, views, doc)
-        prior = fusion.perplexity_weights([-v["prompt_logp"] / max(v["prompt_bytes"], 1)
+        prior = pools.perplexity_weights([-v["prompt_logp"] / max(v["prompt_bytes"], 1)
                                            for v in views], PERPLEXITY_TAU)
         out.append({"lp": lp, "cuts": cuts, "prior": prior, "full": doc.prompt + doc.text})
     return out

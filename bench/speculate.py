@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 from bench import speed  # noqa: E402
 from bench.humaneval_problems import STOPS, load_problems, subset  # noqa: E402
 from bench.texts import default_text_files, make_documents  # noqa: E402
-from dwarfmesh.protocol import GenParams  # noqa: E402
+from dwarfmesh.wire.protocol import GenParams  # noqa: E402
 
 OUT_DIR = ROOT / "bench" / "out" / "speculate"
 BOOTSTRAP = 2000

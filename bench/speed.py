@@ -33,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dwarfmesh.client import MeshClient, MeshError
-from dwarfmesh.protocol import GenParams
+from dwarfmesh.ui.client import MeshClient, MeshError
+from dwarfmesh.wire.protocol import GenParams
 
 log = logging.getLogger(__name__)
 

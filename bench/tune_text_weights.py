@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def tune(engines: list, dev: list, etas=ETAS, alphas=ALPHAS) -> dict:
     """Every (eta, alpha) cell's bits per byte on `dev`, and the best cell."""
     from bench import quality_text
-    from dwarfmesh.textfuse import utf8_len
+    from dwarfmesh.fusion.text import utf8_len
 
     views = [quality_text.member_tokens(e, dev) for e in engines]
     prepared = quality_text.prepare(engines, views, dev)
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench import quality_text, texts
     from bench.ensemble_vs_single import _names
     from bench.quality import load_engines
-    from dwarfmesh.models import ModelError, resolve_model
+    from dwarfmesh.models.registry import ModelError, resolve_model
 
     args = parse_args(argv)
     console = Console(stderr=True)

@@ -2,6 +2,6 @@
 
 import sys
 
-from dwarfmesh.cli import main
+from dwarfmesh.ui.cli import main
 
 sys.exit(main())

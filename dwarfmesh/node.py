@@ -39,8 +39,6 @@ from typing import Any
 
 import zmq
 
-from dwarfmesh import protocol as P
-from dwarfmesh.bounds import MAX_GOSSIP, MAX_LEADING
 from dwarfmesh.config import (
     DEFAULT_PORT,
     HEARTBEAT_INTERVAL_S,
@@ -48,11 +46,13 @@ from dwarfmesh.config import (
     default_node_name,
     node_id_for,
 )
-from dwarfmesh.deadlines import LEASE_S, own_stall
-from dwarfmesh.gossip import DialPolicy
-from dwarfmesh.membership import Member, Membership
-from dwarfmesh.roles import SessionRoles
-from dwarfmesh.transport import Origin, Transport
+from dwarfmesh.mesh.gossip import DialPolicy
+from dwarfmesh.mesh.membership import Member, Membership
+from dwarfmesh.sessions.deadlines import LEASE_S, own_stall
+from dwarfmesh.sessions.roles import SessionRoles
+from dwarfmesh.wire import protocol as P
+from dwarfmesh.wire.bounds import MAX_GOSSIP, MAX_LEADING
+from dwarfmesh.wire.transport import Origin, Transport
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ class Node:
                      self.opts.key.key_id)
 
     async def _start_discovery(self, port: int) -> None:
-        from dwarfmesh.discovery import Discovery, PeerRecord
+        from dwarfmesh.mesh.discovery import Discovery, PeerRecord
 
         record = PeerRecord(self.node_id, self.opts.name, self.engine.model_name,
                             self.engine.fingerprint, self.engine.vocab_size, PROTOCOL_VERSION,

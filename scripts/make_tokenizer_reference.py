@@ -19,7 +19,7 @@ from pathlib import Path
 
 import llama_cpp
 
-from dwarfmesh.models import SHORT_NAMES, gguf_path_for
+from dwarfmesh.models.registry import SHORT_NAMES, gguf_path_for
 
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "data" / "tokenizer_reference.json"
 FORTUNES = Path("/usr/share/games/fortunes")

@@ -17,7 +17,7 @@ import json
 import logging
 import sys
 
-from dwarfmesh.discovery import Discovery, PeerRecord, browse_once
+from dwarfmesh.mesh.discovery import Discovery, PeerRecord, browse_once
 
 
 def emit(event: str, **fields: object) -> None:

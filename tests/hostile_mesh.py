@@ -15,8 +15,8 @@ from contextlib import contextmanager
 import pytest
 from meshutil import free_port, peers_of, start_node, stop, wait_for_mesh
 
-from dwarfmesh import protocol as P
-from dwarfmesh.client import MeshClient
+from dwarfmesh.ui.client import MeshClient
+from dwarfmesh.wire import protocol as P
 
 CONTEXT = 256                    # node0's model takes at most this many prompt ids
 VOCAB = 320                      # the tiny models' vocabulary
@@ -40,7 +40,7 @@ def two_nodes(models, cache):
     dict: addrs, procs, ports, the state dir, the reference answer (before any stranger)."""
     from gguf import GGUFReader
 
-    from dwarfmesh.gguf_import import read_metadata
+    from dwarfmesh.models.gguf_import import read_metadata
 
     meta = read_metadata(GGUFReader(models[0]))
     assert meta.get("llama.context_length", CONTEXT) == CONTEXT, "tiny GGUF's context"

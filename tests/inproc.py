@@ -15,10 +15,10 @@ from collections import Counter
 from dataclasses import replace
 from typing import Any
 
-from dwarfmesh import protocol as P
-from dwarfmesh.membership import Member, Membership
+from dwarfmesh.mesh.membership import Member, Membership
 from dwarfmesh.node import Node, NodeOptions
-from dwarfmesh.transport import Origin
+from dwarfmesh.wire import protocol as P
+from dwarfmesh.wire.transport import Origin
 
 CLIENT = b"client"
 

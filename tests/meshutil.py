@@ -13,7 +13,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from dwarfmesh.client import MeshClient, MeshError
+from dwarfmesh.ui.client import MeshClient, MeshError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -111,7 +111,7 @@ def session_led_by(leader_id: str, node_ids: list[str], second: str | None = Non
     next in rank is `second`, or is not `avoid_second`)."""
     from types import SimpleNamespace
 
-    from dwarfmesh.membership import rank_for_session
+    from dwarfmesh.mesh.membership import rank_for_session
 
     members = [SimpleNamespace(node_id=n) for n in node_ids]
     for i in range(10_000):

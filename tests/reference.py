@@ -20,8 +20,8 @@ from mlx_lm import load
 from mlx_lm.models.cache import make_prompt_cache
 
 import dwarfmesh  # noqa: F401  (OpenBLAS preload before mlx)
-from dwarfmesh import textfuse as tf
 from dwarfmesh.engine.text import UTF8_TAIL_TOKENS
+from dwarfmesh.fusion import text as tf
 
 REFERENCE = json.loads((Path(__file__).parent / "data" / "tokenizer_reference.json").read_text())
 
@@ -156,8 +156,8 @@ def direct_for(gguf: Path) -> Direct:
     """The from-scratch reference for a GGUF on the engine a node here runs it on
     (`--engine auto`): llama.cpp on a CPU-only machine with llama-cpp-python, else mlx
     on the file's import."""
-    from dwarfmesh import models
     from dwarfmesh.engine.choose import choose
+    from dwarfmesh.models import registry as models
 
     if choose("auto", str(gguf))[0] == "llamacpp":
         return LlamaDirect(gguf)
@@ -219,17 +219,17 @@ def engine_greedy_with(engine, prompt: str, max_tokens: int) -> list[int]:
 def fused_greedy(engines, prompt: str, max_tokens: int, k: int) -> list[int]:
     """Greedy ids of an equal-weight linear pool of loaded engines' top-k frames, computed
     here without the mesh (its end-of-text token included)."""
-    from dwarfmesh import fusion
+    from dwarfmesh.fusion import pools
 
     ids = engines[0].encode(prompt)
     frames = [e.open_sync("fused", ids, k) for e in engines]
     out: list[int] = []
     try:
         for _ in range(max_tokens):
-            fused = fusion.fuse([f.ids for f in frames], [f.logprobs for f in frames],
+            fused = pools.fuse([f.ids for f in frames], [f.logprobs for f in frames],
                                 [f.rest_mass for f in frames], np.ones(len(frames)),
                                 engines[0].vocab_size, "linear")
-            tok = fusion.choose(fused, temperature=0.0, top_p=1.0, rng=None)
+            tok = pools.choose(fused, temperature=0.0, top_p=1.0, rng=None)
             out.append(tok)
             if tok in engines[0].eos_ids:
                 break
@@ -251,7 +251,7 @@ CONVERSATIONS = [
 
 def streamed(detok, ids: list[int], *, chat: bool) -> list[str]:
     """The pieces a node streams for `ids` through detokenizer `detok`."""
-    from dwarfmesh.session import answer_detokenizer
+    from dwarfmesh.sessions.leader import answer_detokenizer
 
     detok = answer_detokenizer(detok, chat=chat)
     pieces = []

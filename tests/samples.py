@@ -10,7 +10,7 @@ import dataclasses
 
 import numpy as np
 
-from dwarfmesh import protocol as P
+from dwarfmesh.wire import protocol as P
 
 
 def frame(k=64, **kw):

@@ -15,8 +15,8 @@ from typing import Any
 
 import zmq
 
-from dwarfmesh import protocol as P
-from dwarfmesh.client import MeshClient
+from dwarfmesh.ui.client import MeshClient
+from dwarfmesh.wire import protocol as P
 
 
 class Stranger:

@@ -18,9 +18,9 @@ import pytest
 from httputil import raw, wait_http
 from meshutil import ROOT, free_port, node_env, peers_of, start_node, stop, wait_for_mesh
 
-from dwarfmesh.api import ApiServer
-from dwarfmesh.client import MeshClient, MeshError
-from dwarfmesh.openai_compat import (
+from dwarfmesh.ui.api import ApiServer
+from dwarfmesh.ui.client import MeshClient, MeshError
+from dwarfmesh.ui.openai_compat import (
     ApiError,
     ConversationIndex,
     mesh_info,
@@ -28,7 +28,7 @@ from dwarfmesh.openai_compat import (
     stop_safe_len,
     usage,
 )
-from dwarfmesh.protocol import GenParams
+from dwarfmesh.wire.protocol import GenParams
 
 pytestmark = pytest.mark.usefixtures("own_model_cache")   # tiny GGUFs' tokenizers
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dwarfmesh import bounds
-from dwarfmesh import protocol as P
+from dwarfmesh.wire import bounds
+from dwarfmesh.wire import protocol as P
 
 pytestmark = pytest.mark.timeout(30)
 LIMITS = bounds.Limits(vocab_size=320, context=256)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from zeroconf.asyncio import AsyncServiceInfo
 
-from dwarfmesh.discovery import (
+from dwarfmesh.mesh.discovery import (
     EXPIRY_BOUND_S,
     SERVICE_TYPE,
     Discovery,

@@ -19,9 +19,9 @@ from meshutil import session_led_by
 from reference import engine_greedy
 
 import dwarfmesh  # noqa: F401  (OpenBLAS preload before mlx)
-from dwarfmesh import protocol as P
 from dwarfmesh.engine.choose import make_engine
-from dwarfmesh.protocol import GenParams
+from dwarfmesh.wire import protocol as P
+from dwarfmesh.wire.protocol import GenParams
 
 PROMPT = "def quicksort(xs):"
 TOKENS = 48
@@ -231,7 +231,7 @@ def test_session_messages_from_a_stranger_or_a_non_leader_are_refused(engines):
 
 
 def _origin(identity: bytes):
-    from dwarfmesh.transport import Origin
+    from dwarfmesh.wire.transport import Origin
     return Origin("router", identity, "127.0.0.1", None, 100)
 
 
@@ -290,7 +290,7 @@ def test_a_member_earns_online_weight_only_for_what_its_frame_said():
     mass. An honest member's exact value passes unchanged (within float16 rounding)."""
     import numpy as np
 
-    from dwarfmesh.session import earned_logp
+    from dwarfmesh.sessions.leader import earned_logp
 
     frame = P.Frame("s", 3, "m", 0, 0.25, None, -1, None, 1.0,
                     np.array([7, 9, 4], np.uint32), np.array([-0.5, -1.5, -2.0], np.float16))

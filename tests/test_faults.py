@@ -17,8 +17,8 @@ from meshutil import mesh, peers_of, session_led_by, stop
 from reference import engine_greedy
 
 import dwarfmesh  # noqa: F401
-from dwarfmesh.client import MeshClient
-from dwarfmesh.protocol import GenParams
+from dwarfmesh.ui.client import MeshClient
+from dwarfmesh.wire.protocol import GenParams
 
 PROMPT = "def quicksort(xs):"
 TOKENS = 400
@@ -263,7 +263,7 @@ def test_a_node_that_was_stopped_does_not_take_its_peers_for_dead(slow_model, tm
     not hear it, rightly took it for dead; it rejoins them, and answers."""
     import os
 
-    from dwarfmesh.deadlines import LIVENESS_S
+    from dwarfmesh.sessions.deadlines import LIVENESS_S
 
     with mesh([slow_model] * 2, tmp_path) as (addrs, procs):
         os.killpg(procs[0].pid, signal.SIGSTOP)

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from dwarfmesh import fusion
-from dwarfmesh.membership import Member, Membership, elect_leader, fusion_group
+from dwarfmesh.fusion import pools
+from dwarfmesh.mesh.membership import Member, Membership, elect_leader, fusion_group
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -22,26 +22,26 @@ def test_linear_pool_hand_computed():
     # member B: top-2 {5: .5, 7: .4}, rest .1 -> floor .0125
     ids = [np.array([3, 5]), np.array([5, 7])]
     lps = [lp(0.6, 0.3), lp(0.5, 0.4)]
-    f = fusion.fuse(ids, lps, [0.1, 0.1], np.array([0.5, 0.5]), V, "linear")
+    f = pools.fuse(ids, lps, [0.1, 0.1], np.array([0.5, 0.5]), V, "linear")
     assert list(f.ids) == [3, 5, 7]
     expect = {3: 0.5 * 0.6 + 0.5 * 0.0125, 5: 0.5 * 0.3 + 0.5 * 0.5, 7: 0.5 * 0.0125 + 0.5 * 0.4}
     for t, p in zip(f.ids, f.probs):
         assert math.isclose(p, expect[int(t)], rel_tol=2e-3)
-    assert fusion.choose(f, temperature=0, top_p=1, rng=None) == 5
+    assert pools.choose(f, temperature=0, top_p=1, rng=None) == 5
     assert list(f.member_top) == [3, 5]
 
 
 def test_weights_change_the_winner():
     ids = [np.array([3, 5]), np.array([5, 7])]
     lps = [lp(0.6, 0.3), lp(0.5, 0.4)]
-    f = fusion.fuse(ids, lps, [0.1, 0.1], np.array([0.9, 0.1]), V, "linear")
-    assert fusion.choose(f, temperature=0, top_p=1, rng=None) == 3   # .54+ vs .32
+    f = pools.fuse(ids, lps, [0.1, 0.1], np.array([0.9, 0.1]), V, "linear")
+    assert pools.choose(f, temperature=0, top_p=1, rng=None) == 3   # .54+ vs .32
 
 
 def test_loglinear_pool_hand_computed():
     ids = [np.array([3, 5]), np.array([5, 7])]
     lps = [lp(0.6, 0.3), lp(0.5, 0.4)]
-    f = fusion.fuse(ids, lps, [0.1, 0.1], np.array([0.5, 0.5]), V, "loglinear")
+    f = pools.fuse(ids, lps, [0.1, 0.1], np.array([0.5, 0.5]), V, "loglinear")
     raw = {3: math.sqrt(0.6 * 0.0125), 5: math.sqrt(0.3 * 0.5), 7: math.sqrt(0.0125 * 0.4)}
     z = sum(raw.values())
     for t, p in zip(f.ids, f.probs):
@@ -54,29 +54,29 @@ def test_identical_members_tie_break_to_first_member_rank():
     ids = [np.array([7, 2]), np.array([7, 2])]
     lps = [np.log(np.array([0.3001, 0.3])).astype(np.float16)] * 2
     assert lps[0][0] == lps[0][1]
-    f = fusion.fuse(ids, lps, [0.4, 0.4], np.array([1.0, 1.0]), V)
-    assert fusion.choose(f, temperature=0, top_p=1, rng=None) == 7
+    f = pools.fuse(ids, lps, [0.4, 0.4], np.array([1.0, 1.0]), V)
+    assert pools.choose(f, temperature=0, top_p=1, rng=None) == 7
 
 
 def test_seeded_sampling_is_reproducible_and_respects_top_p():
     ids = [np.array([1, 2, 3])]
-    f = fusion.fuse(ids, [lp(0.7, 0.2, 0.1)], [0.0], np.array([1.0]), V)
-    a = [fusion.choose(f, temperature=1.0, top_p=1.0, rng=np.random.default_rng(5))
+    f = pools.fuse(ids, [lp(0.7, 0.2, 0.1)], [0.0], np.array([1.0]), V)
+    a = [pools.choose(f, temperature=1.0, top_p=1.0, rng=np.random.default_rng(5))
          for _ in range(3)]
-    b = [fusion.choose(f, temperature=1.0, top_p=1.0, rng=np.random.default_rng(5))
+    b = [pools.choose(f, temperature=1.0, top_p=1.0, rng=np.random.default_rng(5))
          for _ in range(3)]
     assert a == b
     rng = np.random.default_rng(1)
-    picks = {fusion.choose(f, temperature=1.0, top_p=0.6, rng=rng) for _ in range(200)}
+    picks = {pools.choose(f, temperature=1.0, top_p=0.6, rng=rng) for _ in range(200)}
     assert picks == {1}
-    picks = {fusion.choose(f, temperature=1.0, top_p=0.85, rng=rng) for _ in range(400)}
+    picks = {pools.choose(f, temperature=1.0, top_p=0.85, rng=rng) for _ in range(400)}
     assert picks == {1, 2}           # smallest set with mass >= .85: {.7, .2}
 
 
 def test_perplexity_weights_and_online_fixed_share():
-    w = fusion.perplexity_weights([1.0, 2.0], tau=1.0)
+    w = pools.perplexity_weights([1.0, 2.0], tau=1.0)
     assert math.isclose(w[0], math.e / (math.e + 1), rel_tol=1e-9)
-    ow = fusion.OnlineWeights(np.array([0.5, 0.5]), eta=1.0, alpha=0.1)
+    ow = pools.OnlineWeights(np.array([0.5, 0.5]), eta=1.0, alpha=0.1)
     w = ow.update(np.log(np.array([0.8, 0.2])))
     # Bayes: (.8, .2); fixed share: .9 * (.8, .2) + .05
     assert np.allclose(w, [0.77, 0.23])

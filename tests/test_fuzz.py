@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from samples import SAMPLES
 
-from dwarfmesh import protocol as P
+from dwarfmesh.wire import protocol as P
 
 MUTATED_FRAMES = 200_000
 

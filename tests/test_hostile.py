@@ -28,9 +28,9 @@ from stranger import (
     rss_mb,
 )
 
-from dwarfmesh import admission
-from dwarfmesh import protocol as P
-from dwarfmesh.transport import DROP_LOG_INTERVAL_S
+from dwarfmesh.wire import admission
+from dwarfmesh.wire import protocol as P
+from dwarfmesh.wire.transport import DROP_LOG_INTERVAL_S
 
 pytestmark = pytest.mark.usefixtures("own_model_cache")   # tiny GGUFs' tokenizers
 

@@ -19,9 +19,9 @@ from hostile_mesh import answer, assert_unharmed, two_nodes, whole_mesh_answer
 from meshutil import peers_of
 from stranger import Listener, Stranger, hello, me
 
-from dwarfmesh import protocol as P
-from dwarfmesh.deadlines import MIN_PREFILL_WAIT_S, START_ACK_S
-from dwarfmesh.membership import rendezvous_score
+from dwarfmesh.mesh.membership import rendezvous_score
+from dwarfmesh.sessions.deadlines import MIN_PREFILL_WAIT_S, START_ACK_S
+from dwarfmesh.wire import protocol as P
 
 pytestmark = pytest.mark.usefixtures("own_model_cache")   # tiny GGUFs' tokenizers
 

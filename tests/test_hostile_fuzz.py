@@ -17,8 +17,8 @@ import pytest
 from hostile_mesh import answer, two_nodes, whole_mesh_answer
 from stranger import Stranger, dropped
 
-from dwarfmesh import bounds
-from dwarfmesh import protocol as P
+from dwarfmesh.wire import bounds
+from dwarfmesh.wire import protocol as P
 
 pytestmark = pytest.mark.usefixtures("own_model_cache")   # tiny GGUFs' tokenizers
 

@@ -14,8 +14,8 @@ from httputil import raw, wait_http
 from meshutil import free_port, peers_of, start_node, stop, wait_for_mesh
 from stranger import closed_by_server, idle_connections, open_fds, rss_mb
 
-from dwarfmesh.api import ApiServer
-from dwarfmesh.http11 import BODY_BUDGET_BYTES, HEAD_TIMEOUT_S, MAX_BODY_BYTES
+from dwarfmesh.ui.api import ApiServer
+from dwarfmesh.ui.http11 import BODY_BUDGET_BYTES, HEAD_TIMEOUT_S, MAX_BODY_BYTES
 
 pytestmark = pytest.mark.usefixtures("own_model_cache")   # tiny GGUFs' tokenizers
 

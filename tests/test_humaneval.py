@@ -333,7 +333,7 @@ def test_score_someone_elses_completions_as_one_system(problems, tmp_path):
 @pytest.mark.timeout(1200)
 def test_two_problems_with_the_real_smollm2_through_node_processes_and_resume(
         problems, tmp_path):
-    from dwarfmesh.models import ModelError, resolve_model
+    from dwarfmesh.models.registry import ModelError, resolve_model
     try:
         model = resolve_model("smollm2-135m", pull=False, progress=False)
     except ModelError as e:

@@ -194,7 +194,7 @@ def test_the_llamacpp_tokenizer_is_the_mlx_imports_without_transformers(tiny_ggu
     from mlx_lm.utils import load_tokenizer
     from reference import assert_same_tokenizer
 
-    from dwarfmesh import models
+    from dwarfmesh.models import registry as models
 
     gguf = str(tiny_ggufs[arch])
     lcp = make_engine(gguf, "llamacpp", pull=False)[0]

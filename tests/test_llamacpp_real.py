@@ -14,8 +14,8 @@ import pytest
 from meshutil import free_port, generate_cli, peers_of, start_node, stop, wait_for_mesh
 from reference import REFERENCE, assert_same_tokenizer
 
-from dwarfmesh import models
 from dwarfmesh.engine.choose import make_engine
+from dwarfmesh.models import registry as models
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (scripts/setup)")
 

@@ -79,7 +79,7 @@ def test_malformed_messages_are_counted_and_the_node_keeps_serving(tiny_ggufs_sh
         for parts in garbage:
             sock.send_multipart(parts)
         # a peer that speaks another protocol version gets a Refuse that says why
-        from dwarfmesh import protocol as P
+        from dwarfmesh.wire import protocol as P
         sock.send_multipart(P.encode(P.Hello("x1", "old", "m", "f", 10, 99, ":1", 1.0, [], [])))
         assert sock.poll(5000), "no answer to a wrong-version Hello"
         refusal = P.decode(sock.recv_multipart())
@@ -117,8 +117,8 @@ def test_peers_json_lists_every_node_with_leader_of(tiny_ggufs_shared, tmp_path)
 
 @pytest.mark.timeout(300)
 def test_conversation_turns_reuse_the_kv_cache(tiny_ggufs_shared, tmp_path):
-    from dwarfmesh.client import MeshClient
-    from dwarfmesh.protocol import GenParams
+    from dwarfmesh.ui.client import MeshClient
+    from dwarfmesh.wire.protocol import GenParams
 
     params = GenParams(max_tokens=12, weights="equal")
     turn1 = [{"role": "user", "content": "def quicksort(xs): " * 8}]

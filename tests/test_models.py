@@ -27,9 +27,9 @@ from mlx_lm.sample_utils import make_sampler
 from reference import REFERENCE
 from tiny import TOKENIZER_TEXT, make_tiny_gguf
 
-from dwarfmesh import models
-from dwarfmesh.gguf_import import MARKER
-from dwarfmesh.models import ModelError, resolve_model
+from dwarfmesh.models import registry as models
+from dwarfmesh.models.gguf_import import MARKER
+from dwarfmesh.models.registry import ModelError, resolve_model
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from samples import SAMPLES, frame
 
-from dwarfmesh import protocol as P
 from dwarfmesh.config import MAX_TOP_K, PROTOCOL_ID
+from dwarfmesh.wire import protocol as P
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -22,12 +22,12 @@ from meshutil import generate_cli, mesh, peers_of, session_led_by, stop
 from reference import Direct, direct_for, fused_greedy
 
 import dwarfmesh  # noqa: F401  (OpenBLAS preload before mlx, as in test_mesh.py)
-from dwarfmesh import textfuse as tf
-from dwarfmesh.client import MeshClient
 from dwarfmesh.engine import Engine
-from dwarfmesh.membership import rank_for_session
-from dwarfmesh.protocol import GenParams
-from dwarfmesh.rank import RANK_CHUNK_TOKENS
+from dwarfmesh.fusion import text as tf
+from dwarfmesh.mesh.membership import rank_for_session
+from dwarfmesh.sessions.text_leader import RANK_CHUNK_TOKENS
+from dwarfmesh.ui.client import MeshClient
+from dwarfmesh.wire.protocol import GenParams
 
 PROMPT = "def quicksort(xs):"
 
@@ -63,7 +63,7 @@ def by_node(summary: dict, direct: dict) -> dict[str, Direct]:
 
 @pytest.mark.timeout(30)
 def test_text_messages_round_trip_the_codec():
-    from dwarfmesh import protocol as P
+    from dwarfmesh.wire import protocol as P
 
     params = GenParams(max_tokens=5, mode="rank")
     samples = [

@@ -12,8 +12,8 @@ from meshutil import generate_cli, mesh, peers_of
 from mlx_lm import load, stream_generate
 
 import dwarfmesh  # noqa: F401
-from dwarfmesh.models import ModelError, resolve_model
-from dwarfmesh.rank import RANK_CHUNK_TOKENS
+from dwarfmesh.models.registry import ModelError, resolve_model
+from dwarfmesh.sessions.text_leader import RANK_CHUNK_TOKENS
 
 PROMPT = "def quicksort(xs):"
 # These compare the nodes with mlx-lm itself (test_llamacpp_real has the llama.cpp side)

@@ -16,8 +16,8 @@ from meshutil import (
     stop,
 )
 
-from dwarfmesh.client import MeshClient, MeshError
-from dwarfmesh.security import KeyFileError, load_key, make_key_file
+from dwarfmesh.ui.client import MeshClient, MeshError
+from dwarfmesh.wire.security import KeyFileError, load_key, make_key_file
 
 pytestmark = pytest.mark.usefixtures("own_model_cache")   # tiny GGUFs' tokenizers
 

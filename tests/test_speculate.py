@@ -17,11 +17,11 @@ from inproc import Net
 from meshutil import generate_cli, mesh, session_led_by
 
 import dwarfmesh  # noqa: F401  (OpenBLAS preload before mlx)
-from dwarfmesh import fusion
-from dwarfmesh import protocol as P
 from dwarfmesh.engine.choose import make_engine
-from dwarfmesh.protocol import GenParams
-from dwarfmesh.speculate import PROBE_DRAFT, PROBE_EVERY, DraftLength, PromptLookup
+from dwarfmesh.fusion import pools
+from dwarfmesh.sessions.speculate import PROBE_DRAFT, PROBE_EVERY, DraftLength, PromptLookup
+from dwarfmesh.wire import protocol as P
+from dwarfmesh.wire.protocol import GenParams
 
 PROMPT = "def quicksort(xs):\n    if len(xs) <= 1:\n        return xs\n"
 TOKENS = 48
@@ -81,9 +81,9 @@ def test_auto_drafts_long_where_positions_are_cheap_and_little_where_they_are_no
     assert PromptLookup().match([5, 6, 7, 8, 1, 5, 6, 7]) == (3, [8, 1, 5, 6, 7])
 
 
-def _fused(probs: list[float]) -> fusion.Fused:
+def _fused(probs: list[float]) -> pools.Fused:
     p = np.asarray(probs, dtype=np.float64)
-    return fusion.Fused(ids=np.arange(len(p), dtype=np.uint32), probs=p / p.sum(),
+    return pools.Fused(ids=np.arange(len(p), dtype=np.uint32), probs=p / p.sum(),
                         member_top=np.zeros(1, np.int64))
 
 
@@ -96,18 +96,18 @@ def test_a_drafted_token_is_accepted_so_that_the_output_keeps_the_fused_distribu
     frequencies are within 5 standard errors of q (a deterministic check: fixed seeds)."""
     fused = _fused([0.5, 0.3, 0.15, 0.05])
     kw = {"temperature": 0.8, "top_p": 0.9}
-    ids, q = fusion.sampling_dist(fused, **kw)
+    ids, q = pools.sampling_dist(fused, **kw)
     want = np.zeros(4)
     want[ids] = q
     n = 40_000
     got = np.zeros(4)
     for i in range(n):
-        got[fusion.verify_draft(fused, drafted, rng=np.random.default_rng([7, i]), **kw)] += 1
+        got[pools.verify_draft(fused, drafted, rng=np.random.default_rng([7, i]), **kw)] += 1
     se = np.sqrt(want * (1 - want) / n)
     assert np.all(np.abs(got / n - want) <= 5 * se + 1e-12), (got / n, want)
     assert got[3] == 0                                  # outside top-p: never, drafted or not
     # greedy: the fused argmax, drafted or not
-    assert fusion.verify_draft(fused, drafted, temperature=0.0, top_p=1.0, rng=None) == 0
+    assert pools.verify_draft(fused, drafted, temperature=0.0, top_p=1.0, rng=None) == 0
 
 
 # --- the engine's drafted forward -----------------------------------------------------------

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from dwarfmesh import textfuse as tf
-from dwarfmesh.membership import Member, plan_session
-from dwarfmesh.protocol import GenParams
+from dwarfmesh.fusion import text as tf
+from dwarfmesh.mesh.membership import Member, plan_session
+from dwarfmesh.wire.protocol import GenParams
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -39,7 +39,7 @@ def test_proposal_cut(text, done, cut):
 
 @pytest.mark.timeout(10)
 def test_stop_at_is_the_earliest_start_of_any_stop_reaching_into_the_new_text():
-    from dwarfmesh.textcut import stop_at
+    from dwarfmesh.fusion.textcut import stop_at
 
     text = "a = 1\n# note\ndef g():"
     assert stop_at(text, len(text), ["\ndef ", "\n#"]) == text.index("\n#")   # not list order

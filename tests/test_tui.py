@@ -17,9 +17,9 @@ import pytest
 from meshutil import ROOT, free_port, node_env, start_node, stop, wait_for_mesh
 from rich.console import Console
 
-from dwarfmesh import tui_render as R
-from dwarfmesh.client import MeshClient
-from dwarfmesh.protocol import GenParams, session_tag
+from dwarfmesh.ui import tui_render as R
+from dwarfmesh.ui.client import MeshClient
+from dwarfmesh.wire.protocol import GenParams, session_tag
 
 pytestmark = pytest.mark.usefixtures("own_model_cache")   # tiny GGUFs' tokenizers
 

@@ -19,8 +19,8 @@ import platform
 import sys
 from pathlib import Path
 
-from dwarfmesh import models
 from dwarfmesh.engine.worker import Engine
+from dwarfmesh.models import registry as models
 
 ENGINES = ("auto", "mlx", "llamacpp")
 
@@ -78,8 +78,8 @@ def tokenizer_dir(gguf: Path) -> tuple[Path, list[int]]:
     the model cache, and its end-of-generation ids."""
     from gguf import GGUFReader
 
-    from dwarfmesh.gguf_import import read_metadata
-    from dwarfmesh.gguf_tokenizer import end_of_generation_ids, write_tokenizer
+    from dwarfmesh.models.gguf_import import read_metadata
+    from dwarfmesh.models.gguf_tokenizer import end_of_generation_ids, write_tokenizer
 
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]

@@ -28,7 +28,7 @@ from dwarfmesh.engine.kv import (
     common_prefix,
     top_k,
 )
-from dwarfmesh.textcut import complete_text, proposal_cut, utf8_len
+from dwarfmesh.fusion.textcut import complete_text, proposal_cut, utf8_len
 
 if TYPE_CHECKING:
     from dwarfmesh.engine.worker import Engine

@@ -24,6 +24,7 @@ from dwarfmesh.config import (
     MAX_TOP_K,
     default_node_name,
 )
+from dwarfmesh.ui.errors import CliError
 
 log = logging.getLogger("dwarfmesh")
 
@@ -38,10 +39,6 @@ examples:
 """
 
 
-class CliError(Exception):
-    """An expected failure: printed as one line, exit code 2."""
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse, but a bad argument is one line (plus where to look), not a usage dump."""
 
@@ -50,7 +47,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _address(text: str) -> str:
-    from dwarfmesh.client import parse_address
+    from dwarfmesh.ui.client import parse_address
     try:
         return parse_address(text)
     except ValueError as exc:
@@ -253,14 +250,14 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _client_key(args: argparse.Namespace):
-    from dwarfmesh.security import resolve_key
+    from dwarfmesh.wire.security import resolve_key
     return resolve_key(getattr(args, "mesh_key", None))
 
 
 def _run_key(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from dwarfmesh.security import default_key_path, load_key, make_key_file
+    from dwarfmesh.wire.security import default_key_path, load_key, make_key_file
 
     path = make_key_file(Path(args.out) if args.out else default_key_path(), force=args.force)
     key = load_key(path)
@@ -270,12 +267,12 @@ def _run_key(args: argparse.Namespace) -> None:
 
 
 async def _connect(args: argparse.Namespace) -> str | list[str]:
-    from dwarfmesh.client import find_nodes
+    from dwarfmesh.ui.client import find_nodes
     return args.connect or await find_nodes()
 
 
 async def _run_peers(args: argparse.Namespace) -> None:
-    from dwarfmesh.client import MeshClient
+    from dwarfmesh.ui.client import MeshClient
 
     async with MeshClient(await _connect(args), _client_key(args)) as client:
         nodes = await client.peers()
@@ -296,8 +293,8 @@ async def _run_peers(args: argparse.Namespace) -> None:
 
 
 async def _run_generate(args: argparse.Namespace) -> dict[str, Any]:
-    from dwarfmesh.client import MeshClient
-    from dwarfmesh.protocol import GenParams
+    from dwarfmesh.ui.client import MeshClient
+    from dwarfmesh.wire.protocol import GenParams
 
     params = GenParams(max_tokens=args.max_tokens, temperature=args.temperature,
                        top_p=args.top_p, seed=args.seed, top_k=args.top_k, fuse=args.fuse,
@@ -331,7 +328,7 @@ def _speculated(summary: dict[str, Any]) -> str:
 
 
 async def _run_serve(args: argparse.Namespace) -> None:
-    from dwarfmesh.api import serve
+    from dwarfmesh.ui.api import serve
 
     address = await _connect(args)
     stopped = asyncio.Event()
@@ -348,14 +345,14 @@ async def _run_serve(args: argparse.Namespace) -> None:
 
 
 def _run_pull(args: argparse.Namespace) -> None:
-    from dwarfmesh.models import pull
+    from dwarfmesh.models.registry import pull
     for name in args.names:
         path = pull(name, progress=True)
         log.info("%s ready at %s", name, path)
 
 
 def _run_models(_args: argparse.Namespace) -> None:
-    from dwarfmesh.models import SHORT_NAMES, ModelError, resolve_model
+    from dwarfmesh.models.registry import SHORT_NAMES, ModelError, resolve_model
     for name in SHORT_NAMES:
         try:
             path = resolve_model(name, pull=False, progress=False)
@@ -368,13 +365,13 @@ def _run_models(_args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
-    from dwarfmesh.client import MeshError
-    from dwarfmesh.models import ModelError
-    from dwarfmesh.security import KeyFileError
+    from dwarfmesh.models.registry import ModelError
+    from dwarfmesh.ui.client import MeshError
+    from dwarfmesh.wire.security import KeyFileError
 
     try:
         if args.command == "node":
-            from dwarfmesh.cli_node import exit_now, run_node
+            from dwarfmesh.ui.cli_node import exit_now, run_node
             asyncio.run(run_node(args))
             exit_now()
         elif args.command == "peers":
@@ -384,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "serve":
             asyncio.run(_run_serve(args))
         elif args.command == "chat":
-            from dwarfmesh.tui import run_chat
+            from dwarfmesh.ui.tui import run_chat
             return run_chat(args, _client_key(args))
         elif args.command == "pull":
             _run_pull(args)

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from dwarfmesh.gguf_tokenizer import end_of_generation_ids, write_tokenizer
+from dwarfmesh.models.gguf_tokenizer import end_of_generation_ids, write_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -43,12 +43,14 @@ from typing import Any
 import numpy as np
 from jinja2 import TemplateError
 
-from dwarfmesh import textfuse
 from dwarfmesh.config import FAILOVER_GRACE_S
-from dwarfmesh.deadlines import MEMBER_IDLE_S
-from dwarfmesh.member import follow_leader
-from dwarfmesh.membership import SessionPlan, outranks, successor
-from dwarfmesh.protocol import (
+from dwarfmesh.fusion import text as textfuse
+from dwarfmesh.mesh.membership import SessionPlan, outranks, successor
+from dwarfmesh.sessions.deadlines import MEMBER_IDLE_S
+from dwarfmesh.sessions.member import follow_leader
+from dwarfmesh.sessions.text_leader import TextLeaderSession
+from dwarfmesh.sessions.text_resume import TextResume
+from dwarfmesh.wire.protocol import (
     Attach,
     Candidates,
     Commit,
@@ -64,8 +66,6 @@ from dwarfmesh.protocol import (
     TextOpen,
     Token,
 )
-from dwarfmesh.rank import TextLeaderSession
-from dwarfmesh.rank_failover import TextResume
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 
-from dwarfmesh.cli import CliError
+from dwarfmesh.ui.errors import CliError
 
 log = logging.getLogger("dwarfmesh")
 
@@ -21,7 +21,7 @@ log = logging.getLogger("dwarfmesh")
 async def run_node(args: argparse.Namespace) -> None:
     """`dwarfmesh node`: load the model, join the mesh, serve until SIGINT/SIGTERM."""
     from dwarfmesh.config import state_dir
-    from dwarfmesh.process import IdentityInUse, fd_limit_kept, lock_identity, raise_fd_limit
+    from dwarfmesh.mesh.process import IdentityInUse, fd_limit_kept, lock_identity, raise_fd_limit
 
     try:
         lock_identity(state_dir(), args.name)     # held (fd left open) until the process exits
@@ -29,9 +29,9 @@ async def run_node(args: argparse.Namespace) -> None:
         raise CliError(str(exc)) from None
     with fd_limit_kept():                         # mlx-lm would lower it at import
         from dwarfmesh.engine.choose import make_engine
-        from dwarfmesh.models import ModelError
+        from dwarfmesh.models.registry import ModelError
     from dwarfmesh.node import Node, NodeOptions
-    from dwarfmesh.security import resolve_key
+    from dwarfmesh.wire.security import resolve_key
 
     key = resolve_key(args.mesh_key)
     name = args.model if "/" not in args.model else None
@@ -68,7 +68,7 @@ async def run_node(args: argparse.Namespace) -> None:
         raise
     api = None
     if args.http_port is not None:
-        from dwarfmesh.api import ApiServer
+        from dwarfmesh.ui.api import ApiServer
         own = args.host if args.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
         api = ApiServer(f"{own}:{node.transport.port}", key=key, host=args.http_host,
                         port=args.http_port, api_key=args.api_key,

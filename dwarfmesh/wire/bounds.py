@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from dwarfmesh.config import MAX_PROMPT_TOKENS
-from dwarfmesh.messages import (
+from dwarfmesh.wire.messages import (
     Attach,
     Candidates,
     Commit,

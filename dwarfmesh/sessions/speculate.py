@@ -8,7 +8,7 @@ over one. A speculative round (`SpecLeaderSession._decode`):
    after each token of the draft d_1..d_n it sent with the round before.
 2. It walks the positions: fuses position i exactly as the plain loop would (the same
    frames, the online weights updated token by token from each drafted token's exact
-   log p), and keeps d_i while the fused choice is d_i (`fusion.verify_draft`: greedy
+   log p), and keeps d_i while the fused choice is d_i (`pools.verify_draft`: greedy
    is identical token for token; sampling keeps the plain loop's distribution).
 3. At the first position where the fused choice differs (or past the draft) it commits
    that choice: the round commits the accepted draft plus one token, at least one.
@@ -32,11 +32,11 @@ from typing import Any
 
 import numpy as np
 
-from dwarfmesh import fusion
 from dwarfmesh.config import MAX_DRAFT
-from dwarfmesh.member import make_frame
-from dwarfmesh.protocol import DraftFrame, Frame, Token, Tokens
-from dwarfmesh.session import LeaderSession
+from dwarfmesh.fusion import pools
+from dwarfmesh.sessions.leader import LeaderSession
+from dwarfmesh.sessions.member import make_frame
+from dwarfmesh.wire.protocol import DraftFrame, Frame, Token, Tokens
 
 MIN_NGRAM, MAX_NGRAM = 1, 4
 EMA = 0.2               # weight of the newest measurement in the cost estimates
@@ -239,10 +239,10 @@ class SpecLeaderSession(LeaderSession):
                 t0 = time.perf_counter()
                 order, fused = self._fuse(cur)
                 rng = self._rng(step)
-                tok = (fusion.verify_draft(fused, self._draft[i], temperature=p.temperature,
+                tok = (pools.verify_draft(fused, self._draft[i], temperature=p.temperature,
                                            top_p=p.top_p, rng=rng)
                        if i < len(self._draft) else
-                       fusion.choose(fused, temperature=p.temperature, top_p=p.top_p, rng=rng))
+                       pools.choose(fused, temperature=p.temperature, top_p=p.top_p, rng=rng))
                 self.stats.fused(order, fused.member_top, tok, time.perf_counter() - t0)
                 msg, reason, text = self._append(step, tok, text)
                 msgs.append(msg)

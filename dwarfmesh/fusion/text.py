@@ -43,10 +43,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dwarfmesh.fusion import pool
+from dwarfmesh.fusion.pools import pool
 
 # Re-exported: where proposals are cut is text handling the engine shares with fusion.
-from dwarfmesh.textcut import complete_text, proposal_cut, utf8_len  # noqa: F401
+from dwarfmesh.fusion.textcut import complete_text, proposal_cut, utf8_len  # noqa: F401
 
 TEXT_HASH_START = 0x6477_6D65_7368_0000     # hash of the empty answer
 Candidate = tuple[str, bool]                 # (text, ends the answer)

@@ -16,8 +16,8 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from dwarfmesh import textfuse
-from dwarfmesh.protocol import Commit, Resume
+from dwarfmesh.fusion import text as textfuse
+from dwarfmesh.wire.protocol import Commit, Resume
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from dwarfmesh import protocol as P
 from dwarfmesh.config import CLIENT_TIMEOUT_S, MAX_MESSAGE_BYTES, MESH_SETTLE_S
-from dwarfmesh.security import MeshKey, apply_client
+from dwarfmesh.wire import protocol as P
+from dwarfmesh.wire.security import MeshKey, apply_client
 
 REPLY_TIMEOUT_S = 10.0
 POLL_TICK_S = 0.2
@@ -45,7 +45,7 @@ def parse_address(text: str) -> str:
 async def find_nodes(timeout: float = MESH_SETTLE_S,
                      interfaces: list[str] | None = None) -> list[str]:
     """Addresses of every node found by mDNS (by name), or MeshError."""
-    from dwarfmesh.discovery import browse_once
+    from dwarfmesh.mesh.discovery import browse_once
 
     records = await browse_once(timeout, interfaces=interfaces)
     if not records:

@@ -19,7 +19,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from dwarfmesh.protocol import GenParams, session_tag
+from dwarfmesh.wire.protocol import GenParams, session_tag
 
 PANEL_WIDTH = 38
 SIDE_BY_SIDE_MIN = 90          # narrower terminals get the mesh panel under the answer

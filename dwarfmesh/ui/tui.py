@@ -29,11 +29,11 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
-from dwarfmesh import tui_render as R
-from dwarfmesh.client import MeshClient, MeshError, find_node
 from dwarfmesh.config import HEARTBEAT_INTERVAL_S, cache_dir
-from dwarfmesh.protocol import GenParams, ProtocolError, session_tag
-from dwarfmesh.security import MeshKey
+from dwarfmesh.ui import tui_render as R
+from dwarfmesh.ui.client import MeshClient, MeshError, find_node
+from dwarfmesh.wire.protocol import GenParams, ProtocolError, session_tag
+from dwarfmesh.wire.security import MeshKey
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ The life of one token (`LeaderSession._decode`):
 1. The leader has every member's frame for step s (top-k ids + float16 log-probs, the
    rest mass, the exact log p of the token committed at s-1). Frames whose prefix hash
    does not match the leader's committed prefix are dropped (that member diverged).
-2. `fusion.fuse` pools them under the current weights; `fusion.choose` picks the token.
+2. `pools.fuse` pools them under the current weights; `pools.choose` picks the token.
 3. The leader sends `Token(s, id, hash)` to every remote member and to the origin node
    (which streams the text to the client), *then* computes its own next frame locally,
    so its forward runs while the members compute theirs.
@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 
-from dwarfmesh import fusion
 from dwarfmesh.config import (
     MAX_PROMPT_TOKENS,
     ONLINE_ALPHA,
@@ -40,9 +39,12 @@ from dwarfmesh.config import (
     OPEN_RESEND_S,
     PERPLEXITY_TAU,
 )
-from dwarfmesh.deadlines import own_stall, prefill_bound, reply_bound, resend_interval
-from dwarfmesh.membership import Member, outranks
-from dwarfmesh.protocol import (
+from dwarfmesh.fusion import pools
+from dwarfmesh.fusion.textcut import stop_at
+from dwarfmesh.mesh.membership import Member, outranks
+from dwarfmesh.sessions.deadlines import own_stall, prefill_bound, reply_bound, resend_interval
+from dwarfmesh.sessions.stats import SessionStats
+from dwarfmesh.wire.protocol import (
     Deposed,
     End,
     Frame,
@@ -53,8 +55,6 @@ from dwarfmesh.protocol import (
     extend_hash,
     prefix_hash,
 )
-from dwarfmesh.session_stats import SessionStats
-from dwarfmesh.textcut import stop_at
 
 log = logging.getLogger(__name__)
 
@@ -362,7 +362,7 @@ class LeaderSession:
                 return "error: no member frames", text
             t0 = time.perf_counter()
             order, fused = self._fuse(frames)
-            tok = fusion.choose(fused, temperature=p.temperature, top_p=p.top_p,
+            tok = pools.choose(fused, temperature=p.temperature, top_p=p.top_p,
                                 rng=self._rng(step))
             self.stats.fused(order, fused.member_top, tok, time.perf_counter() - t0)
             token_msg, reason, text = self._append(step, tok, text)
@@ -385,10 +385,10 @@ class LeaderSession:
         self.weights = self._initial_weights(frames)
         return self._replay_committed(committed)
 
-    def _fuse(self, frames: dict[str, Frame]) -> tuple[list[str], fusion.Fused]:
+    def _fuse(self, frames: dict[str, Frame]) -> tuple[list[str], pools.Fused]:
         """Pool one position's frames (in the session's member order) under the weights."""
         order = [m.node_id for m in self.members if m.node_id in frames]
-        return order, fusion.fuse([frames[m].ids for m in order],
+        return order, pools.fuse([frames[m].ids for m in order],
                                   [frames[m].logprobs for m in order],
                                   [frames[m].rest_mass for m in order],
                                   np.array([self.weights[m] for m in order]),
@@ -443,13 +443,13 @@ class LeaderSession:
         if self.params.weights == "online" and frames and len(self.weights) > 1:
             # (a one-member session's weight stays 1: fixed share of one is the identity)
             present = [m for m in self.weights if m in frames]
-            fusion.online_step(self.weights, present,
+            pools.online_step(self.weights, present,
                                np.array([earned_logp(frames[m].prev_logp, fused_on.get(m), tok)
                                          for m in present]),
                                eta=ONLINE_ETA, alpha=ONLINE_ALPHA)
 
     def _initial_weights(self, frames: dict[str, Frame]) -> dict[str, float]:
-        return fusion.initial_weights(self.params.weights, self.members, frames, PERPLEXITY_TAU)
+        return pools.initial_weights(self.params.weights, self.members, frames, PERPLEXITY_TAU)
 
     async def _resume(self) -> tuple[list[int], list[int], dict[str, Frame]]:
         """Take over from a dead leader, from the committed state this node kept."""

@@ -29,7 +29,6 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from dwarfmesh import admission, protocol, security
 from dwarfmesh.config import (
     HANDSHAKE_TIMEOUT_S,
     HEARTBEAT_INTERVAL_S,
@@ -38,6 +37,7 @@ from dwarfmesh.config import (
     RECONNECT_IVL_MAX_MS,
     RECONNECT_IVL_MS,
 )
+from dwarfmesh.wire import admission, protocol, security
 
 log = logging.getLogger(__name__)
 

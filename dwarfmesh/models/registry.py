@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from dwarfmesh.gguf_import import (
+from dwarfmesh.models.gguf_import import (
     FORMAT_VERSION,
     MARKER,
     GGUFImportError,

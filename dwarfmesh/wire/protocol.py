@@ -29,11 +29,11 @@ from typing import Any, Union
 import msgpack
 import numpy as np
 
-from dwarfmesh import bounds
-from dwarfmesh.bounds import Limits
 from dwarfmesh.config import PROTOCOL_ID, PROTOCOL_VERSION
-from dwarfmesh.messages import *  # noqa: F403 - the protocol's public names are its messages
-from dwarfmesh.messages import (
+from dwarfmesh.wire import bounds
+from dwarfmesh.wire.bounds import Limits
+from dwarfmesh.wire.messages import *  # noqa: F403 - the protocol's public names are its messages
+from dwarfmesh.wire.messages import (
     MESSAGES,
     DraftFrame,
     Frame,

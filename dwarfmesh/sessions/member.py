@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 
 from dwarfmesh.config import MAX_DRAFT
-from dwarfmesh.membership import outranks
-from dwarfmesh.protocol import (
+from dwarfmesh.mesh.membership import outranks
+from dwarfmesh.wire.protocol import (
     Deposed,
     DraftFrame,
     Frame,

@@ -35,19 +35,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from dwarfmesh import protocol as P
 from dwarfmesh.config import (
     FAILOVER_GRACE_S,
     HEARTBEAT_INTERVAL_S,
     OPEN_RESEND_S,
     PREFILL_TIMEOUT_S,
 )
-from dwarfmesh.deadlines import MEMBER_IDLE_S, ORIGIN_PROBE_S, RESEND_S, START_ACK_S
-from dwarfmesh.member import MemberSession
-from dwarfmesh.membership import elect_leader, outranks, plan_session, successor
-from dwarfmesh.rank_member import TextSessions
-from dwarfmesh.session import LeaderSession, PromptTooLong
-from dwarfmesh.speculate import DraftLength, SpecLeaderSession
+from dwarfmesh.mesh.membership import elect_leader, outranks, plan_session, successor
+from dwarfmesh.sessions.deadlines import MEMBER_IDLE_S, ORIGIN_PROBE_S, RESEND_S, START_ACK_S
+from dwarfmesh.sessions.leader import LeaderSession, PromptTooLong
+from dwarfmesh.sessions.member import MemberSession
+from dwarfmesh.sessions.speculate import DraftLength, SpecLeaderSession
+from dwarfmesh.sessions.text_member import TextSessions
+from dwarfmesh.wire import protocol as P
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,6 @@ from typing import Any
 
 import numpy as np
 
-from dwarfmesh import fusion, textfuse
 from dwarfmesh.config import (
     OPEN_RESEND_S,
     PERPLEXITY_TAU,
@@ -43,9 +42,14 @@ from dwarfmesh.config import (
     TEXT_ONLINE_ALPHA,
     TEXT_ONLINE_ETA,
 )
-from dwarfmesh.deadlines import own_stall, reply_bound, resend_interval
-from dwarfmesh.membership import Member, outranks
-from dwarfmesh.protocol import (
+from dwarfmesh.fusion import pools
+from dwarfmesh.fusion import text as textfuse
+from dwarfmesh.fusion.textcut import stop_at
+from dwarfmesh.mesh.membership import Member, outranks
+from dwarfmesh.sessions.deadlines import own_stall, reply_bound, resend_interval
+from dwarfmesh.sessions.stats import text_summary
+from dwarfmesh.sessions.text_resume import TextFailover, TextResume
+from dwarfmesh.wire.protocol import (
     Candidates,
     Commit,
     Deposed,
@@ -56,9 +60,6 @@ from dwarfmesh.protocol import (
     TextFrame,
     TextOpen,
 )
-from dwarfmesh.rank_failover import TextFailover, TextResume
-from dwarfmesh.session_stats import text_summary
-from dwarfmesh.textcut import stop_at
 
 log = logging.getLogger(__name__)
 
@@ -374,7 +375,7 @@ class TextLeaderSession(TextFailover):
                                    frames[m].rest_mass, self._vocab(m)) for m in order],
                 np.array([self.weights[m] for m in order]), p.fuse)
             rng = np.random.default_rng([p.seed or 0, step]) if p.temperature > 0 else None
-            best = fusion.choose(fusion.Fused(np.arange(len(fused.candidates)), fused.probs,
+            best = pools.choose(pools.Fused(np.arange(len(fused.candidates)), fused.probs,
                                               fused.member_top),
                                  temperature=p.temperature, top_p=p.top_p, rng=rng)
             for m, top in zip(order, fused.member_top):
@@ -435,12 +436,12 @@ class TextLeaderSession(TextFailover):
 
     def _learn(self, order: list[str], logp: np.ndarray) -> None:
         if self.params.weights == "online":
-            fusion.online_step(self.weights, order, logp, eta=TEXT_ONLINE_ETA,
+            pools.online_step(self.weights, order, logp, eta=TEXT_ONLINE_ETA,
                                alpha=TEXT_ONLINE_ALPHA)
 
     def _initial_weights(self, replies: dict[str, Any]) -> dict[str, float]:
         """As the id path, but from prompt NLL per BYTE (comparable across tokenizers)."""
-        return fusion.initial_weights(self.params.weights, self.members, replies,
+        return pools.initial_weights(self.params.weights, self.members, replies,
                                       PERPLEXITY_TAU)
 
 

@@ -31,7 +31,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from dwarfmesh.openai_compat import ApiError
+from dwarfmesh.ui.openai_compat import ApiError
 
 MAX_BODY_BYTES = 2 << 20           # a whole chat history fits (prompts are <= 131,072 chars)
 BODY_BUDGET_BYTES = 32 << 20       # body bytes being read at once, all connections together

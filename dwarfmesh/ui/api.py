@@ -22,8 +22,8 @@ import time
 import uuid
 from typing import Any
 
-from dwarfmesh.client import MeshClient, MeshError
-from dwarfmesh.http11 import (
+from dwarfmesh.ui.client import MeshClient, MeshError
+from dwarfmesh.ui.http11 import (
     HttpGuard,
     HttpRequest,
     SseStream,
@@ -33,7 +33,7 @@ from dwarfmesh.http11 import (
     response_head,
     send_json,
 )
-from dwarfmesh.openai_compat import (
+from dwarfmesh.ui.openai_compat import (
     ENSEMBLE_ID,
     FINISH,
     ApiError,
@@ -48,7 +48,7 @@ from dwarfmesh.openai_compat import (
     stop_safe_len,
     usage,
 )
-from dwarfmesh.security import MeshKey
+from dwarfmesh.wire.security import MeshKey
 
 log = logging.getLogger(__name__)
 

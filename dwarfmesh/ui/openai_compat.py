@@ -17,9 +17,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from dwarfmesh.client import MeshError
 from dwarfmesh.config import MAX_DRAFT, MAX_NEW_TOKENS, MAX_PROMPT_TOKENS
-from dwarfmesh.protocol import GenParams, ProtocolError
+from dwarfmesh.ui.client import MeshError
+from dwarfmesh.wire.protocol import GenParams, ProtocolError
 
 ENSEMBLE_ID = "dwarfmesh"          # the model id that means "the whole mesh"
 DEFAULT_MAX_TOKENS = 512

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from dwarfmesh import textfuse
+from dwarfmesh.fusion import text as textfuse
 
 
 class SessionStats:

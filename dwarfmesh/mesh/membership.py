@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from dwarfmesh.config import HEARTBEAT_INTERVAL_S, LIVENESS
 
 if TYPE_CHECKING:
-    from dwarfmesh.messages import GenParams
+    from dwarfmesh.wire.messages import GenParams
 
 
 @dataclass(frozen=True)
