@@ -77,7 +77,7 @@ class TrialContext:
         import mlx.core as mx
         from mlx_lm import load, stream_generate
 
-        from dwarfmesh.sessions.leader import answer_detokenizer
+        from dwarfmesh.sessions.answer import answer_detokenizer
 
         m, tok = load(model)
         if mx.default_device() == mx.cpu:

@@ -16,7 +16,7 @@ every member at once:
   the member's own figure (`bpb_text`);
 - the ensemble's probability of unit j is the mixture Σ_i w_i P_i(unit j | before), with
   w from the mesh's own weight code: the prior `pools.perplexity_weights` of each
-  member's prompt NLL per byte (τ = `PERPLEXITY_TAU`, as rank.py does), then
+  member's prompt NLL per byte (τ = `PERPLEXITY_TAU`, as text_leader.py does), then
   `pools.OnlineWeights` with the text sessions' constants (η = `TEXT_ONLINE_ETA`, fixed
   share α = `TEXT_ONLINE_ALPHA`, chosen on dev text by `bench/tune_text_weights.py`) fed
   every member's log p of every unit, reset per document.

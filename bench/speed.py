@@ -47,14 +47,11 @@ ANSWER_PER_TOKEN_S = 20.0       # ... plus this per token (1.5B float32: ~0.3-2 
 ENSEMBLE_TRIES = 2
 WARMUP_TOKENS = 4               # one short answer first: allocations, caches, page-ins
 SUMMARY_KEYS = ("steps", "finish_reason", "prompt_tokens", "tokens_per_s", "ttft_ms",
-                "wire_bytes_per_token", "frame_bytes_per_member_per_token",
-                "disagreement_rate", "agreement", "weights", "late_frames", "timing_ms",
-                "members", "models", "leader", "mode",
-                # text-level sessions (rank, fuse across tokenizers) also report these
-                "committed_bytes", "ms_per_byte", "wire_bytes_per_byte", "late_replies",
-                "dropped",
-                # speculative rounds
-                "speculate")
+                "wire_bytes_per_token", "disagreement_rate", "agreement", "weights", "late",
+                "stale_replies", "timing_ms", "members", "models", "leader", "mode",
+                "committed_bytes", "ms_per_byte", "wire_bytes_per_byte", "dropped",
+                # what one mode adds: id sessions, speculative rounds
+                "frame_bytes_per_member_per_token", "speculate")
 
 
 def _die_with_parent() -> None:

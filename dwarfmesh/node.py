@@ -4,7 +4,7 @@ A node plays three roles at once, per session:
 - **origin** for the clients connected to it (`generate`, `peers`, `chat`): it elects the
   session's leader from its view of the mesh, sends it `Start`, and streams the leader's
   `Token`s back to the client;
-- **leader** of the sessions the rendezvous hash gives it (`session.LeaderSession`);
+- **leader** of the sessions the rendezvous hash gives it (`leader.LeaderSession`);
 - **member** of every session whose leader sends it `Open` (`session.MemberSession`).
 
 Peers are found by mDNS (`discovery`) and by static `--peer` addresses; both only give an
@@ -48,8 +48,10 @@ from dwarfmesh.config import (
 )
 from dwarfmesh.mesh.gossip import DialPolicy
 from dwarfmesh.mesh.membership import Member, Membership
+from dwarfmesh.sessions import router
 from dwarfmesh.sessions.deadlines import LEASE_S, own_stall
 from dwarfmesh.sessions.roles import SessionRoles
+from dwarfmesh.sessions.router import Received
 from dwarfmesh.wire import protocol as P
 from dwarfmesh.wire.bounds import MAX_GOSSIP, MAX_LEADING
 from dwarfmesh.wire.transport import Origin, Transport
@@ -57,7 +59,6 @@ from dwarfmesh.wire.transport import Origin, Transport
 log = logging.getLogger(__name__)
 
 _LOCAL = Origin("local", None, "", None, 0)
-_CLIENT_REQUESTS = (P.PeersRequest, P.Generate, P.Cancel)
 MAX_IDENTITIES = 4096          # routing ids remembered (peers reconnect with new ones)
 SWEEP_EVERY_BEATS = 30          # look for idle conversation caches every 30 heartbeats
 MAX_PEERS = 256                 # live peers one node keeps (a Hello past that is refused)
@@ -287,7 +288,8 @@ class Node:
             log.info("mDNS: %s said goodbye; checking with a Hello", node_id)
             self.transport.send(address, self._hello())
 
-    def _on_hello(self, hello: P.Hello, origin: Origin) -> None:
+    def on_hello(self, hello: P.Hello, received: Received) -> None:
+        origin = received.origin
         refusal, why = P.check_version(hello), "refused: version"
         if refusal is None and (hello.node_id not in self.membership.peers
                                 and len(self.membership.peers) >= MAX_PEERS):
@@ -345,6 +347,9 @@ class Node:
                 and self.membership.verify(hello.node_id)):
             log.info("peer %s answers at %s", hello.name, origin.address)
 
+    def reply_client(self, identity: bytes, msg: Any) -> int:
+        return self.transport.reply(identity, msg)
+
     def send_to(self, node_id: str, msg: Any) -> int:
         """Send to a node by id; a message to this node itself is dispatched locally (on
         the next turn of the loop, like one that came over the wire)."""
@@ -357,7 +362,7 @@ class Node:
     # --- dispatch -------------------------------------------------------------------------
 
     def _dispatch(self, msg: Any, origin: Origin) -> None:
-        """Cheap messages are handled inline; anything that may wait runs in a task."""
+        """Every message in: who sent it, then the router's table (`sessions.router`)."""
         if origin is _LOCAL:
             sender: str | None = self.node_id
         else:
@@ -366,53 +371,17 @@ class Node:
             # Any message proves the peer alive: a busy member streaming frames must not be
             # dropped because its heartbeat was late on a loaded machine.
             self.membership.heard_from(sender, time.monotonic())
-        if isinstance(msg, P.Hello):
-            self._on_hello(msg, origin)
-        elif isinstance(msg, _CLIENT_REQUESTS) or (isinstance(msg, P.Attach) and not msg.origin):
-            if origin.identity is not None:
-                self.spawn(self._client_request(msg, origin.identity, sender))
-        elif isinstance(msg, P.Refuse):        # counted, and logged at most once a while
-            self.transport.drop("refused by a peer", f"{msg.node_id}: {msg.reason}")
-        elif sender is None or (sender != self.node_id
-                                and sender not in self.membership.peers):
-            self.refused("a node message before its Hello")
-        elif isinstance(msg, P.Frame):
-            self.roles.frame(msg, origin.size, sender)
-        elif isinstance(msg, P.Leave):
-            self.roles.leave(msg, sender)
-        elif isinstance(msg, P.Deposed):
-            self.roles.deposed(msg, sender)
-        elif isinstance(msg, (P.Proposal, P.Scores, P.TextFrame)):
-            self.roles.text.reply(msg, origin.size, sender)
-        else:
-            self.spawn(self._handle(msg, sender))
+        router.dispatch(self, msg, Received(sender, origin.identity, origin.size, origin))
 
-    async def _handle(self, msg: Any, sender: str) -> None:
-        roles = self.roles
-        if isinstance(msg, P.Start):
-            await roles.lead(msg, sender)
-        elif isinstance(msg, P.Open):
-            await roles.open(msg, sender)
-        elif isinstance(msg, (P.Token, P.Tokens, P.End, P.Resume)):
-            await roles.session_message(msg, sender)
-        elif isinstance(msg, (P.TextOpen, P.Candidates, P.Commit)):
-            await roles.text.handle(msg, sender)
-        elif isinstance(msg, P.Cancel):
-            roles.cancel(msg.request, sender, None)
-        elif isinstance(msg, P.Attach):
-            roles.leader_attach(msg, sender)
+    def is_node(self, sender: str | None) -> bool:
+        """A peer that said Hello, or this node itself."""
+        return sender is not None and (sender == self.node_id or sender in self.membership.peers)
 
-    async def _client_request(self, msg: Any, client: bytes, sender: str | None) -> None:
-        roles = self.roles
-        if isinstance(msg, P.Attach):
-            roles.attach(msg, client)
-        elif isinstance(msg, P.PeersRequest):
-            self.transport.reply(client, P.PeersReply(msg.request, self.peer_list()))
-        elif isinstance(msg, P.Generate):
-            roles.generate(msg, client)
-        elif isinstance(msg, P.Cancel):
-            # From a node (an origin forwarding its client's cancel) or from a client.
-            roles.cancel(msg.request, sender, None if sender else client)
+    def on_refuse(self, msg: P.Refuse) -> None:
+        self.transport.drop("refused by a peer", f"{msg.node_id}: {msg.reason}")
+
+    def on_peers_request(self, msg: P.PeersRequest, identity: bytes) -> None:
+        self.transport.reply(identity, P.PeersReply(msg.request, self.peer_list()))
 
     # --- introspection --------------------------------------------------------------------
 

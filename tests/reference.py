@@ -251,7 +251,7 @@ CONVERSATIONS = [
 
 def streamed(detok, ids: list[int], *, chat: bool) -> list[str]:
     """The pieces a node streams for `ids` through detokenizer `detok`."""
-    from dwarfmesh.sessions.leader import answer_detokenizer
+    from dwarfmesh.sessions.answer import answer_detokenizer
 
     detok = answer_detokenizer(detok, chat=chat)
     pieces = []

@@ -548,3 +548,51 @@ def test_an_origin_never_ends_a_stream_with_a_hole(engines, reference, lost):
     assert cut["on"] == (lost == "while-taken-for-dead")
     assert [t.step for t in net.streamed()] == list(range(len(reference)))
     assert "".join(t.text for t in net.streamed()) == s["text"]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["auto", "rank"])      # an id session; a text session
+def test_a_member_cut_off_with_a_minority_keeps_its_session_until_the_sweep(
+        engines, mode, monkeypatch):
+    """One rule for id and text sessions: the leader and another member die together;
+    the last member sees a minority of the session and not its origin, so it abstains
+    (no second leader) but keeps its state (a healed partition finds it ready). Only when
+    no leader has spoken to it for MEMBER_IDLE_S does the member sweep free it."""
+    from dwarfmesh.sessions import roles, text_table
+
+    net = Net(engines)
+    ids = _ids(net)
+    session = session_led_by(ids["node0"], list(ids.values()), second=ids["node1"])
+    killed: list[str] = []
+
+    def drop(src, dst, msg) -> bool:
+        if isinstance(msg, (P.Token, P.Commit)) and msg.step == 1 and not killed:
+            killed.append("both")
+            loop = asyncio.get_running_loop()
+            loop.call_soon(net.kill, "node0")
+            loop.call_soon(net.kill, "node1")
+        return False
+
+    net.drop = drop
+    node2 = net.node("node2")
+    tables = node2.roles.member_of if mode == "auto" else node2.roles.text.members
+
+    async def go() -> tuple[bool, bool, bool]:
+        net.generate("node0", P.Generate(session, PROMPT, GenParams(
+            max_tokens=TOKENS, weights="equal", mode=mode), [], session))
+        while not killed:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)
+        member = tables.get(session)
+        kept = member is not None and not member.closed and not member.taken_over
+        await node2.roles.sweep()                  # not idle yet: kept
+        kept_after_sweep = session in tables
+        monkeypatch.setattr(roles, "MEMBER_IDLE_S", 0.0)
+        monkeypatch.setattr(text_table, "MEMBER_IDLE_S", 0.0)
+        await node2.roles.sweep()
+        return kept, kept_after_sweep, session in tables
+
+    kept, kept_after_sweep, still = asyncio.run(asyncio.wait_for(go(), 60))
+    assert kept and kept_after_sweep
+    assert not still
+    assert session not in node2.roles.leading and session not in node2.roles.text.leading

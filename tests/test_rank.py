@@ -402,11 +402,11 @@ def test_a_straggler_in_a_text_session_is_decided_around_and_comes_back(mixed_gg
         result = answer(addrs[0], session, GenParams(max_tokens=400, mode=mode), on_text)
     s = result.summary
     assert s["leader"] == "node0" and s["dropped"] == [] and "node2" in s["members"]
-    assert s["late_steps"].get("node2", 0) >= 2
+    assert s["late"].get("node2", 0) >= 2
     assert "".join(pieces) == result.text
     key = "proposals" if mode == "rank" else "top"
     answered = [step["step"] for step in s["trace"] if "node2" in step[key]]
-    assert answered[0] < stalled_at[0] and answered[-1] > stalled_at[0] + s["late_steps"]["node2"]
+    assert answered[0] < stalled_at[0] and answered[-1] > stalled_at[0] + s["late"]["node2"]
 
 
 def kill_after_first_piece(proc):

@@ -163,7 +163,7 @@ def _compiled(template: str) -> Any:
 
 # --- streaming detokenizers, ported from mlx-lm (tokenizer_utils.py, MIT licence) --------
 # The same classes mlx-lm picks for the same tokenizer.json, so an answer streams in the
-# same pieces on either engine. `session.answer_detokenizer` relies on their attributes
+# same pieces on either engine. `sessions.answer.answer_detokenizer` relies on their attributes
 # (`trim_space`, `_maybe_trim_space`).
 
 

@@ -3,7 +3,7 @@
 Members whose tokenizers differ cannot be fused by token id. A text-level session keeps
 TEXT as the committed state (each member re-encodes it with its own tokenizer) and
 aligns members by the strings their tokens decode to. Two methods, both driven by
-`rank.TextLeaderSession`:
+`text_leader.TextLeaderSession`:
 
 **rank** (exact). Each round every member proposes a continuation that ends at a word or
 line boundary (`proposal_cut`). Every member scores every candidate c with its own

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from dwarfmesh.config import HEARTBEAT_INTERVAL_S, LIVENESS
+from dwarfmesh.wire.modes import Mode
 
 if TYPE_CHECKING:
     from dwarfmesh.wire.messages import GenParams
@@ -183,12 +184,12 @@ def fusion_group(members: list[Member]) -> tuple[list[Member], list[tuple[Member
     return group, left_out
 
 
-AUTO_MIXED_MODE = "rank"    # what auto mode runs when members' tokenizers differ
+AUTO_MIXED_MODE = Mode.RANK    # what auto mode runs when members' tokenizers differ
 
 
 @dataclass(frozen=True)
 class SessionPlan:
-    kind: str                                  # fuse-ids | fuse-text | rank
+    kind: Mode
     group: list[Member]
     excluded: list[tuple[Member, str]]
     why: str
@@ -198,10 +199,10 @@ def plan_session(params: GenParams, alive: list[Member]) -> SessionPlan:
     """Which path a session takes, with whom, and why (pure)."""
     tokenizers = len({m.fingerprint for m in alive})
     if params.mode == "rank":
-        return SessionPlan("rank", list(alive), [], "rank mode requested")
+        return SessionPlan(Mode.RANK, list(alive), [], "rank mode requested")
     if tokenizers <= 1:
         group, excluded = fusion_group(alive)
-        return SessionPlan("fuse-ids", group, excluded, "one tokenizer: fusing token ids")
-    kind = "fuse-text" if params.mode == "fuse" else AUTO_MIXED_MODE
+        return SessionPlan(Mode.IDS, group, excluded, "one tokenizer: fusing token ids")
+    kind = Mode.FUSE_TEXT if params.mode == "fuse" else AUTO_MIXED_MODE
     return SessionPlan(kind, list(alive), [],
-                       f"{tokenizers} tokenizers among {len(alive)} members: {kind} by text")
+                       f"{tokenizers} tokenizers among {len(alive)} members: {kind.value} by text")

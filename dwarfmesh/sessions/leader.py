@@ -16,13 +16,12 @@ A member that does not answer within the step timeout, or that the node declares
 is dropped and the answer goes on with the others. With a step deadline, the leader
 fuses what has arrived by then (never fewer than one frame) and counts the late ones;
 late members stay in the session and catch up. A new leader after a failover runs the
-same loop from the committed state a member kept (`resume`). Sampling is seeded per
+same loop from the committed state a member kept (`resume.Takeover`). Sampling is seeded per
 step (seed, step), so a new leader draws what the old one would have drawn.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import math
@@ -42,7 +41,10 @@ from dwarfmesh.config import (
 from dwarfmesh.fusion import pools
 from dwarfmesh.fusion.textcut import stop_at
 from dwarfmesh.mesh.membership import Member, outranks
-from dwarfmesh.sessions.deadlines import own_stall, prefill_bound, reply_bound, resend_interval
+from dwarfmesh.sessions.answer import held_text
+from dwarfmesh.sessions.deadlines import prefill_bound, reply_bound, resend_interval
+from dwarfmesh.sessions.resume import Takeover
+from dwarfmesh.sessions.round import Round, Trigger
 from dwarfmesh.sessions.stats import SessionStats
 from dwarfmesh.wire.protocol import (
     Deposed,
@@ -50,7 +52,6 @@ from dwarfmesh.wire.protocol import (
     Frame,
     GenParams,
     Open,
-    Resume,
     Token,
     extend_hash,
     prefix_hash,
@@ -67,7 +68,7 @@ class PromptTooLong(ValueError):
     """The prompt does not fit the members' context (or the protocol's limit)."""
 
 
-class LeaderSession:
+class LeaderSession(Takeover):
     """Runs one answer as decode leader over `members` (this node is one of them)."""
 
     AHEAD = 1              # tokens a member can be ahead of a new leader (one Token)
@@ -81,7 +82,7 @@ class LeaderSession:
                  roster: set[str] | None = None) -> None:
         self.session, self.origin, self.params = session, origin, params
         self.prompt, self.messages, self.keep = prompt, messages or [], keep
-        self.members = list(members)
+        self.members, self.dropped = list(members), []
         # Who may depose this leader (and the origin), and whom a Deposed may name: the
         # whole session, also the members a takeover left behind (the old leader).
         self.roster = {m.node_id for m in members} | set(roster or ())
@@ -93,9 +94,8 @@ class LeaderSession:
         self.deposed: Deposed | None = None      # a leader of a later term took over
         self.stats = SessionStats({m.node_id: m.name for m in members})
         self._expect: set[int] = set()
-        self._frames: dict[str, Frame] = {}
+        self._round: Round | None = None         # the frames being waited for
         self._ahead: dict[str, Frame] = {}       # frames one step ahead (after a failover)
-        self._waiter: asyncio.Future | None = None
         self._hash = 0
         self._hashes: list[int] = []             # prefix hash before each committed token
         self._caught_up: dict[str, float] = {}   # when a member behind was last re-sent
@@ -118,7 +118,6 @@ class LeaderSession:
             self.stats.stale_frames += 1             # after its step was fused, or unknown
             self._catch_up(frame)
             return
-        target = self._frames if frame.step == step else self._ahead
         ahead = [] if frame.step == step else self._ahead_ids(frame, frame.step - step)
         want = prefix_hash(ahead, self._hash) if ahead else self._hash
         if frame.step != step and not ahead or frame.prefix_hash != want:
@@ -129,27 +128,16 @@ class LeaderSession:
         self.stats.frame_bytes += size
         self.stats.wire_bytes += size
         self._slowest_s = max(self._slowest_s, frame.forward_ms / 1000.0)
-        target[frame.sender] = frame
-        self._maybe_done()
-
-    def _catch_up(self, frame: Frame) -> None:
-        """A frame for a step already committed: that member missed Tokens (lost, or sent
-        by a leader that died before reaching it). Send it what it lacks, at most once per
-        resend interval (its answer to duplicates is its frame again)."""
-        step = frame.step
-        if not 0 <= step < len(self._hashes) or self._hashes[step] != frame.prefix_hash:
-            return
-        now = time.monotonic()
-        if now - self._caught_up.get(frame.sender, 0.0) < resend_interval(self._slowest_s):
-            return
-        self._caught_up[frame.sender] = now
-        for msg in self.sent[step:len(self._hashes)]:
-            if isinstance(msg, Token):
-                self.stats.wire_bytes += self.send(frame.sender, msg)
+        if frame.step == step:
+            self._round.offer(frame.sender, frame)
+        else:
+            self._ahead[frame.sender] = frame
+            self._round.count(frame.sender)
 
     def member_lost(self, node_id: str) -> None:
         """The node says this member is gone: stop waiting for it."""
         if node_id in self._ids() and node_id != self.me.node_id:
+            self.dropped += [m for m in self.members if m.node_id == node_id]
             self.members = [m for m in self.members if m.node_id != node_id]
             log.warning("session %s: member %s left; %d remain", self.session, node_id,
                         len(self.members))
@@ -172,8 +160,8 @@ class LeaderSession:
             log.warning("session %s: deposed: %s leads term %d now", self.session, msg.leader,
                         msg.term)
             self.deposed = msg
-            if self._waiter is not None and not self._waiter.done():
-                self._waiter.set_result(None)
+            if self._round is not None:
+                self._round.stop()
             return True
         return False
 
@@ -190,101 +178,45 @@ class LeaderSession:
         return {m.node_id for m in self.members}
 
     def _maybe_done(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            if self._ids() <= set(self._frames) | set(self._ahead):
-                self._waiter.set_result(None)
+        if self._round is not None:
+            self._round.check()
 
     # --- gathering frames -------------------------------------------------------------
 
-    async def _gather(self, step: int, send: Callable[[set[str] | None], None], local: Any,
-                      ahead_ok: bool = False,
+    async def _gather(self, step: int, send: Trigger, local: Any, ahead_ok: bool = False,
                       preset: dict[str, Frame] | None = None) -> dict[str, Frame]:
-        """Expect frames for `step`, send what triggers them, add the local one, wait
-        (asking silent members again, see `deadlines`)."""
+        """Expect frames for `step` (and, after a takeover, one round ahead), send what
+        triggers them, add the local one, and wait as a `Round` does."""
         self._expect = set(range(step, step + 1 + (self.AHEAD if ahead_ok else 0)))
-        self._frames, self._ahead = dict(preset or {}), {}
-        self._waiter = asyncio.get_running_loop().create_future()
-        send(None)
+        self._ahead = {}
+        self._round = rnd = Round(self._ids, send, me=self.me.node_id, preset=preset)
+        rnd.open()
         t0 = time.monotonic()
         if local is not None:
             out = await local
             if not isinstance(out, Frame):
                 self.own_out, out = out, self._own(step, out)
             self._slowest_s = max(self._slowest_s, out.forward_ms / 1000.0)
-            self._frames[self.me.node_id] = out
-            self._maybe_done()
-        if self._waiter.done():             # every frame is in (a one-node mesh, each step)
-            self._expect = set()
-            return dict(self._frames)
-        first = step == 0 and self.resume_from is None
-        limit = (prefill_bound(time.monotonic() - t0) if first
-                 else reply_bound(self._slowest_s, self.step_timeout_s))
-        deadline = None if first else self.step_deadline_s
-        try:
-            if deadline is not None:
-                await asyncio.wait_for(asyncio.shield(self._waiter), deadline)
-            else:
-                await self._await_frames(send, limit,
-                                         OPEN_RESEND_S if first
-                                         else resend_interval(self._slowest_s))
-        except asyncio.TimeoutError:
-            if deadline is not None and self._frames:
-                for m in self.members:               # fuse what arrived; the rest are late
-                    if m.node_id not in self._frames:
-                        self.stats.late_frames[m.node_id] += 1
-            elif deadline is not None:
-                # Not one frame by the deadline: wait as without one, then drop the silent.
-                self._expect = self._expect or {step}
-                await self._gather_rest(send, limit - deadline, step)
-            else:
-                self._drop_silent(step, limit)
+            rnd.offer(self.me.node_id, out)
+        if not rnd.complete:            # else: a one-node mesh, or every frame is in
+            first = step == 0 and self.resume_from is None
+            limit = (prefill_bound(time.monotonic() - t0) if first
+                     else reply_bound(self._slowest_s, self.step_timeout_s))
+            outcome = await rnd.close(
+                limit, OPEN_RESEND_S if first else resend_interval(self._slowest_s),
+                None if first else self.step_deadline_s)
+            for node_id in outcome.late:
+                self.stats.late[node_id] += 1
+            for node_id in outcome.silent:
+                log.warning("session %s: %s sent no frame for step %d in %.1fs; leaving it "
+                            "out", self.session, node_id, step, limit)
+                self.member_lost(node_id)
         self._expect = set()
-        return dict(self._frames)
-
-    async def _gather_rest(self, send: Callable[[set[str] | None], None], limit: float,
-                           step: int) -> None:
-        try:
-            await self._await_frames(send, max(limit, 0.0), resend_interval(self._slowest_s))
-        except asyncio.TimeoutError:
-            self._drop_silent(step, limit)
-
-    def _drop_silent(self, step: int, limit: float) -> None:
-        for m in list(self.members):
-            if m.node_id not in self._frames and m.node_id not in self._ahead:
-                log.warning("session %s: %s sent no frame for step %d in %.1fs; "
-                            "leaving it out", self.session, m.name, step, limit)
-                self.member_lost(m.node_id)
-
-    async def _await_frames(self, send: Callable[[set[str] | None], None], limit: float,
-                            every: float) -> None:
-        """Wait for every member's frame, re-sending the trigger (Open, Token or Resume)
-        every `every` seconds to the members not heard from: a message can be lost to a
-        peer that just reconnected or restarted, and a member that already has it
-        answers the copy with its frame again."""
-        loop = asyncio.get_running_loop()
-        end = loop.time() + limit
-        while True:
-            wait = min(every, max(end - loop.time(), 0.0))
-            due = loop.time() + wait
-            try:
-                await asyncio.wait_for(asyncio.shield(self._waiter), wait)
-                return
-            except asyncio.TimeoutError:
-                end += own_stall(due, loop.time())    # this node's own stall is not theirs
-                if loop.time() >= end:
-                    raise
-                # Everyone, not only the silent: a member that answered answers again (a
-                # frame is small), and hears that its leader is alive (MEMBER_IDLE_S).
-                send(self._ids() - {self.me.node_id})
+        return dict(rnd.replies)
 
     def summary_extra(self) -> dict[str, Any]:
         """What a kind of session adds to the End's summary."""
         return {}
-
-    def _ahead_ids(self, frame: Frame, n: int) -> list[int]:
-        """The `n` tokens a member's frame is ahead of this (new) leader by: a Token the
-        dead leader sent to only some members. [] when the frame cannot say."""
-        return [frame.last_token] if n == 1 and frame.last_token >= 0 else []
 
     def _own(self, step: int, out: Any) -> Frame:
         return Frame(self.session, step, self.me.node_id, self._hash, out.rest_mass,
@@ -332,7 +264,7 @@ class LeaderSession:
                             np.asarray(prompt_ids, dtype=np.uint32), self.term)
             local = self.engine.open(self.session, prompt_ids, p.top_k)
             frames = await self._gather(0, lambda only: self._broadcast(
-                open_msg, only=({m.node_id for m in self.members} - set(self._frames))
+                open_msg, only=({m.node_id for m in self.members} - set(self._round.replies))
                 if only is None else only), local)
             self.stats.prompt_reused = getattr(self.own_out, "reused", 0)
         self.prompt_ids = prompt_ids
@@ -344,10 +276,11 @@ class LeaderSession:
         summary = self.stats.summary(
             text=text, tokens=self.tokens, reason=reason, leader=self.me.name,
             members=self.members, excluded=self.excluded, prompt_tokens=len(prompt_ids),
-            weights=self.weights)
-        summary.update(self.summary_extra())
+            weights=self.weights, dropped=[m.name for m in self.dropped])
+        summary.extra.update(self.summary_extra())
         if self.term:
-            summary["term"] = self.term
+            summary.extra["term"] = self.term
+        summary = summary.to_dict()
         if self.deposed is None:
             self._broadcast(End(self.session, reason, summary, self.term))
         return summary
@@ -426,19 +359,6 @@ class LeaderSession:
         msg = Token(self.session, step, tok, self._hash, piece, final, self.term)
         return msg, reason if final else None, text
 
-    def _replay_committed(self, committed: list[int]) -> str:
-        """Detokenize the tokens committed before this leader (a takeover): for the text,
-        and for re-attaching clients and members behind, who may need their Tokens."""
-        self._detok = answer_detokenizer(self.engine.detokenizer(),
-                                         chat=self.params.chat)
-        for i, t in enumerate(committed):
-            self._detok.add_token(t)
-            piece = self._detok.last_segment      # read every time: the next is new text
-            if i >= len(self.sent):
-                after = self._hashes[i + 1] if i + 1 < len(self._hashes) else self._hash
-                self.sent.append(Token(self.session, i, t, after, piece, False, self.term))
-        return self._detok.text if committed else ""
-
     def _learn(self, frames: dict[str, Frame], fused_on: dict[str, Frame], tok: int) -> None:
         if self.params.weights == "online" and frames and len(self.weights) > 1:
             # (a one-member session's weight stays 1: fixed share of one is the identity)
@@ -450,69 +370,6 @@ class LeaderSession:
 
     def _initial_weights(self, frames: dict[str, Frame]) -> dict[str, float]:
         return pools.initial_weights(self.params.weights, self.members, frames, PERPLEXITY_TAU)
-
-    async def _resume(self) -> tuple[list[int], list[int], dict[str, Frame]]:
-        """Take over from a dead leader, from the committed state this node kept."""
-        state = self.resume_from
-        prompt_ids, committed = list(state["prompt_ids"]), list(state["committed"])
-        self._hash = state["hash"]
-        self._hashes = list(state["hashes"])
-        step = len(committed)
-        own = state["last_frame"]
-        if own is None:
-            raise RuntimeError("no frame computed yet: nothing to resume from")
-        log.warning("session %s: taking over as leader at step %d (term %d)", self.session,
-                    step, self.term)
-        self._replay_committed(committed)
-        resume = Resume(self.session, self.me.node_id, step, self.term)
-        frames = await self._gather(step, lambda only: self._broadcast(resume, only),
-                                    _ready(own), ahead_ok=True)
-        ahead = dict(self._ahead)
-        if ahead and self.deposed is None:
-            # Some members got the dead leader's last Token(s) before it died: adopt them.
-            first = next(iter(ahead.values()))
-            toks = self._ahead_ids(first, first.step - step)
-            ahead = {m: f for m, f in ahead.items() if f.step == first.step}
-            msgs = []
-            for i, tok in enumerate(toks):
-                self._detok.add_token(tok)
-                self._hashes.append(self._hash)
-                self._hash = extend_hash(self._hash, tok)
-                msgs.append(Token(self.session, step + i, tok, self._hash,
-                                  self._detok.last_segment, False, self.term))
-            committed.extend(toks)
-            behind = {m for m in frames if m != self.me.node_id}
-            for token_msg in msgs:
-                self.sent.append(token_msg)
-                self.send(self.origin, token_msg)
-            local = self.engine.step(self.session, toks, self.params.top_k)
-            frames = await self._gather(
-                step + len(toks), lambda only: [self._to(m, behind if only is None else only)
-                                                for m in msgs], local, preset=ahead)
-        return prompt_ids, committed, frames
-
-
-def held_text(detok: Any) -> str:
-    """What a streaming detokenizer still holds when the answer ends: it waits for the
-    rest of a character, and after a lone space for the next token, so without this the
-    last word before an unfinished character (or invalid bytes) would never be sent. An
-    unfinished character at the very end is dropped (it has no text yet)."""
-    detok.finalize()
-    return detok.last_segment.rstrip("\ufffd")
-
-
-def answer_detokenizer(detok: Any, *, chat: bool) -> Any:
-    """mlx-lm's streaming detokenizer for an answer. It drops the first token's leading
-    space (right for a chat reply's first word); a completion continues its prompt, where
-    that space is text (`def f():\n` + `    return ...` keeps its indentation)."""
-    if chat:
-        return detok
-    if hasattr(detok, "trim_space"):                        # SentencePiece-style
-        detok.trim_space = False
-    elif hasattr(detok, "_maybe_trim_space"):               # byte-level BPE
-        detok._maybe_trim_space = lambda text: text
-    return detok
-
 
 def earned_logp(claimed: float | None, frame: Frame | None, token: int) -> float:
     """A member's log p of the committed token, as far as its own frame for that step
@@ -529,7 +386,3 @@ def earned_logp(claimed: float | None, frame: Frame | None, token: int) -> float
         return max(min(claimed, backed(float(frame.logprobs[hit[0]]))), MIN_LOGP)
     floor = math.log(frame.rest_mass) if frame.rest_mass > 0 else MIN_LOGP
     return max(min(claimed, backed(float(np.min(frame.logprobs))), floor), MIN_LOGP)
-
-
-async def _ready(value: Any) -> Any:
-    return value

@@ -4,7 +4,7 @@ Besides computing frames, a member keeps everything needed to carry the session 
 its leader dies: the prompt ids, the committed tokens, the params, the origin and the
 session's member list (for the rendezvous rank), and the last frame it computed. The
 node decides *whether* this member takes over (`membership.rank_for_session`);
-`session.LeaderSession.resume` does the taking over from this state.
+`leader.LeaderSession.resume` does the taking over from this state.
 
 Tokens are queued and drained together: a member that fell behind (a straggler under
 `--step-deadline`) feeds every queued token through the model in one forward and sends
@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from dwarfmesh.config import MAX_DRAFT
-from dwarfmesh.mesh.membership import outranks
+from dwarfmesh.mesh.membership import outranks, successor
 from dwarfmesh.wire.protocol import (
     Deposed,
     DraftFrame,
@@ -69,6 +69,32 @@ def follow_leader(member: Any, sender: str, term: int) -> bool:
         member.last_heard = time.monotonic()
         return True
     member.send(sender, Deposed(member.session, member.leader, member.term))
+    return False
+
+
+def leader_died(member: Any, dead: str, alive: set[str], me: str) -> bool:
+    """The session's leader `dead` is gone: what this member does, for an id or a text
+    member (one rule for both). Returns whether this node takes over.
+
+    The survivors rank the session's members by the same rendezvous hash
+    (`membership.successor`). The first takes over; the others expect it. A member that
+    sees less than half of the session (and not its origin) abstains: it is probably the
+    one cut off, and taking over would make a second leader. A member that does not take
+    over keeps its state (a new leader's Resume, or the old one's next message once the
+    partition heals, finds it ready) until no leader of the session has spoken to it for
+    `deadlines.MEMBER_IDLE_S`: then the member sweep frees it."""
+    nxt = successor(member.session, member.members, alive, me, member.origin)
+    member.claimed = False           # the lease protects a leader that leads, not a guess
+    if nxt.action == "take-over":
+        member.taken_over = True
+        return True
+    if nxt.action == "abstain":
+        log.warning("session %s: leader %s unreachable but so is most of the session; not "
+                    "taking over", member.session, dead)
+    else:
+        member.leader = nxt.leader
+        log.info("session %s: leader %s gone; %s takes over", member.session, dead,
+                 nxt.leader)
     return False
 
 
@@ -221,7 +247,7 @@ class MemberSession:
             await self.engine.close(self.session, keep=self.keep)
 
     async def state(self) -> dict[str, Any]:
-        """What a takeover needs (see session.LeaderSession.resume), taken when no step
+        """What a takeover needs (see leader.LeaderSession.resume), taken when no step
         is in flight, so the committed tokens, their hashes, the last frame and the KV
         cache all agree."""
         async with self._lock:

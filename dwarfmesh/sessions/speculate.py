@@ -20,7 +20,7 @@ over one. A speculative round (`SpecLeaderSession._decode`):
    appends both in one forward (`Engine.step` with a draft keeps the drafted ids it
    commits and trims the rest) and answers one `DraftFrame`.
 
-Failover, deadlines, late and lost members work as in `session.py` (this is a subclass):
+Failover, deadlines, late and lost members work as in `leader.py` (this is a subclass):
 a round reaches a member whole or not at all, and a leader taking over adopts a round
 that reached only some from their frames' `round_ids`.
 """

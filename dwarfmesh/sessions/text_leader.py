@@ -1,6 +1,6 @@
 """Text-level sessions on the leader: ensembles across different tokenizers.
 
-`membership.plan_session` decides the path: id-level fusion (`session.LeaderSession`)
+`membership.plan_session` decides the path: id-level fusion (`leader.LeaderSession`)
 when every live member shares one tokenizer; otherwise a text-level session over EVERY
 live member, mode "rank" (the default for mixed meshes in auto mode: its scores are
 exact) or, with `--mode fuse`, string-aligned fusion. `--mode rank` asks for ranking even
@@ -16,17 +16,16 @@ with one tokenizer. This module owns:
   the leader decides each step with the replies in hand at the deadline (a straggler is
   late, not dropped). After a failover a member's `TextResume` (the committed answer)
   restarts the loop at the next step: `Resume` instead of `TextOpen`, online weights
-  from equal (rank_failover.py; rank_member.py says who takes over).
+  from equal (text_resume.py; text_table.py says who takes over).
 
 The leader itself takes part as an ordinary member through a local
-`rank_member.TextMemberSession` (messages to itself are dispatched locally), so its own
+`text_member.TextMemberSession` (messages to itself are dispatched locally), so its own
 work overlaps the others'. This node's table of text sessions is
-`rank_member.TextSessions`.
+`text_table.TextTable`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import Counter
@@ -46,9 +45,11 @@ from dwarfmesh.fusion import pools
 from dwarfmesh.fusion import text as textfuse
 from dwarfmesh.fusion.textcut import stop_at
 from dwarfmesh.mesh.membership import Member, outranks
-from dwarfmesh.sessions.deadlines import own_stall, reply_bound, resend_interval
+from dwarfmesh.sessions.deadlines import reply_bound, resend_interval
+from dwarfmesh.sessions.round import Round, Trigger
 from dwarfmesh.sessions.stats import text_summary
 from dwarfmesh.sessions.text_resume import TextFailover, TextResume
+from dwarfmesh.wire.modes import Mode
 from dwarfmesh.wire.protocol import (
     Candidates,
     Commit,
@@ -67,7 +68,6 @@ RANK_CHUNK_TOKENS = 12      # most tokens a member proposes per round (before th
 TRACE_STEPS = 32            # steps of per-member detail kept in the summary's "trace"
 
 Send = Callable[[str, Any], int]
-Trigger = Callable[[set[str] | None], None]   # send a round's request (to these members)
 
 
 class TextLeaderSession(TextFailover):
@@ -103,9 +103,7 @@ class TextLeaderSession(TextFailover):
         self.adopted = 0                # steps taken that way
         self._early: dict[str, tuple[Any, int]] = {}   # replies for a later step, by sender
         self._want: tuple[type, int] | None = None
-        self._replies: dict[str, Any] = {}
-        self._waiter: asyncio.Future | None = None
-        self._any: asyncio.Future | None = None
+        self._round: Round | None = None          # the replies being waited for
         self._cancelled = False
         self.steps = self.wire_bytes = self.late = self.disagree = 0
         self.step_ms: list[float] = []
@@ -139,10 +137,7 @@ class TextLeaderSession(TextFailover):
             return
         self.wire_bytes += size
         self._slowest_s = max(self._slowest_s, msg.forward_ms / 1000.0)
-        self._replies[msg.sender] = msg
-        if not self._any.done():
-            self._any.set_result(None)
-        self._maybe_done()
+        self._round.offer(msg.sender, msg)
 
     def member_lost(self, node_id: str) -> None:
         gone = [m for m in self.members if m.node_id == node_id]
@@ -186,16 +181,15 @@ class TextLeaderSession(TextFailover):
             log.warning("session %s: deposed: %s leads term %d now", self.session, msg.leader,
                         msg.term)
             self.deposed = msg
-            if self._waiter is not None and not self._waiter.done():
-                self._waiter.set_result(None)
+            if self._round is not None:
+                self._round.stop()
 
     def cancel(self) -> None:
         self._cancelled = True
 
     def _maybe_done(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            if {m.node_id for m in self.members} <= set(self._replies):
-                self._waiter.set_result(None)
+        if self._round is not None:
+            self._round.check()
 
     # --- talking to members ---------------------------------------------------------------
 
@@ -215,99 +209,60 @@ class TextLeaderSession(TextFailover):
             self._to_members(msg, origin_too=origin_too and only is None, only=only)
         return send
 
-    async def _await_all(self, limit: float, send: Trigger, every: float) -> None:
-        """Wait for every member's reply, asking the silent ones again every `every`
-        seconds (a member that already answered answers a copy with its reply again)."""
-        loop = asyncio.get_running_loop()
-        end = loop.time() + limit
-        while True:
-            wait = min(every, max(end - loop.time(), 0.0))
-            due = loop.time() + wait
-            try:
-                await asyncio.wait_for(asyncio.shield(self._waiter), wait)
-                return
-            except asyncio.TimeoutError:
-                end += own_stall(due, loop.time())    # this node's own stall is not theirs
-                if loop.time() >= end:
-                    raise
-                # Everyone, not only the silent: a member that answered answers again, and
-                # hears that its leader is alive (deadlines.MEMBER_IDLE_S).
-                send({m.node_id for m in self.members} - {self.me.node_id})
-
     async def _gather(self, kind: type, step: int, send: Trigger,
                       phase: str) -> dict[str, Any]:
-        """Expect `kind` replies for `step`, send what triggers them, wait for all members
-        (asking the silent ones again; after the bound they are dropped, see deadlines)."""
+        """Expect `kind` replies for `step`, send what triggers them, and wait as a `Round`
+        does (silent members are dropped; with --step-deadline, late ones are counted)."""
         t0 = time.perf_counter()
-        self._want, self._replies = (kind, step), {}
-        self._waiter = asyncio.get_running_loop().create_future()
-        self._any = asyncio.get_running_loop().create_future()     # the first reply
-        send(None)
-        self._maybe_done()
+        self._want = (kind, step)
+        self._round = rnd = Round(lambda: [m.node_id for m in self.members], send,
+                                  me=self.me.node_id)
+        rnd.open()
+        rnd.check()
         first = step == 0 and kind is not Scores
         limit = PREFILL_TIMEOUT_S if first else reply_bound(self._slowest_s,
                                                             self.step_timeout_s)
-        every = OPEN_RESEND_S if first else resend_interval(self._slowest_s)
-        if not first and self.step_deadline_s is not None and await self._deadline(limit):
-            pass                                  # decided with what arrived in time
-        else:
-            try:
-                await self._await_all(limit, send, every)
-            except asyncio.TimeoutError:
-                for m in [m for m in self.members if m.node_id not in self._replies]:
-                    log.warning("session %s: %s sent no %s for step %d in %.1fs; leaving it "
-                                "out", self.session, m.name, kind.__name__, step, limit)
-                    self.member_lost(m.node_id)
+        outcome = await rnd.close(limit, OPEN_RESEND_S if first
+                                  else resend_interval(self._slowest_s),
+                                  None if first else self.step_deadline_s)
+        for node_id in outcome.late:
+            self.behind[node_id] += 1
+        for node_id in outcome.silent:
+            log.warning("session %s: %s sent no %s for step %d in %.1fs; leaving it out",
+                        self.session, self.names.get(node_id), kind.__name__, step, limit)
+            self.member_lost(node_id)
         self._want = None
         self.phase_ms[phase].append((time.perf_counter() - t0) * 1000.0)
-        replies = dict(self._replies)
+        replies = outcome.replies
         if replies:
             self.slowest_ms.append(max(r.forward_ms for r in replies.values()))
         return replies
-
-    async def _deadline(self, limit: float) -> bool:
-        """--step-deadline: wait that long, then go on with the replies in hand (at least
-        one, waiting up to `limit` for it). A member that missed it is not dropped: it
-        answers the next message after this one (its late reply is counted), re-syncs to
-        the commit like everyone, and is back in the step it keeps up with."""
-        waiter = asyncio.shield(self._waiter)
-        done, _ = await asyncio.wait([waiter], timeout=self.step_deadline_s)
-        if not done and not self._replies:        # nothing yet: the first reply, or all
-            done, _ = await asyncio.wait([waiter, asyncio.shield(self._any)],
-                                         timeout=limit - self.step_deadline_s,
-                                         return_when=asyncio.FIRST_COMPLETED)
-        if done and self._waiter.done():
-            return True
-        if not self._replies:
-            return False
-        for m in self.members:
-            if m.node_id not in self._replies:
-                self.behind[m.node_id] += 1
-        return True
 
     # --- the session ----------------------------------------------------------------------
 
     async def run(self) -> dict[str, Any]:
         """Decode until EOS, a stop string, max_tokens or cancellation; return the summary."""
         p = self.params
-        log.info("session %s: %s over %s", self.session, self.kind,
+        log.info("session %s: %s over %s", self.session, self.kind.value,
                  ", ".join(f"{m.name} ({m.model})" for m in self.members))
         prompt, templated = self.engine.render_prompt(self.prompt, self.messages, p.chat)
         self.prompt_tokens = len(self.engine.tokenizer.encode(
             prompt, add_special_tokens=not templated))
         open_msg = TextOpen(self.session, self.me.node_id, self.origin,
                             [m.node_id for m in self.members], p, self.keep,
-                            "rank" if self.kind == "rank" else "fuse", self.prompt,
+                            self.kind.text_open, self.prompt,
                             self.messages, RANK_CHUNK_TOKENS, self.term)
         start = self._restore(RANK_CHUNK_TOKENS) if self.resume else 0
-        loop = self._rank if self.kind == "rank" else self._fuse
+        loop = self._rank if self.kind is Mode.RANK else self._fuse
         reason = await loop(self._send_resume() if self.resume
                             else self._trigger(open_msg), start)
         summary = text_summary(self, reason)
         if self.resume:     # the first step this leader decided; adopted: see adopt()
-            summary.update(resumed_at_step=start + self.adopted, adopted_steps=self.adopted)
+            summary.extra.update(resumed_at_step=start + self.adopted,
+                                 adopted_steps=self.adopted)
         if self.term:
-            summary["term"] = self.term
+            summary.extra["term"] = self.term
+        summary = summary.to_dict()
         if self.deposed is None:
             end = End(self.session, reason, summary, self.term)
             self.sent.append(end)

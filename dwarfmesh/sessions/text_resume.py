@@ -1,4 +1,4 @@
-"""A text-level session's leader after a failover (`rank.TextLeaderSession`).
+"""A text-level session's leader after a failover (`text_leader.TextLeaderSession`).
 
 - `TextResume`: where a new leader picks up, the committed answer piece by piece (every
   member holds it: they all applied the same Commits).
@@ -30,7 +30,7 @@ class TextResume:
 
 
 class TextFailover:
-    """The failover half of `rank.TextLeaderSession` (which holds the state it uses)."""
+    """The failover half of `text_leader.TextLeaderSession` (which holds the state it uses)."""
 
     def set_origin(self, origin: str, next_step: int) -> None:
         """A client re-attached through another node: replay what it missed, go on there."""
@@ -53,7 +53,8 @@ class TextFailover:
         self.first_bytes = textfuse.utf8_len(self.text)
         self.sent.append(commit)
         self._to_members(commit, origin_too=True)
-        self._want, self._replies = (self._want[0], self.steps), {}
+        self._want = (self._want[0], self.steps)
+        self._round.replies.clear()
         for msg, size in [v for v in self._early.values() if v[0].step == self.steps]:
             self.on_reply(msg, size)
 

@@ -294,6 +294,7 @@ async def _run_peers(args: argparse.Namespace) -> None:
 
 async def _run_generate(args: argparse.Namespace) -> dict[str, Any]:
     from dwarfmesh.ui.client import MeshClient
+    from dwarfmesh.wire.modes import Mode
     from dwarfmesh.wire.protocol import GenParams
 
     params = GenParams(max_tokens=args.max_tokens, temperature=args.temperature,
@@ -310,8 +311,9 @@ async def _run_generate(args: argparse.Namespace) -> dict[str, Any]:
     else:
         s = result.summary
         sys.stdout.write("\n")
-        pace = (f"{s['steps']} rounds, {s['committed_bytes']} bytes" if "committed_bytes" in s
-                else f"{s.get('steps', 0)} tokens, {s.get('tokens_per_s', 0):.1f} tok/s")
+        pace = (f"{s.get('steps', 0)} tokens, {s.get('tokens_per_s', 0):.1f} tok/s"
+                if s.get("mode") == Mode.IDS.value
+                else f"{s.get('steps', 0)} rounds, {s.get('committed_bytes', 0)} bytes")
         sys.stderr.write(f"[{pace}, leader {s.get('leader')}, members "
                          f"{', '.join(s.get('members', []))}, disagreement "
                          f"{s.get('disagreement_rate', 0):.0%}, mode {s.get('mode')}"

@@ -41,6 +41,7 @@ from dwarfmesh.wire.messages import (
     Token,
     Tokens,
 )
+from dwarfmesh.wire.modes import TEXT_OPEN_MODES
 
 # Log-probabilities computed in float32 and sent in float16 may round a hair past zero.
 ROUNDING = 1e-3
@@ -223,7 +224,7 @@ def _token(msg: Token, limits: Limits) -> None:
 def _text_open(msg: TextOpen, limits: Limits) -> None:
     _text_prompt(msg, limits)
     _ids(msg.members, MAX_MEMBERS, "TextOpen.members")
-    if msg.mode not in ("rank", "fuse") or not 1 <= msg.propose_tokens <= MAX_PROPOSE_TOKENS:
+    if msg.mode not in TEXT_OPEN_MODES or not 1 <= msg.propose_tokens <= MAX_PROPOSE_TOKENS:
         raise ProtocolError("TextOpen: mode or propose_tokens out of range")
 
 

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from dwarfmesh.config import MAX_DRAFT, MAX_NEW_TOKENS, MAX_PROMPT_TOKENS, MAX_TOP_K
+from dwarfmesh.wire.modes import REQUEST_MODES
 
 MAX_STOPS = 16                  # stop strings per request ...
 MAX_STOP_CHARS = 256            # ... each at most this long (every one is searched per token)
@@ -60,7 +61,7 @@ class GenParams:
             raise ProtocolError(f"unknown fuse {self.fuse!r}")
         if self.weights not in ("online", "equal", "perplexity", "static"):
             raise ProtocolError(f"unknown weights {self.weights!r}")
-        if self.mode not in ("auto", "fuse", "rank"):
+        if self.mode not in REQUEST_MODES:
             raise ProtocolError(f"unknown mode {self.mode!r}")
         if not -1 <= self.speculate <= MAX_DRAFT:
             raise ProtocolError(f"speculate out of range: {self.speculate} (-1 = auto, 0 = "
@@ -314,7 +315,7 @@ class Error:
     message: str
 
 
-# --- text-level sessions (members with different tokenizers; rank.py, rank_member.py) ---
+# --- text-level sessions (members with different tokenizers; sessions/text_*.py) ---
 # The committed state is TEXT: each member renders the prompt with its own template and
 # re-encodes prompt + committed text with its own tokenizer. `text_hash` is
 # textfuse.text_hash of the committed answer text a message was computed on.

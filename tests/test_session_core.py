@@ -1,0 +1,226 @@
+"""The session core in memory: leaders, members, origins and takeovers, each in milliseconds.
+
+Real nodes (dispatch, authority, session tables, rounds, failover) in one process
+(`inproc.Net`: no sockets, a network that can lose chosen messages) on the real engine
+over a scripted model (`scripted.py`: no model library, a deterministic function of the
+ids). What is tested is who waits for whom and what gets committed, sent and replayed;
+the same behaviours on real models are in test_failover.py and test_faults.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from inproc import CLIENT, Net
+from meshutil import session_led_by
+from scripted import script_greedy, scripted_engine
+
+from dwarfmesh.wire import protocol as P
+from dwarfmesh.wire.protocol import GenParams
+from dwarfmesh.wire.transport import Origin
+
+PROMPT = "def quicksort(xs):\n"
+TOKENS = 40
+KILL_AFTER_S = 0.05  # a killed node's last messages arrive before its death is noticed
+FAST_S = 5.0        # every answer here takes milliseconds; this bounds a wrong wait
+
+
+@pytest.fixture()
+def engines(tmp_path, monkeypatch):
+    monkeypatch.setenv("DWARFMESH_STATE", str(tmp_path))
+    out = [scripted_engine(variant=i) for i in range(3)]    # node{i} runs variant i
+    yield out
+    for e in out:
+        e.shutdown(wait=True)
+
+
+REFERENCE = script_greedy(PROMPT, TOKENS)
+
+
+def _ids(net: Net) -> dict[str, str]:
+    return {n.opts.name: n.node_id for n in net.nodes.values()}
+
+
+def _request(session: str) -> P.Generate:
+    return P.Generate(session, PROMPT, GenParams(max_tokens=TOKENS, weights="equal"), [],
+                      session)
+
+
+def _run(net: Net, via: str, session: str, after=None) -> tuple[P.End, float]:
+    async def go() -> P.End:
+        net.generate(via, _request(session))
+        if after is not None:
+            await after()
+        return await asyncio.wait_for(net.end(FAST_S), FAST_S)
+    t0 = time.perf_counter()
+    end = asyncio.run(go())
+    assert isinstance(end, P.End), end
+    return end, time.perf_counter() - t0
+
+
+def _stream_is_exact(net: Net, summary: dict) -> None:
+    by_step: dict[int, str] = {}
+    for t in net.streamed():
+        by_step.setdefault(t.step, t.text)
+    assert sorted(by_step) == list(range(len(REFERENCE)))
+    assert "".join(by_step[i] for i in sorted(by_step)) == summary["text"]
+
+
+@pytest.mark.timeout(30)
+def test_a_plain_answer_is_the_scripted_models_own(engines):
+    net = Net(engines)
+    ids = _ids(net)
+    end, took = _run(net, "node1", session_led_by(ids["node0"], list(ids.values())))
+    s = end.summary
+    assert s["token_ids"] == REFERENCE and s["leader"] == "node0"
+    assert sorted(s["members"]) == ["node0", "node1", "node2"] and s["dropped"] == []
+    assert s["mode"] == "fuse-ids" and s["late"] == {} and s["steps"] == TOKENS
+    _stream_is_exact(net, s)
+    assert took < FAST_S
+
+
+@pytest.mark.timeout(30)
+def test_a_round_goes_on_without_a_late_member_which_stays(engines):
+    """--step-deadline: one member's forward at one step takes far longer than the
+    deadline. The round is decided with the others' frames; the late one is counted, not
+    dropped, and is in every later round again (the answer is still exact)."""
+    prompt_len = len(PROMPT.encode())
+    engines[2].backend.delay(prompt_len + 5, 0.4)
+    net = Net(engines, step_deadline_s=0.05)
+    ids = _ids(net)
+    end, _ = _run(net, "node1", session_led_by(ids["node0"], list(ids.values())))
+    s = end.summary
+    assert s["token_ids"] == REFERENCE
+    assert s["late"].get("node2", 0) >= 1
+    assert s["late"]["node2"] < TOKENS // 2            # caught up, not late ever after
+    assert "node2" in s["members"] and s["dropped"] == []
+
+
+@pytest.mark.timeout(30)
+def test_a_dead_member_is_dropped_and_the_answer_goes_on(engines):
+    net = Net(engines)
+    ids = _ids(net)
+    session = session_led_by(ids["node0"], list(ids.values()))
+    leader = net.addr("node0")
+
+    def drop(src, dst, msg) -> bool:
+        if src == leader and isinstance(msg, P.Token) and msg.step == 5 and dst == net.addr(
+                "node2"):
+            asyncio.get_running_loop().call_soon(net.kill, "node2")
+            return True
+        return False
+
+    net.drop = drop
+    end, _ = _run(net, "node1", session)
+    s = end.summary
+    assert s["token_ids"] == REFERENCE
+    assert sorted(s["members"]) == ["node0", "node1"] and s["dropped"] == ["node2"]
+    _stream_is_exact(net, s)
+
+
+@pytest.mark.timeout(30)
+def test_the_next_member_by_rank_takes_over_from_a_dead_leader(engines):
+    net = Net(engines)
+    ids = _ids(net)
+    session = session_led_by(ids["node0"], list(ids.values()), second=ids["node1"])
+    sent: set[str] = set()
+
+    def drop(src, dst, msg) -> bool:
+        if src == net.addr("node0") and isinstance(msg, P.Token) and msg.step == 8:
+            sent.add(dst)
+            if len(sent) == 2:              # both members (one is the origin) have it: die
+                asyncio.get_running_loop().call_soon(net.kill, "node0")
+        return False
+
+    net.drop = drop
+    end, _ = _run(net, "node2", session)
+    s = end.summary
+    assert s["token_ids"] == REFERENCE
+    assert s["leader"] == "node1" and s["term"] == 1
+    assert sorted(s["members"]) == ["node1", "node2"]
+    _stream_is_exact(net, s)
+
+
+def _lose_last_token(net: Net, step: int, lost_to: str):
+    """The leader's Token for `step` reaches every member but `lost_to`; then it dies
+    (after the others took the Token in: a dead node's last messages arrive before its
+    death is noticed; meanwhile the leader waits for `lost_to`'s frame)."""
+    sent: set[str] = set()
+
+    def drop(src, dst, msg) -> bool:
+        if src == net.addr("node0") and isinstance(msg, P.Token) and msg.step == step:
+            sent.add(dst)
+            if len(sent) == 2:
+                asyncio.get_running_loop().call_later(KILL_AFTER_S, net.kill, "node0")
+            return dst == net.addr(lost_to)
+        return False
+    return drop
+
+
+@pytest.mark.timeout(30)
+def test_a_new_leader_sends_a_member_the_token_it_missed(engines):
+    """The dead leader's last Token reached the member that takes over but not the other
+    one: the new leader sends that member the Token it lacks, and the member stays."""
+    net = Net(engines)
+    ids = _ids(net)
+    session = session_led_by(ids["node0"], list(ids.values()), second=ids["node1"])
+    net.drop = _lose_last_token(net, 10, lost_to="node2")
+    end, _ = _run(net, "node2", session)
+    s = end.summary
+    assert s["token_ids"] == REFERENCE and s["leader"] == "node1" and s["term"] == 1
+    assert sorted(s["members"]) == ["node1", "node2"]
+    _stream_is_exact(net, s)
+
+
+@pytest.mark.timeout(30)
+def test_a_new_leader_adopts_a_token_that_reached_only_some(engines):
+    """The other way round: the dead leader's last Token reached a member but not the one
+    that takes over. That member's frame is a step ahead and says which token it holds
+    (`last_token`); the new leader adopts it as committed (the client may have streamed
+    it already) instead of choosing again, so nothing is lost, repeated or changed."""
+    net = Net(engines)
+    ids = _ids(net)
+    session = session_led_by(ids["node0"], list(ids.values()), second=ids["node1"])
+    step = 12        # where node1's variant alone would choose otherwise (scripted.py)
+    assert (len(PROMPT.encode()) + step) % 3 == 1
+    net.drop = _lose_last_token(net, step, lost_to="node1")
+    end, _ = _run(net, "node2", session)
+    s = end.summary
+    assert s["token_ids"] == REFERENCE and s["leader"] == "node1" and s["term"] == 1
+    assert sorted(s["members"]) == ["node1", "node2"]
+    _stream_is_exact(net, s)
+
+
+@pytest.mark.timeout(30)
+def test_a_client_reattached_through_another_node_gets_what_it_missed(engines):
+    """The client's node dies mid-answer; the client attaches to another node, which
+    becomes the origin: the leader replays every piece from the first one the client
+    lacks, then streams the rest."""
+    net = Net(engines)
+    ids = _ids(net)
+    session = session_led_by(ids["node0"], list(ids.values()))
+    killed: list[str] = []
+
+    def drop(src, dst, msg) -> bool:
+        if isinstance(msg, P.Token) and msg.step == 12 and not killed:
+            killed.append("node2")
+            asyncio.get_running_loop().call_soon(net.kill, "node2")
+            return dst == net.addr("node2")
+        return False
+
+    net.drop = drop
+
+    async def reattach() -> None:
+        while not killed:
+            await asyncio.sleep(0.001)
+        seen = {t.step for t in net.streamed()}
+        assert seen and seen == set(range(len(seen)))
+        net.node("node1")._dispatch(P.Attach(session, "", len(seen)),
+                                    Origin("router", CLIENT, "127.0.0.1", None, 100))
+
+    end, _ = _run(net, "node2", session, after=reattach)
+    s = end.summary
+    assert s["token_ids"] == REFERENCE and s["leader"] == "node0"
+    _stream_is_exact(net, s)
