@@ -10,6 +10,8 @@ leader of a rank or fuse-text session.
 `TextSessions` is a part of `engine.worker.Engine` (its session table, its backend, its
 thread: every method here runs on the engine's thread). It computes log-probabilities
 of text; how members' answers are combined is fusion's, not this module's.
+
+Owns: text-level sessions on the engine's thread. Does not: fuse, message, or choose.
 """
 
 from __future__ import annotations

@@ -26,7 +26,6 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -40,17 +39,15 @@ from dwarfmesh.config import (
 )
 from dwarfmesh.fusion import pools
 from dwarfmesh.fusion.textcut import stop_at
-from dwarfmesh.mesh.membership import Member, outranks
 from dwarfmesh.sessions.answer import held_text
 from dwarfmesh.sessions.deadlines import prefill_bound, reply_bound, resend_interval
+from dwarfmesh.sessions.lead import Lead
 from dwarfmesh.sessions.resume import Takeover
 from dwarfmesh.sessions.round import Round, Trigger
 from dwarfmesh.sessions.stats import SessionStats
 from dwarfmesh.wire.protocol import (
-    Deposed,
     End,
     Frame,
-    GenParams,
     Open,
     Token,
     extend_hash,
@@ -59,7 +56,6 @@ from dwarfmesh.wire.protocol import (
 
 log = logging.getLogger(__name__)
 
-Send = Callable[[str, Any], int]     # (node_id, message) -> bytes sent
 FRAME_LOGP_SLACK = 0.01              # float16 rounding of a frame's log-probabilities
 MIN_LOGP = -1e3                      # keeps online weights finite whatever a member claims
 
@@ -68,44 +64,23 @@ class PromptTooLong(ValueError):
     """The prompt does not fit the members' context (or the protocol's limit)."""
 
 
-class LeaderSession(Takeover):
+class LeaderSession(Takeover, Lead):
     """Runs one answer as decode leader over `members` (this node is one of them)."""
 
     AHEAD = 1              # tokens a member can be ahead of a new leader (one Token)
 
-    def __init__(self, *, session: str, origin: str, params: GenParams, members: list[Member],
-                 me: Member, engine: Any, send: Send, prompt: str = "",
-                 messages: list[dict[str, Any]] | None = None, keep: bool = False,
-                 excluded: list[tuple[Member, str]] | None = None,
-                 step_timeout_s: float | None = None, step_deadline_s: float | None = None,
-                 resume_from: dict[str, Any] | None = None, term: int = 0,
-                 roster: set[str] | None = None) -> None:
-        self.session, self.origin, self.params = session, origin, params
-        self.prompt, self.messages, self.keep = prompt, messages or [], keep
-        self.members, self.dropped = list(members), []
-        # Who may depose this leader (and the origin), and whom a Deposed may name: the
-        # whole session, also the members a takeover left behind (the old leader).
-        self.roster = {m.node_id for m in members} | set(roster or ())
-        self.me, self.engine, self.send = me, engine, send
-        self.excluded = excluded or []
-        self.step_timeout_s, self.step_deadline_s = step_timeout_s, step_deadline_s
+    def __init__(self, *, resume_from: dict[str, Any] | None = None, **lead: Any) -> None:
+        super().__init__(**lead)
         self.resume_from = resume_from
-        self.term = term
-        self.deposed: Deposed | None = None      # a leader of a later term took over
-        self.stats = SessionStats({m.node_id: m.name for m in members})
+        self.stats = SessionStats(self.names)
         self._expect: set[int] = set()
-        self._round: Round | None = None         # the frames being waited for
         self._ahead: dict[str, Frame] = {}       # frames one step ahead (after a failover)
         self._hash = 0
         self._hashes: list[int] = []             # prefix hash before each committed token
-        self._caught_up: dict[str, float] = {}   # when a member behind was last re-sent
-        self._slowest_s = 0.0                    # slowest forward seen (reply bounds)
-        self._cancelled = False
         self.own_out: Any = None
         self.tokens: list[int] = []
         self.prompt_ids: Any = []
         self.weights: dict[str, float] = {}
-        self.sent: list[Any] = []                # every Token (and the End) sent to the origin
 
     # --- inputs from the node ---------------------------------------------------------
 
@@ -134,52 +109,11 @@ class LeaderSession(Takeover):
             self._ahead[frame.sender] = frame
             self._round.count(frame.sender)
 
-    def member_lost(self, node_id: str) -> None:
-        """The node says this member is gone: stop waiting for it."""
-        if node_id in self._ids() and node_id != self.me.node_id:
-            self.dropped += [m for m in self.members if m.node_id == node_id]
-            self.members = [m for m in self.members if m.node_id != node_id]
-            log.warning("session %s: member %s left; %d remain", self.session, node_id,
-                        len(self.members))
-            self._maybe_done()
-
-    def on_deposed(self, msg: Deposed, sender: str) -> bool:
-        """A member or the origin follows a leader of a later term: stop leading (the
-        answer goes on there). Returns whether this leader stepped down."""
-        if sender not in self.roster | {self.origin} or msg.leader not in self.roster:
-            return False
-        if self.deposed is None and sender != self.origin and (
-                msg.leader == sender or not outranks(
-                    self.session, (msg.term, msg.leader), (self.term, self.me.node_id))):
-            # It follows another leader, whose lease holds; or it is that claimer itself,
-            # whose own word is no vote (a cut-off member that took over says so too:
-            # when its claim is real, the origin and the members following it say so).
-            self.member_lost(sender)
-            return False
-        if self.deposed is None:          # a better claim, or the client's node says so
-            log.warning("session %s: deposed: %s leads term %d now", self.session, msg.leader,
-                        msg.term)
-            self.deposed = msg
-            if self._round is not None:
-                self._round.stop()
-            return True
-        return False
-
     def set_origin(self, origin: str, next_step: int) -> None:
         """A client re-attached through another node: stream there, from `next_step`."""
         self.origin = origin
         for msg in self.sent[next_step:]:
             self.send(origin, msg)
-
-    def cancel(self) -> None:
-        self._cancelled = True
-
-    def _ids(self) -> set[str]:
-        return {m.node_id for m in self.members}
-
-    def _maybe_done(self) -> None:
-        if self._round is not None:
-            self._round.check()
 
     # --- gathering frames -------------------------------------------------------------
 

@@ -15,6 +15,10 @@ highest (term, rendezvous rank) claim this member has seen. A would-be leader wi
 weaker claim (paused, cut off, or deposed by a takeover) is answered `Deposed`. A copy of
 a Token this member already applied is answered with its frame again: that is how a
 leader asks for a frame it lost.
+
+Owns: an id member's session (ordered apply under one lock, hash check, Leave), the
+rule for following a leader and for what a member does when its leader dies (shared with
+text members). Does not: lead, or decide whom it follows after a death (`membership`).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import numpy as np
 
 from dwarfmesh.config import MAX_DRAFT
 from dwarfmesh.mesh.membership import outranks, successor
+from dwarfmesh.sessions.ports import Send
 from dwarfmesh.wire.protocol import (
     Deposed,
     DraftFrame,
@@ -44,7 +49,6 @@ from dwarfmesh.wire.protocol import (
 
 log = logging.getLogger(__name__)
 
-Send = Callable[[str, Any], int]
 
 
 def follow_leader(member: Any, sender: str, term: int) -> bool:

@@ -18,11 +18,13 @@ Owns: the two interfaces. Does nothing.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from dwarfmesh.mesh.membership import Member, Membership
+
+Send = Callable[[str, Any], int]     # to a node by id (itself included) -> bytes sent
 
 
 class NodePort(Protocol):

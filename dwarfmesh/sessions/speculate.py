@@ -23,6 +23,10 @@ over one. A speculative round (`SpecLeaderSession._decode`):
 Failover, deadlines, late and lost members work as in `leader.py` (this is a subclass):
 a round reaches a member whole or not at all, and a leader taking over adopts a round
 that reached only some from their frames' `round_ids`.
+
+Owns: the drafter, the choice of a round's length, the speculative round's walk. Does
+not: fuse or choose (the plain loop's `_fuse`/`_rng`/`_append`, `fusion.pools`), or
+compute anything on a model (members do, in `Engine.step` with a draft).
 """
 
 from __future__ import annotations
@@ -168,7 +172,7 @@ class SpecLeaderSession(LeaderSession):
         self.length = DraftLength(self.params.speculate, prior)
         self._draft: list[int] = []        # the draft the current frames were computed on
         self._kind = 0                     # ... and its kind (the n-gram length it matched)
-        self._round: list[int] = []        # the tokens the last round committed
+        self._round_ids: list[int] = []    # the tokens the last round committed
         self.rounds = self.drafted = self.accepted = 0
 
     async def run(self) -> dict[str, Any]:
@@ -184,7 +188,7 @@ class SpecLeaderSession(LeaderSession):
     def _own(self, step: int, out: Any) -> Frame:
         last = self.tokens[-1] if self.tokens else -1
         return make_frame(out, self.session, step, self.me.node_id, self._hash, last,
-                          self._round)
+                          self._round_ids)
 
     def _ahead_ids(self, frame: Frame, n: int) -> list[int]:
         if isinstance(frame, DraftFrame) and 0 < n <= len(frame.round_ids):
@@ -256,7 +260,7 @@ class SpecLeaderSession(LeaderSession):
                 prev = cur
             self._count(took, rejected)
             ids = [m.token_id for m in msgs]
-            self._round = ids
+            self._round_ids = ids
             history[held:held + len(ids)] = ids
             held += len(ids)
             kind, draft = (0, []) if reason is not None else self.drafter.match(

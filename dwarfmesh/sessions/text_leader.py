@@ -44,8 +44,8 @@ from dwarfmesh.config import (
 from dwarfmesh.fusion import pools
 from dwarfmesh.fusion import text as textfuse
 from dwarfmesh.fusion.textcut import stop_at
-from dwarfmesh.mesh.membership import Member, outranks
 from dwarfmesh.sessions.deadlines import reply_bound, resend_interval
+from dwarfmesh.sessions.lead import Lead
 from dwarfmesh.sessions.round import Round, Trigger
 from dwarfmesh.sessions.stats import text_summary
 from dwarfmesh.sessions.text_resume import TextFailover, TextResume
@@ -53,9 +53,7 @@ from dwarfmesh.wire.modes import Mode
 from dwarfmesh.wire.protocol import (
     Candidates,
     Commit,
-    Deposed,
     End,
-    GenParams,
     Proposal,
     Scores,
     TextFrame,
@@ -67,44 +65,23 @@ log = logging.getLogger(__name__)
 RANK_CHUNK_TOKENS = 12      # most tokens a member proposes per round (before the cut)
 TRACE_STEPS = 32            # steps of per-member detail kept in the summary's "trace"
 
-Send = Callable[[str, Any], int]
 
 
-class TextLeaderSession(TextFailover):
+class TextLeaderSession(TextFailover, Lead):
     """Runs one answer as leader of a text-level session over `members` (this node too)."""
 
-    def __init__(self, *, session: str, origin: str, params: GenParams, kind: str,
-                 members: list[Member], me: Member, engine: Any, send: Send, prompt: str = "",
-                 messages: list[dict[str, Any]] | None = None, keep: bool = False,
-                 excluded: list[tuple[Member, str]] | None = None,
-                 step_timeout_s: float | None = None, step_deadline_s: float | None = None,
-                 resume: TextResume | None = None, term: int = 0,
-                 roster: set[str] | None = None, **_ignored: Any) -> None:
-        self.session, self.origin, self.params, self.kind = session, origin, params, kind
-        self.prompt, self.messages, self.keep = prompt, messages or [], keep
-        self.members, self.dropped = list(members), []
-        # Who may depose this leader (and the origin), and whom a Deposed may name: the
-        # whole session, also the members a takeover left behind (the old leader).
-        self.roster = {m.node_id for m in members} | set(roster or ())
-        self.me, self.engine, self.send = me, engine, send
-        self.excluded = excluded or []
-        self.step_timeout_s, self.step_deadline_s = step_timeout_s, step_deadline_s
+    OWN_REPLY_LOCAL = False   # its own member answers through the node, like the others
+
+    def __init__(self, *, kind: Mode, resume: TextResume | None = None, **lead: Any) -> None:
+        super().__init__(**lead)
+        self.kind, self.resume = kind, resume
         self.behind: Counter[str] = Counter()    # steps decided without a member's reply
-        self.names = {m.node_id: m.name for m in members}
         self.text, self.weights = "", {}
         self._hash = textfuse.TEXT_HASH_START
-        self.sent: list[Any] = []      # every Commit (and the End) the origin was sent
-        self.resume = resume
-        self.term = term
-        self.deposed: Deposed | None = None      # a leader of a later term took over
-        self._caught_up: dict[str, float] = {}   # when a member behind was last re-sent
-        self._slowest_s = 0.0                    # slowest reply seen (reply bounds)
         self._adopting = False          # resumed: still taking Commits a member is ahead by
         self.adopted = 0                # steps taken that way
         self._early: dict[str, tuple[Any, int]] = {}   # replies for a later step, by sender
         self._want: tuple[type, int] | None = None
-        self._round: Round | None = None          # the replies being waited for
-        self._cancelled = False
         self.steps = self.wire_bytes = self.late = self.disagree = 0
         self.step_ms: list[float] = []
         self.phase_ms: dict[str, list[float]] = {"propose": [], "score": [], "frame": []}
@@ -139,15 +116,6 @@ class TextLeaderSession(TextFailover):
         self._slowest_s = max(self._slowest_s, msg.forward_ms / 1000.0)
         self._round.offer(msg.sender, msg)
 
-    def member_lost(self, node_id: str) -> None:
-        gone = [m for m in self.members if m.node_id == node_id]
-        if gone:
-            self.members.remove(gone[0])
-            self.dropped.append(gone[0])
-            log.warning("session %s: member %s dropped; %d remain", self.session,
-                        gone[0].name, len(self.members))
-            self._maybe_done()
-
     def _catch_up(self, msg: Proposal | TextFrame) -> None:
         """A reply for a step already committed: that member missed Commits (lost, or sent
         by a leader that died before reaching it). Send it what it lacks, at most once per
@@ -164,32 +132,6 @@ class TextLeaderSession(TextFailover):
         self._caught_up[msg.sender] = now
         for commit in commits[step:]:
             self.wire_bytes += self.send(msg.sender, commit)
-
-    def on_deposed(self, msg: Deposed, sender: str) -> None:
-        """A member or the origin follows a leader of a later term: stop leading."""
-        if sender not in self.roster | {self.origin} or msg.leader not in self.roster:
-            return
-        if self.deposed is None and sender != self.origin and (
-                msg.leader == sender or not outranks(
-                    self.session, (msg.term, msg.leader), (self.term, self.me.node_id))):
-            # It follows another leader, whose lease holds; or it is that claimer itself,
-            # whose own word is no vote (a cut-off member that took over says so too:
-            # when its claim is real, the origin and the members following it say so).
-            self.member_lost(sender)
-            return
-        if self.deposed is None:          # a better claim, or the client's node says so
-            log.warning("session %s: deposed: %s leads term %d now", self.session, msg.leader,
-                        msg.term)
-            self.deposed = msg
-            if self._round is not None:
-                self._round.stop()
-
-    def cancel(self) -> None:
-        self._cancelled = True
-
-    def _maybe_done(self) -> None:
-        if self._round is not None:
-            self._round.check()
 
     # --- talking to members ---------------------------------------------------------------
 
@@ -401,13 +343,9 @@ class TextLeaderSession(TextFailover):
 
 
 def _malformed(msg: Any, n_candidates: int) -> str:
-    """Why a reply cannot be used (the codec checks types; this checks meaning)."""
+    """Why a reply cannot be used in this round. What a message can say about itself
+    (lengths, finite values, signs: a TextFrame's strings and log-probs) is checked when
+    it is decoded (`wire.bounds`); this checks it against the round."""
     if isinstance(msg, Scores) and len(msg.nll) != n_candidates:
         return "scores for the wrong number of candidates"
-    if isinstance(msg, TextFrame):
-        lp = np.asarray(msg.logprobs, dtype=np.float32)
-        if len(lp) != len(msg.texts) or not np.all(np.isfinite(lp)) or np.any(lp > 1e-3):
-            return "malformed frame"
-        if not 0.0 <= msg.rest_mass <= 1.0 or msg.eos_logp > 1e-3:
-            return "malformed frame"
     return ""

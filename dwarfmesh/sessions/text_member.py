@@ -27,7 +27,8 @@ hands the new leader the Commits it lacks (`text_resume`: it adopts them) and on
 behind catches up on those the new leader re-sends. A client whose node died
 re-attaches to another node (`Attach`), and the leader replays the Commits it missed.
 
-The node's table of text sessions (who leads and who takes over) is `text_table`.
+Owns: one text member's state and its answers. Does not: decide who takes over, or
+keep the node's table of text sessions (who leads, who is a member): that is `text_table`.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from jinja2 import TemplateError
 
 from dwarfmesh.fusion import text as textfuse
 from dwarfmesh.sessions.member import follow_leader
+from dwarfmesh.sessions.ports import Send
 from dwarfmesh.sessions.text_resume import TextResume
 from dwarfmesh.wire.modes import Mode
 from dwarfmesh.wire.protocol import (
@@ -60,7 +62,6 @@ from dwarfmesh.wire.protocol import (
 
 log = logging.getLogger(__name__)
 
-Send = Callable[[str, Any], int]
 
 
 class TextMemberSession:

@@ -7,6 +7,8 @@
   ignore them); `adopt` the Commits a member is ahead by (the dead leader's last reached
   only some, and the client may have streamed them); `set_origin` replays what a client
   that re-attached through another node missed.
+
+Owns: the text leader's takeover half. Does not: decide who takes over (`text_table`).
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from dwarfmesh.config import (
     default_node_name,
 )
 from dwarfmesh.ui.errors import CliError
+from dwarfmesh.wire.modes import Mode
 
 log = logging.getLogger("dwarfmesh")
 
@@ -294,7 +295,6 @@ async def _run_peers(args: argparse.Namespace) -> None:
 
 async def _run_generate(args: argparse.Namespace) -> dict[str, Any]:
     from dwarfmesh.ui.client import MeshClient
-    from dwarfmesh.wire.modes import Mode
     from dwarfmesh.wire.protocol import GenParams
 
     params = GenParams(max_tokens=args.max_tokens, temperature=args.temperature,
@@ -311,14 +311,19 @@ async def _run_generate(args: argparse.Namespace) -> dict[str, Any]:
     else:
         s = result.summary
         sys.stdout.write("\n")
-        pace = (f"{s.get('steps', 0)} tokens, {s.get('tokens_per_s', 0):.1f} tok/s"
-                if s.get("mode") == Mode.IDS.value
-                else f"{s.get('steps', 0)} rounds, {s.get('committed_bytes', 0)} bytes")
-        sys.stderr.write(f"[{pace}, leader {s.get('leader')}, members "
+        sys.stderr.write(f"[{_pace(s)}, leader {s.get('leader')}, members "
                          f"{', '.join(s.get('members', []))}, disagreement "
                          f"{s.get('disagreement_rate', 0):.0%}, mode {s.get('mode')}"
                          f"{_speculated(s)}]\n")
     return result.summary
+
+
+def _pace(summary: dict[str, Any]) -> str:
+    """How far and how fast the answer went, in the mode's own units."""
+    s = summary
+    if s.get("mode") == Mode.IDS.value:
+        return f"{s.get('steps', 0)} tokens, {s.get('tokens_per_s', 0):.1f} tok/s"
+    return f"{s.get('steps', 0)} rounds, {s.get('committed_bytes', 0)} bytes"
 
 
 def _speculated(summary: dict[str, Any]) -> str:

@@ -4,6 +4,9 @@ who sends it. `protocol.py` encodes and validates them; this module only declare
 A field with array metadata travels as a raw little-endian buffer after the header; every
 other field is an entry of the msgpack header array, in declared order. Tags are stable:
 never reuse one for a different message.
+
+Owns: the messages' fields (and `GenParams.check`'s ranges). Does not: encode,
+decode or bound them for a receiver (`protocol`, `bounds`), or act on any.
 """
 
 from __future__ import annotations
