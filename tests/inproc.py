@@ -23,6 +23,27 @@ from dwarfmesh.wire.transport import Origin
 CLIENT = b"client"
 
 
+def engines_on_one_thread(paths: list[Any], backend: str = "auto",
+                          names: list[str] | None = None) -> list[Any]:
+    """Loaded engines for `paths` (node{i} runs paths[i], named names[i], by default
+    tiny{i}) sharing one model thread, as a node's sessions share its one engine thread;
+    `stop(engines)` shuts them down."""
+    from dwarfmesh.engine.choose import make_engine
+
+    names = names or [f"tiny{i}" for i in range(len(paths))]
+    out = [make_engine(str(m), backend, model_name=n, pull=False)[0]
+           for m, n in zip(paths, names)]
+    for e in out:
+        e.load_sync()
+        e._pool = out[0]._pool
+    return out
+
+
+def stop(engines: list[Any]) -> None:
+    for e in engines:
+        e.shutdown(wait=True)
+
+
 class _Transport:
     """Stands in for `transport.Transport`: same send/reply, no sockets."""
 

@@ -14,12 +14,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from inproc import Net
+from inproc import Net, engines_on_one_thread, stop
 from meshutil import session_led_by
 from reference import engine_greedy
 
 import dwarfmesh  # noqa: F401  (OpenBLAS preload before mlx)
-from dwarfmesh.engine.choose import make_engine
 from dwarfmesh.wire import protocol as P
 from dwarfmesh.wire.protocol import GenParams
 
@@ -39,13 +38,9 @@ def model(tiny_ggufs_shared):
 @pytest.fixture()
 def engines(model, tmp_path, monkeypatch):
     monkeypatch.setenv("DWARFMESH_STATE", str(tmp_path))
-    out = [make_engine(model, model_name="tiny", pull=False)[0] for _ in range(3)]
-    for e in out:
-        e.load_sync()
-        e._pool = out[0]._pool                      # one model thread, as in a node
+    out = engines_on_one_thread([model] * 3, names=["tiny"] * 3)
     yield out
-    for e in out:
-        e.shutdown(wait=True)
+    stop(out)
 
 
 @pytest.fixture(scope="module")
@@ -243,11 +238,7 @@ def test_a_new_text_leader_adopts_a_commit_only_some_members_got(mixed_ggufs, tm
     takes over. The new leader must adopt the piece from the member that has it and go
     on from there."""
     monkeypatch.setenv("DWARFMESH_STATE", str(tmp_path))
-    engines = [make_engine(str(m), model_name=f"m{i}", pull=False)[0]
-               for i, m in enumerate(mixed_ggufs)]
-    for e in engines:
-        e.load_sync()
-        e._pool = engines[0]._pool                   # one model thread, as in a node
+    engines = engines_on_one_thread(mixed_ggufs, names=[f"m{i}" for i in range(3)])
     net = Net(engines)
     ids = _ids(net)
     session = session_led_by(ids["node0"], list(ids.values()), second=ids["node1"])

@@ -143,10 +143,14 @@ def test_the_next_member_by_rank_takes_over_from_a_dead_leader(engines):
     _stream_is_exact(net, s)
 
 
-def _lose_last_token(net: Net, step: int, lost_to: str):
-    """The leader's Token for `step` reaches every member but `lost_to`; then it dies
-    (after the others took the Token in: a dead node's last messages arrive before its
-    death is noticed; meanwhile the leader waits for `lost_to`'s frame)."""
+def _lose_last_token_then_take_over(engines, step: int, lost_to: str) -> None:
+    """The leader (node0) sends its Token for `step` to both members but it is lost to
+    `lost_to`; then the leader dies (after the other took the Token in: a dead node's last
+    messages arrive before its death is noticed; meanwhile it waits for `lost_to`'s
+    frame). node1 takes over; the answer must be exact, with both members still in."""
+    net = Net(engines)
+    ids = _ids(net)
+    session = session_led_by(ids["node0"], list(ids.values()), second=ids["node1"])
     sent: set[str] = set()
 
     def drop(src, dst, msg) -> bool:
@@ -156,22 +160,20 @@ def _lose_last_token(net: Net, step: int, lost_to: str):
                 asyncio.get_running_loop().call_later(KILL_AFTER_S, net.kill, "node0")
             return dst == net.addr(lost_to)
         return False
-    return drop
+
+    net.drop = drop
+    end, _ = _run(net, "node2", session)
+    s = end.summary
+    assert s["token_ids"] == REFERENCE and s["leader"] == "node1" and s["term"] == 1
+    assert sorted(s["members"]) == ["node1", "node2"]
+    _stream_is_exact(net, s)
 
 
 @pytest.mark.timeout(30)
 def test_a_new_leader_sends_a_member_the_token_it_missed(engines):
     """The dead leader's last Token reached the member that takes over but not the other
     one: the new leader sends that member the Token it lacks, and the member stays."""
-    net = Net(engines)
-    ids = _ids(net)
-    session = session_led_by(ids["node0"], list(ids.values()), second=ids["node1"])
-    net.drop = _lose_last_token(net, 10, lost_to="node2")
-    end, _ = _run(net, "node2", session)
-    s = end.summary
-    assert s["token_ids"] == REFERENCE and s["leader"] == "node1" and s["term"] == 1
-    assert sorted(s["members"]) == ["node1", "node2"]
-    _stream_is_exact(net, s)
+    _lose_last_token_then_take_over(engines, 10, lost_to="node2")
 
 
 @pytest.mark.timeout(30)
@@ -180,17 +182,9 @@ def test_a_new_leader_adopts_a_token_that_reached_only_some(engines):
     that takes over. That member's frame is a step ahead and says which token it holds
     (`last_token`); the new leader adopts it as committed (the client may have streamed
     it already) instead of choosing again, so nothing is lost, repeated or changed."""
-    net = Net(engines)
-    ids = _ids(net)
-    session = session_led_by(ids["node0"], list(ids.values()), second=ids["node1"])
     step = 12        # where node1's variant alone would choose otherwise (scripted.py)
     assert (len(PROMPT.encode()) + step) % 3 == 1
-    net.drop = _lose_last_token(net, step, lost_to="node1")
-    end, _ = _run(net, "node2", session)
-    s = end.summary
-    assert s["token_ids"] == REFERENCE and s["leader"] == "node1" and s["term"] == 1
-    assert sorted(s["members"]) == ["node1", "node2"]
-    _stream_is_exact(net, s)
+    _lose_last_token_then_take_over(engines, step, lost_to="node1")
 
 
 @pytest.mark.timeout(30)

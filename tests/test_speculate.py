@@ -13,7 +13,7 @@ import dataclasses
 
 import numpy as np
 import pytest
-from inproc import Net
+from inproc import Net, engines_on_one_thread, stop
 from meshutil import generate_cli, mesh, session_led_by
 
 import dwarfmesh  # noqa: F401  (OpenBLAS preload before mlx)
@@ -190,14 +190,9 @@ def engines3(request, models, tmp_path, monkeypatch):
     monkeypatch.setenv("DWARFMESH_STATE", str(tmp_path))
     paths = models if request.param == "different" else [models[0]] * 3
     backend = "mlx" if request.param.endswith("mlx") else "auto"
-    out = [make_engine(m, backend, model_name=f"tiny{i}", pull=False)[0]
-           for i, m in enumerate(paths)]
-    for e in out:
-        e.load_sync()
-        e._pool = out[0]._pool
+    out = engines_on_one_thread(paths, backend)
     yield out
-    for e in out:
-        e.shutdown(wait=True)
+    stop(out)
 
 
 def _answer(engines, speculate: int, session: str = "s1", drop=None, kill=None,

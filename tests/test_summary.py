@@ -11,10 +11,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from inproc import Net
+from inproc import Net, engines_on_one_thread, stop
 
 import dwarfmesh  # noqa: F401  (OpenBLAS preload before mlx)
-from dwarfmesh.engine.choose import make_engine
 from dwarfmesh.sessions.summary import SessionSummary
 from dwarfmesh.ui.cli import _pace
 from dwarfmesh.wire import protocol as P
@@ -28,13 +27,9 @@ pytestmark = pytest.mark.usefixtures("own_model_cache")   # tiny GGUFs' tokenize
 def engines(tiny_ggufs_shared, tmp_path, monkeypatch):
     monkeypatch.setenv("DWARFMESH_STATE", str(tmp_path))
     model = str(tiny_ggufs_shared[0])
-    out = [make_engine(model, model_name="tiny", pull=False)[0] for _ in range(2)]
-    for e in out:
-        e.load_sync()
-        e._pool = out[0]._pool
+    out = engines_on_one_thread([model] * 2, names=["tiny"] * 2)
     yield out
-    for e in out:
-        e.shutdown(wait=True)
+    stop(out)
 
 
 def _answer(engines, mode: str) -> dict:
