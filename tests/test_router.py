@@ -33,7 +33,8 @@ class Recorder:
             def __getattr__(self, name):
                 def handler(*args):
                     calls.append(name)
-                    if name in ("lead", "open", "session_message", "handle"):
+                    if name in ("lead", "open", "on_end", "on_resume", "on_candidates",
+                                "on_commit"):
                         async def later():
                             return None
                         return later()
@@ -125,7 +126,7 @@ def test_replies_meant_for_clients_are_refused_and_counted():
 @pytest.mark.timeout(10)
 def test_handlers_that_wait_run_in_a_task_and_the_rest_at_once():
     node = Recorder(peers={"peer"})
-    router.dispatch(node, _sample(P.Token), Received("peer", b"id", 10, None))
+    router.dispatch(node, _sample(P.End), Received("peer", b"id", 10, None))
     router.dispatch(node, _sample(P.Frame), Received("peer", b"id", 10, None))
-    assert node.calls == ["session_message", "frame"]
+    assert node.calls == ["on_end", "frame"]
     assert len(node.tasks) == 1 and asyncio.iscoroutine(node.tasks[0])

@@ -236,32 +236,55 @@ class SessionRoles(OriginRole):
         slots = getattr(self.node.engine, "max_sessions", 16)
         return max(1, int(slots * PEER_SESSION_SHARE))
 
-    async def session_message(self, msg: P.Token | P.Tokens | P.End | P.Resume,
-                              sender: str) -> None:
+    # A leader's Token(s), End and Resume reach this node as the session's origin (the
+    # client's stream), as an id member, or as a text member (End, Resume), in that order.
+
+    def on_tokens(self, msg: P.Token | P.Tokens, sender: str) -> None:
+        self._to_origin(msg, sender)
+        member = self._following(msg, sender, stray=True)
+        if member is not None:
+            member.token(msg)
+            self._settle(member)
+
+    async def on_end(self, msg: P.End, sender: str) -> None:
+        self._to_origin(msg, sender)
+        await self.text.end(msg, sender)
+        member = self._following(msg, sender)
+        if member is not None:
+            await member.end()
+            self._settle(member)
+
+    async def on_resume(self, msg: P.Resume, sender: str) -> None:
+        self._to_origin(msg, sender)
+        await self.text.resume(msg, sender)
+        member = self._following(msg, sender)
+        if member is not None:
+            member.resume(sender, msg.term)
+            self._settle(member)
+
+    def _to_origin(self, msg: Any, sender: str) -> None:
         if msg.session in self.clients:
             self.to_client(msg, sender)
-        if isinstance(msg, P.End):
-            await self.text.end(msg, sender)
-        elif isinstance(msg, P.Resume):
-            await self.text.resume(msg, sender)
+
+    def _following(self, msg: Any, sender: str, stray: bool = False) -> MemberSession | None:
+        """This node's member session `msg` is for, if `sender` leads it. A Token for a
+        session this node is in nowhere is a stray (its sender learns so)."""
         member = self.member_of.get(msg.session)
         if member is None:
-            if (isinstance(msg, (P.Token, P.Tokens)) and msg.session not in self.clients
+            if (stray and msg.session not in self.clients
                     and not self.text.running(msg.session) and sender != self.node.node_id):
                 self.stray(msg, sender)
-            return
+            return None
         if member.taken_over or not member.follow(sender, msg.term):
-            return
-        if isinstance(msg, (P.Token, P.Tokens)):
-            member.token(msg)
-        elif isinstance(msg, P.Resume):
-            member.resume(sender, msg.term)
-        else:
-            await member.end()
+            return None
+        return member
+
+    def _settle(self, member: MemberSession) -> None:
+        """A member that closed is forgotten; who led it is remembered (a late Attach)."""
         if member.closed:
-            if self.member_of.get(msg.session) is member:
-                del self.member_of[msg.session]
-            self.remember_leader(msg.session, member.leader, member.term)
+            if self.member_of.get(member.session) is member:
+                del self.member_of[member.session]
+            self.remember_leader(member.session, member.leader, member.term)
 
     def stray(self, msg: Any, sender: str) -> None:
         """A leader's message (Token; Candidates or Commit) for a session this node is

@@ -82,14 +82,6 @@ def _text_reply(n: Any, m: Any, r: Received) -> None:
     n.roles.text.reply(m, r.size, r.sender)
 
 
-def _from_leader(n: Any, m: Any, r: Received) -> Any:
-    return n.roles.session_message(m, r.sender)
-
-
-def _from_text_leader(n: Any, m: Any, r: Received) -> Any:
-    return n.roles.text.handle(m, r.sender)
-
-
 ROUTES: dict[type, Route] = {
     P.Hello: Route(Via.ANYONE, lambda n, m, r: n.on_hello(m, r),
                    authority="anyone; only a Hello answered on the DEALER this node dialled "
@@ -128,21 +120,21 @@ ROUTES: dict[type, Route] = {
                    authority="the session's origin, naming itself: roles.lead"),
     P.Open: Route(Via.NODE, lambda n, m, r: n.roles.open(m, r.sender),
                   authority="the leader it names, within its share of this node: roles.open"),
-    P.Token: Route(Via.NODE, _from_leader,
+    P.Token: Route(Via.NODE, lambda n, m, r: n.roles.on_tokens(m, r.sender),
                    authority="the leader of the best (term, rank) claim: MemberSession.follow"
                              ", ClientStream.follow"),
-    P.Tokens: Route(Via.NODE, _from_leader,
+    P.Tokens: Route(Via.NODE, lambda n, m, r: n.roles.on_tokens(m, r.sender),
                     authority="as Token"),
-    P.End: Route(Via.NODE, _from_leader,
+    P.End: Route(Via.NODE, lambda n, m, r: n.roles.on_end(m, r.sender),
                  authority="as Token"),
-    P.Resume: Route(Via.NODE, _from_leader,
+    P.Resume: Route(Via.NODE, lambda n, m, r: n.roles.on_resume(m, r.sender),
                     authority="as Token (a takeover's claim; also a leader's acknowledgement "
                               "of a Start, to the origin)"),
-    P.TextOpen: Route(Via.NODE, _from_text_leader,
+    P.TextOpen: Route(Via.NODE, lambda n, m, r: n.roles.text.open(m, r.sender),
                       authority="the leader it names: TextTable.handle"),
-    P.Candidates: Route(Via.NODE, _from_text_leader,
+    P.Candidates: Route(Via.NODE, lambda n, m, r: n.roles.text.on_candidates(m, r.sender),
                         authority="the text session's leader: TextMemberSession.follow"),
-    P.Commit: Route(Via.NODE, _from_text_leader,
+    P.Commit: Route(Via.NODE, lambda n, m, r: n.roles.text.on_commit(m, r.sender),
                     authority="the text session's leader; to a new leader, a member ahead "
                               "of it (adoption): TextTable.handle"),
 }

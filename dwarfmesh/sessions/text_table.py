@@ -111,37 +111,44 @@ class TextTable:
             return
         leader.on_reply(msg, size)
 
-    async def handle(self, msg: TextOpen | Candidates | Commit, sender: str) -> None:
-        node = self.node
+    async def on_candidates(self, msg: Candidates, sender: str) -> None:
+        member = self._following(msg, sender)
+        if member is not None:
+            await member.candidates(msg)
+            self._settle(member)
+
+    async def on_commit(self, msg: Commit, sender: str) -> None:
         leader = self.leading.get(msg.session)
-        if (isinstance(msg, Commit) and leader is not None and msg.step >= leader.steps
+        if (leader is not None and msg.step >= leader.steps
                 and sender in {m.node_id for m in leader.members}):
             leader.adopt(msg)            # from a member ahead of this new leader (resume)
             return
-        if isinstance(msg, TextOpen):
-            await self._open(msg, sender)
-            return
-        member = self.members.get(msg.session)
-        if isinstance(msg, Commit) and msg.session in self.roles.clients:
+        if msg.session in self.roles.clients:
             # The origin streams committed text to its client.
             self.roles.to_client(Token(msg.session, msg.step, 0, msg.text_hash, msg.text,
                                        msg.final, msg.term), sender)
-        # (A member that took over stays this leader's own local member: it is followed.)
+        member = self._following(msg, sender)
+        if member is not None:
+            await member.commit(msg)
+            self._settle(member)
+
+    def _following(self, msg: Candidates | Commit, sender: str) -> TextMemberSession | None:
+        """This node's text member `msg` is for, if `sender` leads it. (A member that took
+        over stays this leader's own local member: it is followed.) A message for a
+        session this node is in nowhere is a stray: e.g. a deposed leader that woke up."""
+        member = self.members.get(msg.session)
         if member is None:
             if (msg.session not in self.roles.clients and not self.running(msg.session)
-                    and sender != node.node_id):
-                self.roles.stray(msg, sender)    # e.g. a deposed leader that woke up late
-            return
-        if not member.follow(sender, msg.term):
-            return
-        if isinstance(msg, Candidates):
-            await member.candidates(msg)
-        else:
-            await member.commit(msg)
-        if member.closed and self.members.get(msg.session) is member:
+                    and sender != self.node.node_id):
+                self.roles.stray(msg, sender)
+            return None
+        return member if member.follow(sender, msg.term) else None
+
+    def _settle(self, member: TextMemberSession) -> None:
+        if member.closed and self.members.get(member.session) is member:
             self._forget(member)
 
-    async def _open(self, msg: TextOpen, sender: str) -> None:
+    async def open(self, msg: TextOpen, sender: str) -> None:
         node = self.node
         if sender != msg.leader:
             node.refused("TextOpen from another node than its leader")
