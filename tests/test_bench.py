@@ -20,7 +20,7 @@ from mlx_lm.models.cache import make_prompt_cache
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import quality  # noqa: E402
+from bench import quality, same_run  # noqa: E402
 
 SCRIPT = ROOT / "bench" / "ensemble_vs_single.py"
 
@@ -99,6 +99,11 @@ def test_bench_runs_end_to_end_and_its_figures_hold(tiny_models, tmp_path):
             "wire_bytes_per_node_per_token"} <= set(r["goals"])
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "ensemble linear, online weights" in (tmp_path / "r.md").read_text()
+    # what bench/same_run.py compares between two commits is read from this very JSON
+    f = same_run.figures(r)
+    assert f["mesh_overhead_ms_per_token"] == d["mesh_overhead_ms_per_token"]
+    assert f["single_node_overhead_ms_per_token"] == d["single_node_overhead_ms_per_token"]
+    assert f["auto_step_p50_ms"] == sp["modes"]["auto"]["timing_ms"]["step_p50"] > 0
 
 
 @pytest.mark.timeout(120)

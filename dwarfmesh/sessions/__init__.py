@@ -1,11 +1,16 @@
 """One answer across the mesh: its leader, its members, and the node's tables of them.
 
-Owns: the round a leader waits on (`round`), the id session's leader (`leader`, and its
-speculative subclass `speculate`) and member (`member`), the text session's leader
-(`text_leader`, resumed by `text_resume`) and member (`text_member`), every bound on a
-wait (`deadlines`), measurements and the one summary shape (`stats`, `summary`), and the
-node's session tables with who may send each session message (`roles`).
-Does not: open sockets or load models: the node hands sessions a `send` function and an
-engine (`ports` says what a session may ask of its node). Imports `wire`, `mesh`,
-`fusion` and `config`; never `ui` or `node`.
+Owns, by module:
+- every message in: `router` (one table: who may send it, which handler);
+- the node's tables: `roles` (id sessions led and joined, failover), `origin` (a client's
+  stream, whatever the mode), `text_table` (text sessions led and joined);
+- what every leader is: `lead` (roster, term, deposition), `round` (the wait for every
+  member's reply: resends, bounds, deadlines);
+- the id session: `leader` (the decode loop), `resume` (its takeover), `speculate`
+  (speculative rounds), `member`, `answer` (the answer's text as tokens commit);
+- the text session: `text_leader`, `text_resume`, `text_member`;
+- `deadlines` (every bound on a wait), `stats` and `summary` (the one summary shape).
+Does not: open sockets or load models. The node hands the tables a `ports.NodePort` (send
+by node id, answer a client, spawn, count a refusal, the lease, the engine). Imports
+`wire`, `mesh`, `fusion` and `config`; never `ui` or `node`.
 """
