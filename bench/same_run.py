@@ -106,8 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     args.json.write_text(json.dumps(out, indent=1))
     print(f"{'figure':40} {'base':>10} {'head':>10}   (median of {args.rounds})")
     for k in keys:
-        b, h = median["base"].get(k), median["head"].get(k)
-        print(f"{k:40} {b if b is None else round(b, 2):>10} {h if h is None else round(h, 2):>10}")
+        b, h = (median[n].get(k) for n in ("base", "head"))
+        b_text, h_text = ("-" if v is None else f"{v:.2f}" for v in (b, h))
+        print(f"{k:40} {b_text:>10} {h_text:>10}")
     print(f"JSON: {args.json}")
     return 0
 
