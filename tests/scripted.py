@@ -76,7 +76,7 @@ class ByteTokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(text.encode())
 
-    def decode(self, ids: list[int]) -> str:
+    def decode(self, ids: list[int], **_: Any) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
     @property
@@ -158,8 +158,15 @@ class ScriptedBackend:
     def forward_all(self, cache: Cache, ids: list[int]) -> np.ndarray:
         return np.stack(self._append(cache, ids))
 
-    def score(self, cache: Any, held: int, keep: int, rows: list[list[int]]) -> list[Any]:
-        raise NotImplementedError("text sessions are not scripted")
+    def score(self, cache: Cache, held: int, keep: int,
+              rows: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        prefix, out = cache.ids[:keep], []
+        for row in rows:
+            ids = prefix + [int(t) for t in row]
+            got = [script_logprobs(ids[:keep + i + 1], self.variant)[row[i + 1]]
+                   for i in range(len(row) - 1)]
+            out.append((np.array(got, np.float32), script_logprobs(ids, self.variant)))
+        return out
 
     def release(self) -> None:
         pass

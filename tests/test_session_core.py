@@ -15,7 +15,7 @@ import time
 import pytest
 from inproc import CLIENT, Net
 from meshutil import session_led_by
-from scripted import script_greedy, scripted_engine
+from scripted import SCRIPT, script_greedy, scripted_engine
 
 from dwarfmesh.wire import protocol as P
 from dwarfmesh.wire.protocol import GenParams
@@ -218,3 +218,67 @@ def test_a_client_reattached_through_another_node_gets_what_it_missed(engines):
     s = end.summary
     assert s["token_ids"] == REFERENCE and s["leader"] == "node0"
     _stream_is_exact(net, s)
+
+
+# --- text sessions (rank mode over the scripted model's copies: byte tokens, no quirks) ---
+
+SCRIPT_TEXT = SCRIPT.decode()[len(PROMPT):]
+
+
+@pytest.fixture()
+def copies(tmp_path, monkeypatch):
+    monkeypatch.setenv("DWARFMESH_STATE", str(tmp_path))
+    out = [scripted_engine() for _ in range(3)]
+    yield out
+    for e in out:
+        e.shutdown(wait=True)
+
+
+def _rank(net: Net, via: str, session: str) -> P.End:
+    async def go() -> P.End:
+        net.generate(via, P.Generate(session, PROMPT, GenParams(
+            max_tokens=TOKENS, mode="rank"), [], session))
+        return await asyncio.wait_for(net.end(FAST_S), FAST_S)
+    end = asyncio.run(go())
+    assert isinstance(end, P.End), end
+    return end
+
+
+@pytest.mark.timeout(30)
+def test_a_rank_answer_over_copies_is_the_scripted_text(copies):
+    net = Net(copies)
+    ids = _ids(net)
+    s = _rank(net, "node1", session_led_by(ids["node0"], list(ids.values()))).summary
+    assert s["mode"] == "rank" and s["leader"] == "node0" and s["steps"] > 1
+    assert s["text"] and SCRIPT_TEXT.startswith(s["text"])
+    assert "".join(t.text for t in net.streamed()) == s["text"]
+
+
+@pytest.mark.timeout(30)
+def test_a_new_text_leader_adopts_a_commit_that_reached_only_some(copies):
+    """The text form: the dead leader's Commit for step 1 reached the client's node (a
+    member) but not the member that takes over. The new leader takes it from the member
+    that has it (the client may have shown it) and goes on from there."""
+    net = Net(copies)
+    ids = _ids(net)
+    session = session_led_by(ids["node0"], list(ids.values()), second=ids["node1"])
+    old_piece: list[str] = []
+    sent: set[str] = set()
+
+    def drop(src, dst, msg) -> bool:
+        if src == net.addr("node0") and isinstance(msg, P.Commit) and msg.step == 1:
+            old_piece[:] = [msg.text]
+            sent.add(dst)
+            if len(sent) == 2:
+                asyncio.get_running_loop().call_later(KILL_AFTER_S, net.kill, "node0")
+            return dst == net.addr("node1")
+        return False
+
+    net.drop = drop
+    s = _rank(net, "node2", session).summary
+    pieces = [t.text for t in net.streamed()]
+    assert s["leader"] == "node1" and s["term"] == 1
+    assert sorted(s["members"]) == ["node1", "node2"]
+    assert s["adopted_steps"] == 1 and s["resumed_at_step"] == 2
+    assert old_piece and pieces[1] == old_piece[0]
+    assert "".join(pieces) == s["text"] and SCRIPT_TEXT.startswith(s["text"])
