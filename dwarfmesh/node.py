@@ -5,7 +5,7 @@ A node plays three roles at once, per session:
   session's leader from its view of the mesh, sends it `Start`, and streams the leader's
   `Token`s back to the client;
 - **leader** of the sessions the rendezvous hash gives it (`leader.LeaderSession`);
-- **member** of every session whose leader sends it `Open` (`session.MemberSession`).
+- **member** of every session whose leader sends it `Open` (`member.MemberSession`).
 
 Peers are found by mDNS (`discovery`) and by static `--peer` addresses; both only give an
 address to dial. Every heartbeat interval the node sends its `Hello` to every address it
@@ -17,7 +17,7 @@ afresh. Long work (prefill, steps) runs in tasks, never in the receive loop.
 
 Nothing but a Hello counts from a connection that has not said Hello: every other node
 message is dropped and counted (`refused`), and the sender handed to the session tables
-is the peer the message came from, never a field of the message (roles.py: authority).
+is the peer the message came from, never a field of the message (`sessions.router`).
 
 A Hello on the ROUTER is answered with this node's Hello (at most every
 `HELLO_ANSWER_S` per peer), which reaches the sender on the DEALER it dialled: that is
@@ -198,7 +198,7 @@ class Node:
         return peer is not None and time.monotonic() - peer.last_seen < LEASE_S
 
     def refused(self, why: str) -> None:
-        """A message the session tables would not act on (see roles.py: authority)."""
+        """A message the router or the session tables would not act on (see `sessions.router`)."""
         self.refusals[why] += 1
         self.transport._drop(f"refused: {why}", "session")
 

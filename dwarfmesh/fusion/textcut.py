@@ -2,7 +2,7 @@
 text: pure functions.
 
 Shared by the engine (a rank member cuts its proposal with `proposal_cut`), by
-`textfuse` (the leader counts bytes and aligns candidates) and by every leader (`stop_at`:
+`fusion.text` (the leader counts bytes and aligns candidates) and by every leader (`stop_at`:
 one stop-string rule for id and text sessions). No I/O, no model, no fusion.
 """
 

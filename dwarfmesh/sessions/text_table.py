@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 class TextTable:
     """This node's text-level sessions: those it leads and those it is a member of.
 
-    `sender` is always the peer a message came from (see roles.py: authority)."""
+    `sender` is always the peer a message came from (see `router` and `roles`: authority)."""
 
     def __init__(self, node: NodePort, roles: RolesPort) -> None:
         self.node, self.roles = node, roles
