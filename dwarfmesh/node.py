@@ -24,6 +24,10 @@ A Hello on the ROUTER is answered with this node's Hello (at most every
 how a node learns that a peer listens where it sends. Only such verified peers are listed,
 gossiped and planned into sessions (`Membership.reachable`): a stranger that only sends
 Hellos, with any model and any address, changes no session.
+
+Owns: one node's sockets, peers, heartbeats and identity, and the wiring of engine,
+transport, discovery, membership and session tables. Does not: decide anything about a
+session (`sessions`): every message goes to the router.
 """
 
 from __future__ import annotations

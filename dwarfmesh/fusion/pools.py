@@ -21,6 +21,9 @@ Pools
 
 Only candidates (the union of top-k ids) can be chosen: a token outside every member's
 top-k has at most the floor under every member and cannot win.
+
+Owns: the arithmetic of one step's fusion and of the weights. Does not: any I/O, any
+message, or deciding who is a member.
 """
 
 from __future__ import annotations

@@ -33,6 +33,9 @@ every longer candidate): argmax is well defined, sampling renormalises over cand
 Top-k entries that decode to an incomplete UTF-8 character, to nothing, or to a special
 token are left out by the member (their mass goes to the rest). This is an
 approximation; exact byte-level conversion (arXiv 2410.09303) is not implemented.
+
+Owns: the arithmetic of text sessions (alignment, scores, text hashes). Does not: any
+I/O, any message, or running a model.
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ Same-vocabulary sessions fuse token ids, so only members whose tokenizer fingerp
 matches can join one; `fusion_group` picks that group and says why others are left out.
 `plan_session` decides a session's path: id fusion, or (mixed tokenizers) a
 text-level rank or fuse session over every live member.
+
+Owns: pure state and pure decisions about peers and sessions' leaders. Does not: send
+anything, run a session, or read a clock (times come in as arguments).
 """
 
 from __future__ import annotations

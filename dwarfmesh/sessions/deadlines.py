@@ -39,6 +39,9 @@ starved CPU: `own_stall`): a node that wakes after L would otherwise find every 
 is refused by members and the origin while they still hear from the current leader
 (within `LEASE_S`, L/2): the claimer was the one cut off. An mDNS
 goodbye or expiry is a hint to check, never a death certificate.
+
+Owns: the bounds and resend intervals (named constants and pure functions). Does not:
+wait itself (`round.Round`, the tables and the client do).
 """
 
 from __future__ import annotations

@@ -18,6 +18,10 @@ fuses what has arrived by then (never fewer than one frame) and counts the late 
 late members stay in the session and catch up. A new leader after a failover runs the
 same loop from the committed state a member kept (`resume.Takeover`). Sampling is seeded per
 step (seed, step), so a new leader draws what the old one would have drawn.
+
+Owns: the id leader's loop (open, rounds, fuse and choose, commit with one hash chain
+and the one stop-string rule, End). Does not: wait for replies (`round`), take over
+(`resume`), or decide who may send what (`router`, `roles`).
 """
 
 from __future__ import annotations

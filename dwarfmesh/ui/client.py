@@ -7,6 +7,8 @@ one node with the model lives, an answer completes. A node that does not answer 
 the first token as after — is left for the next one: the client re-attaches to the
 session there, or asks again (a `Generate` is idempotent by session id). Every wait has
 a deadline; errors come back as `MeshError` with a one-line message.
+
+Owns: the client side of the node protocol. Does not: take part in a session.
 """
 
 from __future__ import annotations

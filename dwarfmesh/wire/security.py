@@ -9,6 +9,9 @@ traffic is encrypted and authenticated. Nothing derived from the secret goes int
 Which key is used: `--mesh-key FILE`, else `$DWARFMESH_MESH_KEY`, else the default file
 (`~/.config/dwarfmesh/mesh.key`) if it exists. With none, the mesh is **open**: anyone who
 can reach a node's port can join it and read the text; the node says so when it starts.
+
+Owns: the mesh key file and the CURVE key pairs derived from it. Does not: open sockets
+(`transport` applies the keys).
 """
 
 from __future__ import annotations
