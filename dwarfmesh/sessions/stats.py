@@ -28,7 +28,6 @@ class SessionStats:
         self.seen: Counter[str] = Counter()
         self.late: Counter[str] = Counter()   # steps fused without this member's frame
         self.stale_frames = 0
-        self.first_bytes = 0                  # bytes of text the first step committed
         self.disagree_steps = 0
         self.steps = 0
         self.wire_bytes = 0
@@ -74,7 +73,6 @@ class SessionStats:
         remote = max(len(members) - 1, 1)
         names = self.names
         nbytes = textfuse.utf8_len(text)
-        later_bytes = nbytes - self.first_bytes
         rate = (self.steps - 1) / decode_s if self.steps > 1 and decode_s > 0 else 0.0
         return SessionSummary(
             mode=Mode.IDS, text=text, finish_reason=reason, token_ids=tokens, leader=leader,
@@ -84,7 +82,7 @@ class SessionStats:
             prompt_tokens_reused=self.prompt_reused, steps=len(tokens),
             committed_bytes=nbytes, ttft_ms=(self.t_first - self.t_start) * 1000.0,
             tokens_per_s=rate, steps_per_s=rate,
-            ms_per_byte=decode_s * 1000.0 / later_bytes if later_bytes > 0 else 0.0,
+            ms_per_byte=decode_s * 1000.0 / nbytes if nbytes > 0 else 0.0,
             wire_bytes=self.wire_bytes,
             disagreement_rate=self.disagree_steps / max(self.steps, 1),
             agreement={names[k]: self.agree[k] / self.seen[k] for k in self.seen},

@@ -94,7 +94,7 @@ class TextLeaderSession(TextFailover, Lead):
     # --- inputs from the node -------------------------------------------------------------
 
     def on_reply(self, msg: Proposal | Scores | TextFrame, size: int) -> None:
-        ids = {m.node_id for m in self.members}
+        ids = self._ids()
         if (self._adopting and self._want is not None and type(msg) is self._want[0]
                 and msg.step > self._want[1] and msg.sender in ids):
             self._early[msg.sender] = (msg, size)        # ahead of us: see adopt()
@@ -157,10 +157,8 @@ class TextLeaderSession(TextFailover, Lead):
         does (silent members are dropped; with --step-deadline, late ones are counted)."""
         t0 = time.perf_counter()
         self._want = (kind, step)
-        self._round = rnd = Round(lambda: [m.node_id for m in self.members], send,
-                                  me=self.me.node_id)
+        self._round = rnd = Round(self._ids, send, me=self.me.node_id)
         rnd.open()
-        rnd.check()
         first = step == 0 and kind is not Scores
         limit = PREFILL_TIMEOUT_S if first else reply_bound(self._slowest_s,
                                                             self.step_timeout_s)

@@ -25,7 +25,7 @@ from dwarfmesh.config import (
     default_node_name,
 )
 from dwarfmesh.ui.errors import CliError
-from dwarfmesh.wire.modes import Mode
+from dwarfmesh.wire.modes import REQUEST_MODES, Mode
 
 log = logging.getLogger("dwarfmesh")
 
@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True, help="the prompt text")
     _sampling_args(g, max_tokens=128)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    g.add_argument("--mode", choices=["auto", "fuse", "rank"], default="auto",
+    g.add_argument("--mode", choices=REQUEST_MODES, default="auto",
                    help="auto (default): fuse token ids when every member shares a tokenizer, "
                         "else rank continuations; fuse: token-level fusion (by text across "
                         "tokenizers); rank: rank whole continuations by the members' NLL")
