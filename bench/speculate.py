@@ -9,10 +9,13 @@ A system is models joined by `+` (one node each on this machine: `--engine auto`
 llama.cpp on a CPU-only one); a model named twice is two copies. For every prompt the
 plain answer and each `--speculate` setting answer in turn, in an order that rotates from
 prompt to prompt (so a slow spell of the shared machine does not fall on one setting).
-Per setting: decode tokens/s (the summary's, first token excluded), the ratio to plain
-on the same prompt with a bootstrap 95% interval of the median, tokens per round, the
-drafted tokens accepted, wire bytes per token, and whether the token ids are the plain
-answer's (`mismatches`: answers that differ anywhere; the goal is 0).
+A setting is `auto` or N drafted tokens a round, drafted by prompt lookup (and, under
+auto, by a member where the measured costs say it pays), or `member:auto` / `member:N`:
+the fastest member drafts greedily. Per setting: decode tokens/s (the summary's, first
+token excluded), the ratio to plain on the same prompt with a bootstrap 95% interval of
+the median, tokens per round, the drafted tokens accepted, wire bytes per token, and
+whether the token ids are the plain answer's (`mismatches`: answers that differ
+anywhere; the goal is 0).
 
 Prompts: HumanEval's first N problems in the bench's fixed order (code), and N passages
 of the fortunes files (prose), each answered greedily.
@@ -57,12 +60,26 @@ def prompts(n_code: int, n_prose: int) -> list[dict]:
     return out
 
 
-def setting_name(gamma: int) -> str:
-    return {0: "off", -1: "auto"}.get(gamma, str(gamma))
+def setting_name(gamma: int, drafter: str = "auto") -> str:
+    name = {0: "off", -1: "auto"}.get(gamma, str(gamma))
+    return name if drafter == "auto" or gamma == 0 else f"{drafter}:{name}"
 
 
-def run_system(models: list[str], items: list[dict], gammas: list[int], args) -> dict:
-    settings = [0, *gammas]
+def parse_setting(text: str) -> tuple[int, str]:
+    """"auto", "N", "member:auto", "member:N", "lookup:N" -> (gamma, drafter)."""
+    drafter, _, gamma = text.rpartition(":")
+    drafter = drafter or "auto"
+    if drafter not in ("auto", "lookup", "member"):
+        raise ValueError(text)
+    g = -1 if gamma == "auto" else int(gamma)
+    if g == 0 or g < -1 or g > 16:
+        raise ValueError(text)
+    return g, drafter
+
+
+def run_system(models: list[str], items: list[dict], gammas: list[tuple[int, str]],
+               args) -> dict:
+    settings = [(0, "auto"), *gammas]
     rows: list[dict] = []
     work = OUT_DIR / time.strftime("%Y%m%d-%H%M%S") / "+".join(models)
     node_args = ["--engine", args.engine] + (["--no-repack"] if args.no_repack else [])
@@ -73,23 +90,26 @@ def run_system(models: list[str], items: list[dict], gammas: list[int], args) ->
             got = {}
             for g in order:
                 params = GenParams(max_tokens=args.max_tokens, temperature=0.0,
-                                   stop=item["stop"], speculate=g)
+                                   stop=item["stop"], speculate=g[0], drafter=g[1])
                 got[g] = speed.answer(addrs[0], item["prompt"], params)
             for g in settings:
                 s = got[g]
                 spec = s.get("speculate") or {}
                 rows.append({
-                    "kind": item["kind"], "id": item["id"], "speculate": setting_name(g),
+                    "kind": item["kind"], "id": item["id"], "speculate": setting_name(*g),
+                    "drafters": spec.get("drafters"),
+                    "member_drafter": spec.get("member_drafter"),
                     "tokens": s["steps"], "tokens_per_s": s["tokens_per_s"],
                     "wire_bytes_per_token": s["wire_bytes_per_token"],
-                    "same_as_plain": s["token_ids"] == got[0]["token_ids"],
-                    "first_difference": _first_difference(s["token_ids"], got[0]["token_ids"]),
+                    "same_as_plain": s["token_ids"] == got[0, "auto"]["token_ids"],
+                    "first_difference": _first_difference(s["token_ids"],
+                                                          got[0, "auto"]["token_ids"]),
                     "rounds": spec.get("rounds"), "drafted": spec.get("drafted"),
                     "accepted": spec.get("accepted"),
                     "tokens_per_round": spec.get("tokens_per_round"),
                     "loadavg_1min": s["loadavg_1min"]})
             print(f"  {item['id']}: " + ", ".join(
-                f"{setting_name(g)} {got[g]['tokens_per_s']:.2f} tok/s" for g in settings),
+                f"{setting_name(*g)} {got[g]['tokens_per_s']:.2f} tok/s" for g in settings),
                 flush=True)
     return {"models": models, "rows": rows, "summary": summarize(rows, settings)}
 
@@ -108,13 +128,13 @@ def _median_ci(x: np.ndarray, rng: np.random.Generator) -> list[float]:
     return [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))]
 
 
-def summarize(rows: list[dict], settings: list[int]) -> dict:
+def summarize(rows: list[dict], settings: list[tuple[int, str]]) -> dict:
     """Per setting and prompt kind (and all): speed-up over plain on the same prompt."""
     rng = np.random.default_rng(0)
     out: dict[str, dict] = {}
     plain = {(r["kind"], r["id"]): r for r in rows if r["speculate"] == "off"}
     for g in settings:
-        name = setting_name(g)
+        name = setting_name(*g)
         for kind in ("all", *sorted({r["kind"] for r in rows})):
             mine = [r for r in rows if r["speculate"] == name and kind in ("all", r["kind"])]
             if not mine:
@@ -186,8 +206,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--fortunes", type=int, default=4, metavar="N",
                     help="passages of the fortunes files (default 4)")
     ap.add_argument("--max-tokens", type=int, default=96)
-    ap.add_argument("--speculate", nargs="+", default=["auto", "4"], metavar="auto|N",
-                    help="settings to compare with plain rounds (default: auto 4)")
+    ap.add_argument("--speculate", nargs="+", default=["auto", "4"],
+                    metavar="[DRAFTER:]auto|N",
+                    help="settings to compare with plain rounds (default: auto 4); "
+                    "member:N or member:auto has the fastest member draft, lookup:N prompt "
+                    "lookup only")
     ap.add_argument("--engine", default="auto", choices=["auto", "mlx", "llamacpp"])
     ap.add_argument("--no-repack", action="store_true",
                     help="nodes run `--no-repack` (llama.cpp: drafted forwards exact)")
@@ -198,11 +221,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="write the results here (e.g. bench/results/speculate.json)")
     args = ap.parse_args(argv)
     try:
-        args.gammas = [-1 if s == "auto" else int(s) for s in args.speculate]
+        args.gammas = [parse_setting(s) for s in args.speculate]
     except ValueError:
-        ap.error("--speculate takes auto or a number of drafted tokens")
-    if any(g == 0 or g < -1 for g in args.gammas):
-        ap.error("--speculate takes auto or 1 to 16 (plain rounds always run)")
+        ap.error("--speculate takes [auto|lookup|member:]auto or 1 to 16 (plain rounds "
+                 "always run)")
     return args
 
 

@@ -49,6 +49,8 @@ SAMPLES = [
     P.Token("s1", 4, 17, 123456789, "lo", False),
     P.Tokens("s1", 4, 123456789, ["lo", "op"], False, 0, np.array([17, 18], dtype=np.uint32),
              np.array([19, 20, 21], dtype=np.uint32)),
+    P.Tokens("s1", 4, 123456789, ["lo"], False, 2, np.array([17], dtype=np.uint32),
+             np.zeros(0, dtype=np.uint32), 5),
     draft_frame(),
     P.End("s1", "eos", {"text": "hi", "steps": 2, "nested": {"a": [1, 2]}}),
     P.Leave("s1", "n3", "busy"),

@@ -53,6 +53,7 @@ QUESTION = [{"role": "user", "content": "def quicksort(xs):"}]
     ({"messages": [{"role": "user", "content": "x" * 200_000}]}, "messages"),
     ({"messages": QUESTION, "speculate": 99}, "speculate"),
     ({"messages": QUESTION, "speculate": "yes"}, "speculate"),
+    ({"messages": QUESTION, "drafter": "everyone"}, "drafter"),
 ])
 def test_bad_chat_requests_are_400_with_the_param_named(body, param):
     with pytest.raises(ApiError) as err:
@@ -80,6 +81,9 @@ def test_requests_map_onto_gen_params():
     for value, gamma in (("auto", -1), (5, 5), ("off", 0)):
         assert parse_request({"prompt": "a", "speculate": value}, "text").params.speculate \
             == gamma
+    assert text.params.drafter == "auto"
+    assert parse_request({"prompt": "a", "speculate": 4, "drafter": "member"},
+                         "text").params.drafter == "member"
 
 
 @pytest.mark.timeout(10)

@@ -58,6 +58,13 @@ def test_ids_and_prompts_are_checked_against_the_receiver():
     frame = P.Frame("s", 0, "n", 0, 0.1, None, 320, None, 1.0, np.array([1], np.uint32),
                     np.array([-1.0], np.float16))
     refused(frame, match="last_token")
+    # a member asked to draft itself is given no draft, and drafts at most MAX_DRAFT
+    ok(P.Tokens("s", 4, 0, ["a"], False, 0, np.array([17], np.uint32),
+                np.zeros(0, np.uint32), 4))
+    refused(P.Tokens("s", 4, 0, ["a"], False, 0, np.array([17], np.uint32),
+                     np.array([18], np.uint32), 4), match="self_draft")
+    refused(P.Tokens("s", 4, 0, ["a"], False, 0, np.array([17], np.uint32),
+                     np.zeros(0, np.uint32), 17), match="self_draft")
 
 
 def test_hellos_are_bounded():
@@ -109,6 +116,8 @@ def test_generation_params_and_text_prompts_are_bounded():
         P.GenParams(stop=["x" * 257]).check()
     with pytest.raises(P.ProtocolError, match="stop"):
         P.GenParams(stop=["x"] * 17).check()
+    with pytest.raises(P.ProtocolError, match="drafter"):
+        P.GenParams(drafter="everyone").check()
     refused(P.Generate("r", "p" * (bounds.MAX_PROMPT_CHARS + 1), P.GenParams(), [], ""),
             bounds.Limits())
     refused(P.Generate("r", "p" * (8 * 256 + 1), P.GenParams(), [], ""), match="context")

@@ -26,6 +26,9 @@ def run(*args, tmp_path):
     ["generate", "--connect", "127.0.0.1:5757", "--prompt", "x", "--temperature", "-1"],
     ["generate", "--connect", "127.0.0.1:5757", "--prompt", "x", "--top-k", "0"],
     ["peers", "--connect", "host:notaport"],
+    ["generate", "--connect", "127.0.0.1:5757", "--prompt", "x", "--drafter", "member"],
+    ["generate", "--connect", "127.0.0.1:5757", "--prompt", "x", "--speculate", "2",
+     "--drafter", "everyone"],
     ["frobnicate"],
 ])
 def test_bad_arguments_give_one_line_and_exit_2(args, tmp_path):

@@ -19,7 +19,14 @@ from meshutil import generate_cli, mesh, session_led_by
 import dwarfmesh  # noqa: F401  (OpenBLAS preload before mlx)
 from dwarfmesh.engine.choose import make_engine
 from dwarfmesh.fusion import pools
-from dwarfmesh.sessions.speculate import PROBE_DRAFT, PROBE_EVERY, DraftLength, PromptLookup
+from dwarfmesh.sessions.drafting import (
+    MEMBER,
+    PROBE_DRAFT,
+    PROBE_EVERY,
+    DraftLength,
+    PromptLookup,
+)
+from dwarfmesh.sessions.speculate import SpecLeaderSession
 from dwarfmesh.wire import protocol as P
 from dwarfmesh.wire.protocol import GenParams
 
@@ -81,6 +88,37 @@ def test_auto_drafts_long_where_positions_are_cheap_and_little_where_they_are_no
     assert PromptLookup().match([5, 6, 7, 8, 1, 5, 6, 7]) == (3, [8, 1, 5, 6, 7])
 
 
+@pytest.mark.timeout(10)
+def test_auto_lets_a_member_draft_only_where_its_forward_is_cheap_enough_to_pay():
+    """A member's draft costs its forward once per drafted token before the others
+    verify: auto takes it where that member is much faster than the slowest member and
+    mostly right (a small model drafting for a big one), and never even tries it where
+    it could not pay at any acceptance (here: a drafter as fast as the rest)."""
+    def settle(t_draft: float, accept: float, hops: int = 1) -> tuple[str, int]:
+        length = DraftLength(-1)
+        length.t1, length.per_position, length.overhead = 0.100, 0.005, 0.002
+        rng = np.random.default_rng(0)
+        for _ in range(300):
+            source, g = length.plan(None, (t_draft, hops))
+            took = 0
+            while took < g and rng.random() < accept:
+                took += 1
+            length.walked(took, took < g, MEMBER if source == "member" else 1)
+        return length.plan(None, (t_draft, hops))
+
+    source, g = settle(0.010, 0.8)               # a drafter 10x faster, right 80%
+    assert source == "member" and g >= 2
+    assert settle(0.010, 0.8, hops=0)[1] >= g     # drafting on the leader: no round trip
+    assert settle(0.010, 0.05)[1] == 0           # ... nearly always wrong: plain rounds
+    never = DraftLength(-1)
+    never.t1, never.per_position, never.overhead = 0.030, 0.015, 0.002
+    plans = [never.plan(None, (0.030, 1)) for _ in range(3 * PROBE_EVERY)]
+    assert plans == [("lookup", 0)] * len(plans)  # no probe: it cannot pay here
+    # fixed lengths: prompt lookup unless the member is asked for
+    assert DraftLength(3).plan(2, (0.01, 1)) == ("lookup", 3)
+    assert DraftLength(3).plan(None, (0.01, 1), only_member=True) == ("member", 3)
+
+
 def _fused(probs: list[float]) -> pools.Fused:
     p = np.asarray(probs, dtype=np.float64)
     return pools.Fused(ids=np.arange(len(p), dtype=np.uint32), probs=p / p.sum(),
@@ -93,7 +131,8 @@ def test_a_drafted_token_is_accepted_so_that_the_output_keeps_the_fused_distribu
     """Speculative sampling with a drafter that proposes one token for sure: whatever it
     proposes (the likeliest token, a fair one, one outside the nucleus), the token that
     comes out is distributed as the plain loop's draw. 40,000 seeded draws each: the
-    frequencies are within 5 standard errors of q (a deterministic check: fixed seeds)."""
+    frequencies are within 5 standard errors of q (a deterministic check: fixed seeds),
+    and each is the plain loop's own draw from the same seeded generator."""
     fused = _fused([0.5, 0.3, 0.15, 0.05])
     kw = {"temperature": 0.8, "top_p": 0.9}
     ids, q = pools.sampling_dist(fused, **kw)
@@ -102,7 +141,10 @@ def test_a_drafted_token_is_accepted_so_that_the_output_keeps_the_fused_distribu
     n = 40_000
     got = np.zeros(4)
     for i in range(n):
-        got[pools.verify_draft(fused, drafted, rng=np.random.default_rng([7, i]), **kw)] += 1
+        tok = pools.verify_draft(fused, drafted, rng=np.random.default_rng([7, i]), **kw)
+        got[tok] += 1
+        if i < 1000:
+            assert tok == pools.choose(fused, rng=np.random.default_rng([7, i]), **kw)
     se = np.sqrt(want * (1 - want) / n)
     assert np.all(np.abs(got / n - want) <= 5 * se + 1e-12), (got / n, want)
     assert got[3] == 0                                  # outside top-p: never, drafted or not
@@ -178,6 +220,41 @@ def test_a_drafted_step_gives_the_frames_of_committing_the_draft_one_token_at_a_
         engine.shutdown(wait=True)
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", ["mlx", "llamacpp"])
+def test_a_member_drafts_its_own_greedy_choices_with_their_frames(models, backend):
+    """Both backends: a step asked to draft n tokens appends this model's greedy choices
+    one forward each, and its frames are exactly those of committing them one token a
+    round; the next step keeps the drafted ids it commits and trims the rest."""
+    engine = _engine(models[0], backend)
+    try:
+        prompt = engine.encode(PROMPT)
+        k = 16
+        engine.open_sync("plain", prompt, k)
+        plain = [engine.step_sync("plain", 11, k)]
+        for _ in range(4):
+            plain.append(engine.step_sync("plain", int(plain[-1].ids[0]), k))
+        engine.open_sync("own", prompt, k)
+        out = engine.step_sync("own", [11], k, None, 4)
+        assert out.draft == tuple(int(f.ids[0]) for f in plain[:4])
+        assert out.position == len(prompt) + 1
+        assert list(out.ids) == list(plain[0].ids) and out.prev_logp == plain[0].prev_logp
+        for i, (ids, lps, rest) in enumerate(out.more):
+            assert list(ids) == list(plain[i + 1].ids)
+            assert list(lps) == list(plain[i + 1].logprobs) and rest == plain[i + 1].rest_mass
+            assert out.draft_logp[i] == pytest.approx(plain[i + 1].prev_logp, abs=1e-6)
+        # commit the first two drafted ids and another third: two kept, two trimmed
+        other = next(t for t in range(20, 40) if t != out.draft[2])
+        nxt = engine.step_sync("own", [*out.draft[:2], other], k)
+        engine.open_sync("ref", prompt, k)
+        ref = engine.step_sync("ref", [11, *out.draft[:2], other], k)
+        assert nxt.position == ref.position == len(prompt) + 4
+        assert list(nxt.ids) == list(ref.ids)
+        assert nxt.prev_logp == pytest.approx(ref.prev_logp, abs=0.05)
+    finally:
+        engine.shutdown(wait=True)
+
+
 # --- whole answers ----------------------------------------------------------------------------
 
 
@@ -196,7 +273,7 @@ def engines3(request, models, tmp_path, monkeypatch):
 
 
 def _answer(engines, speculate: int, session: str = "s1", drop=None, kill=None,
-            weights: str = "online", net=None) -> P.End:
+            weights: str = "online", net=None, drafter: str = "auto") -> P.End:
     net = net or Net(engines)
     ids = {n.opts.name: n.node_id for n in net.nodes.values()}
     if kill is not None:
@@ -206,8 +283,8 @@ def _answer(engines, speculate: int, session: str = "s1", drop=None, kill=None,
 
     async def go() -> P.End:
         net.generate("node2", P.Generate(
-            session, PROMPT, GenParams(max_tokens=TOKENS, speculate=speculate, weights=weights),
-            [], session))
+            session, PROMPT, GenParams(max_tokens=TOKENS, speculate=speculate, weights=weights,
+                                       drafter=drafter), [], session))
         return await asyncio.wait_for(net.end(90), 90)
 
     end = asyncio.run(go())
@@ -219,12 +296,14 @@ def _answer(engines, speculate: int, session: str = "s1", drop=None, kill=None,
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("engines3", ["different", "copies"], indirect=True)
 def test_a_speculative_answer_is_the_plain_answer_token_for_token(engines3):
-    """Three different models, online weights: every speculative round fuses each position
-    as the plain loop would, so the answers (and the weights they end with) agree."""
+    """Three different models, online weights, prompt lookup drafting: every speculative
+    round fuses each position as the plain loop would, so the answers (and the weights
+    they end with) agree."""
     plain = _answer(engines3, 0, session="plain").summary
     for speculate in (4, -1):
         # (a session id of its own: the same id again is the next turn of a conversation)
-        spec = _answer(engines3, speculate, session=f"spec{speculate}").summary
+        spec = _answer(engines3, speculate, session=f"spec{speculate}",
+                       drafter="lookup").summary
         assert spec["token_ids"] == plain["token_ids"], speculate
         assert spec["text"] == plain["text"]
         for name, w in plain["weights"].items():
@@ -240,20 +319,55 @@ def test_a_speculative_answer_is_the_plain_answer_token_for_token(engines3):
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.parametrize("engines3", ["different", "copies"], indirect=True)
+def test_a_member_drafted_answer_is_the_plain_answer_token_for_token(engines3, request):
+    """A member drafting greedily for the round, the others verifying its draft: the
+    plain answer and weights, fixed length or auto, and with auto choosing the drafter.
+    Copies of one model, equal weights: the fused choice is the drafter's own, so nearly
+    every drafted token is accepted."""
+    plain = _answer(engines3, 0, session="plain").summary
+    for speculate in (4, -1):
+        spec = _answer(engines3, speculate, session=f"m{speculate}", drafter="member").summary
+        assert spec["token_ids"] == plain["token_ids"], speculate
+        assert spec["text"] == plain["text"]
+        for name, w in plain["weights"].items():
+            assert spec["weights"][name] == pytest.approx(w, abs=1e-3)
+        s = spec["speculate"]
+        assert s["drafter"] == "member" and set(s["drafters"]) <= {"member"}
+        if speculate == -1:
+            continue      # auto may well decide that drafting does not pay here
+        # (three different random models rarely agree with one of them: acceptance is
+        # checked on copies below)
+        assert s["member_drafter"] in spec["members"] and s["drafted"] > 0
+    either = _answer(engines3, -1, session="either").summary      # auto picks the drafter
+    assert either["token_ids"] == plain["token_ids"]
+    assert set(either["speculate"]["drafters"]) <= {"prompt-lookup", "member"}
+    if request.node.callspec.params["engines3"] == "copies":
+        equal = _answer(engines3, 4, session="eq", drafter="member", weights="equal").summary
+        assert equal["token_ids"] == plain["token_ids"]
+        assert equal["speculate"]["acceptance"] >= 0.9
+        assert equal["speculate"]["rounds"] < len(equal["token_ids"]) / 2
+
+
+@pytest.mark.timeout(240)
 @pytest.mark.parametrize("engines3", ["different"], indirect=True)
-def test_a_sampled_speculative_answer_is_seeded(engines3):
-    """Sampling with drafts: the same seed gives the same answer (each position's draw
-    is seeded by its step, as in the plain loop), another seed another one."""
-    def sampled(session: str, seed: int) -> list[int]:
+@pytest.mark.parametrize("drafter", ["lookup", "member"])
+def test_a_sampled_speculative_answer_is_seeded(engines3, drafter):
+    """Sampling with drafts: each position's draw is the plain loop's, seeded by its
+    step, so the same seed gives the plain sampled answer, whoever drafts; another seed
+    another one."""
+    def sampled(session: str, seed: int, speculate: int = 4) -> list[int]:
         net = Net(engines3)
 
         async def go() -> P.End:
             net.generate("node2", P.Generate(session, PROMPT, GenParams(
-                max_tokens=TOKENS, speculate=4, temperature=1.5, seed=seed), [], ""))
+                max_tokens=TOKENS, speculate=speculate, temperature=1.5, seed=seed,
+                drafter=drafter), [], ""))
             return await asyncio.wait_for(net.end(90), 90)
         return asyncio.run(go()).summary["token_ids"]
 
     first = sampled("t1", 3)
+    assert sampled("t0", 3, speculate=0) == first
     assert sampled("t2", 3) == first
     assert sampled("t3", 4) != first
 
@@ -315,12 +429,68 @@ def test_a_round_that_reached_only_some_members_survives_its_leaders_death(engin
 
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("engines3", ["copies"], indirect=True)
+@pytest.mark.parametrize("fault,drafter", [("leader dies", "node1"), ("leader dies", "node2"),
+                                           ("drafter dies", "node1")])
+def test_a_member_drafted_round_survives_its_leader_or_its_drafter_dying(
+        engines3, fault, drafter, monkeypatch):
+    """node0 leads and `drafter` drafts (set here: which member is fastest is beside the
+    point, and in one process all three are equally fast). Leader dies: node0 asked the
+    drafter for its draft and died before the others got the round; node1 takes over and
+    either adopts the round from node2's frame (node2 drafted) or sends node2 the tokens
+    it lacks (node1 drafted). Drafter dies: node1 dies while asked to draft; node0 drops
+    it, verifies nothing that round, and goes on with node2 drafting. Either way the
+    plain answer, every token streamed once."""
+    plain = _answer(engines3, 0, weights="equal").summary["token_ids"]
+    state = {"killed": False}
+    ids: dict[str, str] = {}
+    fallback = "node2" if drafter == "node1" else "node1"
+
+    def pick(self):
+        live = [m.node_id for m in self.members]
+        want = next((ids[n] for n in (drafter, fallback) if ids[n] in live), None)
+        return (want, 0.001) if want is not None and len(live) > 1 else None
+    monkeypatch.setattr(SpecLeaderSession, "_member_drafter", pick)
+
+    def drop(net):
+        ids.update({n: net.node(n).node_id for n in ("node1", "node2")})
+        leader = net.addr("node0")
+
+        def rule(src, dst, msg) -> bool:
+            if state["killed"]:
+                return fault == "leader dies" and src == leader   # its last words are lost
+            if (src == leader and isinstance(msg, P.Tokens) and msg.self_draft
+                    and msg.step >= 8):
+                state["killed"] = True
+                loop = asyncio.get_running_loop()
+                if fault == "leader dies":
+                    loop.call_later(KILL_AFTER_S, net.kill, "node0")
+                    return False          # the drafter gets the round, nobody else
+                loop.call_soon(net.kill, drafter)
+                return True
+            return False
+        return rule
+
+    end = _answer(engines3, 4, drop=drop, kill=True, weights="equal", drafter="member")
+    assert state["killed"], "no member-drafted round to lose"
+    s = end.summary
+    assert s["token_ids"] == plain
+    if fault == "leader dies":
+        assert s["leader"] == "node1" and s["term"] == 1
+        assert sorted(s["members"]) == ["node1", "node2"]      # nobody dropped
+    else:
+        assert s["leader"] == "node0" and sorted(s["members"]) == ["node0", "node2"]
+        assert s["speculate"]["member_drafter"] == "node2"
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("engines3", ["copies"], indirect=True)
 @pytest.mark.parametrize("fault", ["dies", "diverges"])
-def test_a_member_that_dies_or_diverges_mid_answer_is_left_out(engines3, fault):
+@pytest.mark.parametrize("drafter", ["lookup", "member"])
+def test_a_member_that_dies_or_diverges_mid_answer_is_left_out(engines3, fault, drafter):
     """node2 (a member; node0 leads) dies after a few rounds, or from then on answers
     with frames whose prefix hash is not the committed one (a member whose verification
     went wrong). The leader leaves it out and the answer goes on, exact, with the
-    others."""
+    others, whether prompt lookup drafts or a member (node2 itself, or another)."""
     plain = _answer(engines3, 0, weights="equal").summary["token_ids"]
     net = Net(engines3)
     bad = net.node("node2")
@@ -342,7 +512,7 @@ def test_a_member_that_dies_or_diverges_mid_answer_is_left_out(engines3, fault):
 
     async def go() -> P.End:
         net.generate("node1", P.Generate(session, PROMPT, GenParams(
-            max_tokens=TOKENS, speculate=4, weights="equal"), [], session))
+            max_tokens=TOKENS, speculate=4, weights="equal", drafter=drafter), [], session))
         return await asyncio.wait_for(net.end(90), 90)
 
     end = asyncio.run(go())
@@ -389,6 +559,11 @@ def test_speculate_through_real_nodes_and_the_cli(models, tmp_path):
         plain = generate_cli(addrs[0], PROMPT, "--max-tokens", "40", cache=tmp_path)
         spec = generate_cli(addrs[1], PROMPT, "--max-tokens", "40", "--speculate", "auto",
                             cache=tmp_path)
+        member = generate_cli(addrs[0], PROMPT, "--max-tokens", "40", "--speculate", "3",
+                              "--drafter", "member", cache=tmp_path)
     assert spec["token_ids"] == plain["token_ids"]
     assert spec["speculate"]["rounds"] < spec["steps"] == plain["steps"]
     assert spec["wire_bytes_per_token"] > 0
+    assert member["token_ids"] == plain["token_ids"]
+    assert member["speculate"]["drafter"] == "member"
+    assert member["speculate"]["rounds"] < member["steps"]

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from dwarfmesh.config import MAX_DRAFT
 from dwarfmesh.engine.backend import Backend, tokenizer_fingerprint
 from dwarfmesh.engine.kv import (
     LOGP_FLOOR,
@@ -167,8 +168,8 @@ class Engine:
         return self._pool.submit(self.open_sync, session, prompt_ids, k)
 
     def step(self, session: str, token_ids: int | list[int], k: int,
-             draft: list[int] | None = None) -> asyncio.Future[StepOut]:
-        return self._pool.submit(self.step_sync, session, token_ids, k, draft)
+             draft: list[int] | None = None, self_draft: int = 0) -> asyncio.Future[StepOut]:
+        return self._pool.submit(self.step_sync, session, token_ids, k, draft, self_draft)
 
     async def close(self, session: str, keep: bool = False) -> None:
         await self._run(self.close_sync, session, keep)
@@ -266,7 +267,7 @@ class Engine:
         self._drop(oldest)
 
     def step_sync(self, session: str, token_ids: int | list[int], k: int,
-                  draft: list[int] | None = None) -> StepOut:
+                  draft: list[int] | None = None, self_draft: int = 0) -> StepOut:
         """Append committed token(s); return the last one's exact log p and the next frame.
 
         Several tokens at once is how a member that fell behind catches up, and how a
@@ -274,6 +275,12 @@ class Engine:
         newest step. With a `draft`, the drafted ids are appended in the same forward and
         the frame also holds the top-k after each of them; the next call keeps the
         drafted ids it commits (their log-probs are known) and trims the rest.
+
+        With `self_draft` = n (and no draft) this model drafts: after the committed ids it
+        appends its own greedy choice n times (up to an end-of-sequence id), one forward
+        each, and the frame holds the same as for a draft it was given. Those are the
+        frames it would send committing its choices one token a round, computed the same
+        way, so a member's drafted positions are exact.
         """
         t0 = time.perf_counter()
         s = self._sessions.get(session)
@@ -284,8 +291,8 @@ class Engine:
         if not toks or not all(0 <= t < self.vocab_size for t in toks + draft):
             raise ValueError(f"token ids {toks} {draft} outside the vocabulary")
         prev_logp, toks = self._settle_draft(s, toks)
-        if draft and not self.backend.trimmable(s.cache):
-            draft = []              # a cache that cannot drop them takes no drafts
+        if (draft or self_draft) and not self.backend.trimmable(s.cache):
+            draft, self_draft = [], 0   # a cache that cannot drop them takes no drafts
         if len(toks) > 1 or (toks and not draft):
             # the committed ids this forward appends (all of them without a draft)
             feed = toks[:-1] if draft else toks
@@ -312,11 +319,37 @@ class Engine:
                 before = after
             s.tokens.extend(toks + draft)
             s.draft, s.draft_logprobs = len(draft), [s.logprobs, *rows]
+        elif self_draft > 0:
+            draft, draft_logp, more = self._draft_greedily(s, min(self_draft, MAX_DRAFT), k)
         s.last_used = time.monotonic()
         ids, lps, rest = top_k(s.logprobs, k)
         return StepOut(ids, lps, rest, max(prev_logp, LOGP_FLOOR), None,
                        (time.perf_counter() - t0) * 1000.0, len(s.tokens) - s.draft,
                        draft=tuple(draft), draft_logp=tuple(draft_logp), more=tuple(more))
+
+    def _draft_greedily(self, s: Any, n: int, k: int) -> tuple[
+            list[int], list[float], list[tuple[np.ndarray, np.ndarray, float]]]:
+        """Append this model's greedy choice n times (stopping after an end-of-sequence
+        id), one forward each, as a pending draft; return the drafted ids, the log p of
+        each and the top-k after each."""
+        rows: list[np.ndarray] = []
+        draft: list[int] = []
+        draft_logp: list[float] = []
+        more: list[tuple[np.ndarray, np.ndarray, float]] = []
+        before = s.logprobs
+        while len(draft) < n:
+            d = int(np.argmax(before))
+            after, _ = self.backend.forward(s.cache, [d])
+            draft.append(d)
+            draft_logp.append(max(float(before[d]), LOGP_FLOOR))
+            more.append(top_k(after, k))
+            rows.append(after)
+            before = after
+            if d in self.eos_ids:
+                break
+        s.tokens.extend(draft)
+        s.draft, s.draft_logprobs = len(draft), [s.logprobs, *rows]
+        return draft, draft_logp, more
 
     def _settle_draft(self, s: Any, toks: list[int]) -> tuple[float, list[int]]:
         """Committed `toks` against the session's pending draft: keep the drafted ids they

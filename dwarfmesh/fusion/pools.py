@@ -139,23 +139,16 @@ def verify_draft(fused: Fused, drafted: int, *, temperature: float, top_p: float
     accepts it, else the fused choice.
 
     Greedy: the fused argmax (accepted when it is the draft), so a speculative answer is
-    the plain answer token for token. Sampling: speculative sampling's rule for a
-    deterministic drafter (one that proposes `drafted` with probability 1): accept with
-    probability q(drafted), else draw from q with `drafted` removed and renormalised
-    (the residual max(q - r, 0)). The token so chosen is distributed exactly as q, the
-    plain loop's draw (Leviathan et al. 2023, Chen et al. 2023)."""
-    if temperature <= 0.0 or rng is None:
-        return choose(fused, temperature=0.0, top_p=top_p, rng=None)
-    ids, q = sampling_dist(fused, temperature=temperature, top_p=top_p)
-    hit = np.nonzero(ids == drafted)[0]
-    q_d = float(q[hit[0]]) if hit.size else 0.0
-    if q_d > 0.0 and rng.random() < q_d:
-        return int(drafted)
-    if hit.size:
-        q = q.copy()
-        q[hit[0]] = 0.0
-        q /= q.sum()
-    return int(ids[int(rng.choice(len(ids), p=q))])
+    the plain answer token for token. Sampling: the plain loop's own draw x from q with
+    the step's seeded generator, and the draft is accepted when x is the draft. For a
+    deterministic drafter (one that proposes `drafted` with probability 1) this is
+    speculative sampling's rule (Leviathan et al. 2023, Chen et al. 2023): accepted with
+    probability q(drafted), else a draw from q without it, renormalised (the residual
+    max(q - r, 0)); the token is distributed exactly as q. Drawn with the plain loop's
+    randomness, it is also the plain loop's token for the same seed, whoever drafted and
+    whatever they drafted."""
+    del drafted                 # accepted exactly when the plain draw equals it
+    return choose(fused, temperature=temperature, top_p=top_p, rng=rng)
 
 
 def perplexity_weights(prompt_nll: list[float | None], tau: float) -> np.ndarray:

@@ -30,6 +30,7 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -122,12 +123,15 @@ class LeaderSession(Takeover, Lead):
     # --- gathering frames -------------------------------------------------------------
 
     async def _gather(self, step: int, send: Trigger, local: Any, ahead_ok: bool = False,
-                      preset: dict[str, Frame] | None = None) -> dict[str, Frame]:
+                      preset: dict[str, Frame] | None = None,
+                      among: Callable[[], list[str]] | None = None) -> dict[str, Frame]:
         """Expect frames for `step` (and, after a takeover, one round ahead), send what
-        triggers them, add the local one, and wait as a `Round` does."""
+        triggers them, add the local one, and wait as a `Round` does (for the frames of
+        every member, or of those `among` returns)."""
         self._expect = set(range(step, step + 1 + (self.AHEAD if ahead_ok else 0)))
         self._ahead = {}
-        self._round = rnd = Round(self._ids, send, me=self.me.node_id, preset=preset)
+        self._round = rnd = Round(among or self._ids, send, me=self.me.node_id,
+                                  preset=preset)
         rnd.open()
         t0 = time.monotonic()
         if local is not None:

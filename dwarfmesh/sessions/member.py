@@ -124,7 +124,8 @@ class MemberSession:
         self.closed = False
         self.taken_over = False        # this node now leads the session
         self._queue: list[Token] = []
-        self._draft: tuple[int, list[int]] = (-1, [])   # (step after a round, its draft)
+        # (step after a round, its draft, how many tokens this member drafts itself)
+        self._draft: tuple[int, list[int], int] = (-1, [], 0)
         self._round: list[int] = []    # the ids the last drained batch appended
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
@@ -165,7 +166,7 @@ class MemberSession:
                                          msg.prefix_hash if last else None, msg.texts[i],
                                          msg.final and last, msg.term))
             if msg.step + n >= self._draft[0]:      # not a late copy of an older round
-                self._draft = (msg.step + n, [int(t) for t in msg.draft])
+                self._draft = (msg.step + n, [int(t) for t in msg.draft], msg.self_draft)
         else:
             self._queue.append(msg)
         task = asyncio.get_running_loop().create_task(self._drain())
@@ -204,9 +205,10 @@ class MemberSession:
                 self._commit(new, hashes, h)
                 await self._close()
                 return
-            after, draft = self._draft
-            draft = draft if after == len(self.committed) + len(new) else None
-            out = await self.engine.step(self.session, new, self.params.top_k, draft)
+            after, draft, own = self._draft
+            if after != len(self.committed) + len(new):
+                draft, own = None, 0
+            out = await self.engine.step(self.session, new, self.params.top_k, draft, own)
             # Committed state changes only with the KV cache, under the lock: a takeover
             # that captures it (`state`, under the same lock) sees them agree.
             self._commit(new, hashes, h)

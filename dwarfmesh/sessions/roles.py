@@ -32,11 +32,12 @@ from typing import Any
 
 from dwarfmesh.mesh.membership import outranks, plan_session
 from dwarfmesh.sessions.deadlines import MEMBER_IDLE_S
+from dwarfmesh.sessions.drafting import DraftLength
 from dwarfmesh.sessions.leader import LeaderSession, PromptTooLong
 from dwarfmesh.sessions.member import MemberSession, leader_died
 from dwarfmesh.sessions.origin import ClientStream, OriginRole
 from dwarfmesh.sessions.ports import NodePort
-from dwarfmesh.sessions.speculate import DraftLength, SpecLeaderSession
+from dwarfmesh.sessions.speculate import SpecLeaderSession
 from dwarfmesh.sessions.text_table import TextTable
 from dwarfmesh.wire import protocol as P
 

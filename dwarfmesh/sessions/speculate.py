@@ -9,24 +9,34 @@ over one. A speculative round (`SpecLeaderSession._decode`):
 2. It walks the positions: fuses position i exactly as the plain loop would (the same
    frames, the online weights updated token by token from each drafted token's exact
    log p), and keeps d_i while the fused choice is d_i (`pools.verify_draft`: greedy
-   is identical token for token; sampling keeps the plain loop's distribution).
+   is identical token for token; sampling draws as the plain loop does, so a seed
+   gives its tokens).
 3. At the first position where the fused choice differs (or past the draft) it commits
    that choice: the round commits the accepted draft plus one token, at least one.
-4. It drafts the next tokens (`PromptLookup`: the longest recent n-gram of the prompt
+4. It drafts the next tokens (`drafting.PromptLookup`: the longest recent n-gram of the prompt
    and answer seen before, continued as it went on then; no model runs), as many as
-   `DraftLength` says (fixed, or auto: what pays, given the measured acceptance and
+   `drafting.DraftLength` says (fixed, or auto: what pays, given the measured acceptance and
    the members' forward times over one position and over several), and sends every
    member one `Tokens` message: the round's tokens and the next draft. Each member
    appends both in one forward (`Engine.step` with a draft keeps the drafted ids it
    commits and trims the rest) and answers one `DraftFrame`.
+5. Or a member drafts (`--drafter member`, or auto where the cost model says it pays):
+   the fastest member gets the round's tokens with `self_draft` = g, appends them and
+   drafts g tokens greedily from its own model, one forward each, and answers with its
+   draft and its frames at the drafted positions (exact: computed as it would commit
+   them one by one). Then the others get the same tokens with that draft and verify it
+   as in 4 (`_member_round`). A round costs the drafter's g + 1 forwards and one more
+   network round trip before the verification, so it pays only where the drafter is
+   much faster than the slowest member and mostly right.
 
 Failover, deadlines, late and lost members work as in `leader.py` (this is a subclass):
 a round reaches a member whole or not at all, and a leader taking over adopts a round
 that reached only some from their frames' `round_ids`.
 
-Owns: the drafter, the choice of a round's length, the speculative round's walk. Does
-not: fuse or choose (the plain loop's `_fuse`/`_rng`/`_append`, `fusion.pools`), or
-compute anything on a model (members do, in `Engine.step` with a draft).
+Owns: which member drafts, the speculative round's walk and its two phases. Does not:
+choose what or how much to draft (`drafting`), fuse or choose (the plain loop's
+`_fuse`/`_rng`/`_append`, `fusion.pools`), or compute anything on a model (members do,
+in `Engine.step` with a draft).
 """
 
 from __future__ import annotations
@@ -38,121 +48,13 @@ import numpy as np
 
 from dwarfmesh.config import MAX_DRAFT
 from dwarfmesh.fusion import pools
+from dwarfmesh.sessions.drafting import MEMBER, DraftLength, PromptLookup
 from dwarfmesh.sessions.leader import LeaderSession
 from dwarfmesh.sessions.member import make_frame
 from dwarfmesh.wire.protocol import DraftFrame, Frame, Token, Tokens
 
-MIN_NGRAM, MAX_NGRAM = 1, 4
-EMA = 0.2               # weight of the newest measurement in the cost estimates
-PROBE_EVERY = 64        # auto drafting nothing of a kind: a short draft every this many rounds
-PROBE_DRAFT = 2
 MEMORY_KEPT = 64        # sets of members whose measurements a node keeps between answers
-
-
-class PromptLookup:
-    """Drafts by prompt lookup (Saxena 2023, "Prompt Lookup Decoding"): the longest
-    suffix of the text so far (MAX_NGRAM ids down to MIN_NGRAM) that occurred before, and
-    what followed its latest earlier occurrence. Free to compute, and strong where
-    answers repeat their context (code: names, signatures, indentation)."""
-
-    name = "prompt-lookup"
-
-    def match(self, ids: list[int] | np.ndarray) -> tuple[int, list[int]]:
-        """The length of the longest suffix of `ids` seen before, and what followed its
-        latest earlier occurrence (at most MAX_DRAFT ids); (0, []) when none."""
-        arr = np.asarray(ids, dtype=np.int64)       # (an int64 array is used as it is)
-        for n in range(min(MAX_NGRAM, len(arr) - 1), MIN_NGRAM - 1, -1):
-            tail = arr[-n:]
-            # every earlier start of the n-gram (not the suffix itself), latest first
-            windows = np.lib.stride_tricks.sliding_window_view(arr[:-1], n)
-            hits = np.nonzero((windows == tail).all(axis=1))[0]
-            if hits.size:
-                start = int(hits[-1]) + n
-                return n, [int(t) for t in arr[start:start + MAX_DRAFT]]
-        return 0, []
-
-    def draft(self, ids: list[int], n_max: int) -> list[int]:
-        return self.match(ids)[1][:max(n_max, 0)]
-
-
-class DraftLength:
-    """How many tokens a round drafts: `gamma` as asked, or (auto) the length that
-    maximises the expected tokens a round commits per second the round takes.
-
-    A drafted token is accepted with probability `alpha` (estimated from the rounds so
-    far, geometric model: a round's walk accepts drafted tokens until the first that the
-    fused choice rejects), so a round drafting g tokens commits (1 - alpha^(g+1)) /
-    (1 - alpha) tokens on average. `alpha` is kept per kind of draft (for prompt lookup:
-    the length of the n-gram it matched; a 4-gram's continuation is right far more often
-    than a 1-gram's). A round takes the round's overhead (network, leader) plus its
-    slowest member's forward over the positions: t1 for one, plus `per_position` for each
-    drafted one, measured from the members' own forward times. Where a forward over
-    several positions costs about as much as over one (a GPU, or float32 on a CPU) auto
-    drafts long; where it costs several times more (llama.cpp's quantized kernels on a
-    CPU) it drafts only what is nearly always right, and probes the rest now and then
-    with a short draft."""
-
-    def __init__(self, gamma: int, prior: DraftLength | None = None) -> None:
-        self.auto = gamma < 0
-        self.fixed = min(gamma, MAX_DRAFT)
-        self.walks: dict[int, list[int]] = {}  # kind -> [positions walked, accepted]
-        self.idle: dict[int, int] = {}         # kind -> rounds since auto drafted it
-        self.t1: float | None = None           # slowest forward over one position (s)
-        self.per_position: float | None = None  # ... and each further position (s)
-        self.overhead = 0.0                    # round time beyond the slowest forward (s)
-        self.gamma = self.fixed if not self.auto else 0
-        if prior is not None:                  # what the same members' last answer learned
-            self.t1, self.per_position, self.overhead = (prior.t1, prior.per_position,
-                                                         prior.overhead)
-            self.walks = {k: list(v) for k, v in prior.walks.items()}
-            self.idle = dict(prior.idle)
-
-    def alpha(self, kind: int = 0) -> float:
-        tried, took = self.walks.get(kind, (0, 0))
-        return (took + 1) / (tried + 2)        # Laplace's rule: 0.5 before any
-
-    def next(self, kind: int = 0) -> int:
-        """The draft length for the next round, whose draft is of `kind`."""
-        if not self.auto:
-            return self.fixed
-        if self.t1 is None:
-            g = 0                            # measure a forward over one position, then
-        elif self.per_position is None:
-            g = PROBE_DRAFT                  # ... over a few
-        else:
-            a = min(self.alpha(kind), 0.999)
-            t1, per, over = self.t1, self.per_position, self.overhead
-
-            def rate(g: int) -> float:
-                return (1 - a ** (g + 1)) / (1 - a) / (over + t1 + per * g)
-            g = max(range(MAX_DRAFT + 1), key=rate)
-            if g == 0 and self.idle.get(kind, 0) >= PROBE_EVERY:
-                g = PROBE_DRAFT
-        self.idle[kind] = 0 if g else self.idle.get(kind, 0) + 1
-        self.gamma = g
-        return g
-
-    def walked(self, took: int, rejected: bool, kind: int = 0) -> None:
-        """A round's walk accepted `took` drafted tokens of a draft of `kind`, and ended at
-        a drafted token the fused choice rejected (`rejected`) or not (the draft ran
-        out, or the answer did)."""
-        walk = self.walks.setdefault(kind, [0, 0])
-        walk[0] += took + int(rejected)
-        walk[1] += took
-
-    def timed(self, drafted: int, round_s: float, forward_s: float) -> None:
-        """A round that sent `drafted` tokens took `round_s`, its slowest member's forward
-        `forward_s`."""
-        self.overhead = _ema(self.overhead, max(round_s - forward_s, 0.0))
-        if drafted == 0:
-            self.t1 = _ema(self.t1, forward_s)
-        elif self.t1 is not None:
-            self.per_position = _ema(self.per_position,
-                                     max(forward_s - self.t1, 0.0) / drafted)
-
-
-def _ema(old: float | None, new: float) -> float:
-    return new if old is None else (1 - EMA) * old + EMA * new
+NEAR_TIE = 0.9          # the leader drafts itself when within this of the fastest member
 
 
 class SpecLeaderSession(LeaderSession):
@@ -171,9 +73,13 @@ class SpecLeaderSession(LeaderSession):
         prior = memory.get(self._key) if memory is not None else None
         self.length = DraftLength(self.params.speculate, prior)
         self._draft: list[int] = []        # the draft the current frames were computed on
-        self._kind = 0                     # ... and its kind (the n-gram length it matched)
+        self._kind = 0                     # ... and its kind (the n-gram length it matched,
+                                           # or MEMBER)
         self._round_ids: list[int] = []    # the tokens the last round committed
+        self._prefill: dict[str, float] = {}   # node id -> its first frame's forward (ms)
+        self.drafter_node: str | None = None   # the member that drafted last
         self.rounds = self.drafted = self.accepted = 0
+        self.by_kind: dict[str, list[int]] = {}   # drafter -> [rounds, drafted, accepted]
 
     async def run(self) -> dict[str, Any]:
         try:
@@ -217,6 +123,7 @@ class SpecLeaderSession(LeaderSession):
     async def _decode(self, committed: list[int], frames: dict[str, Frame]) -> tuple[str, str]:
         p = self.params
         text = self._begin(committed, frames)
+        self._prefill = {m: f.forward_ms for m, f in frames.items()}
         # Prompt and answer ids in one preallocated buffer that prompt lookup reads as it
         # is: no list copied into an array every round.
         history = np.empty(len(self.prompt_ids) + p.max_tokens, dtype=np.int64)
@@ -263,44 +170,127 @@ class SpecLeaderSession(LeaderSession):
             self._round_ids = ids
             history[held:held + len(ids)] = ids
             held += len(ids)
-            kind, draft = (0, []) if reason is not None else self.drafter.match(
-                history[:held])
-            if draft:
-                draft = draft[:min(self.length.next(kind), p.max_tokens - step - 1)]
-            round_msg = Tokens(self.session, msgs[0].step, self._hash, [m.text for m in msgs],
-                               reason is not None, self.term, np.asarray(ids, np.uint32),
-                               np.asarray(draft, np.uint32))
             if reason is not None:
-                self._send_round(round_msg, msgs, None)
+                self._send_round(self._tokens(msgs, ids, [], final=True), msgs, None)
                 return reason, text
-            self._draft, self._kind = draft, kind
+            kind, draft = self.drafter.match(history[:held])
+            drafter = self.params.drafter
+            member = self._member_drafter() if drafter != "lookup" else None
+            source, g = self.length.plan(
+                kind if draft else None,
+                None if member is None else (member[1], int(member[0] != self.me.node_id)),
+                only_member=drafter == "member")
+            g = min(g, p.max_tokens - step - 1)
             t_step = time.perf_counter()
-            local = self.engine.step(self.session, ids, p.top_k, draft)
-            frames = await self._gather(step, lambda only, r=round_msg, m=msgs:
-                                        self._send_round(r, m, only), local)
-            round_s = time.perf_counter() - t_step
-            self.stats.stepped(round_s, frames)
-            if frames:
-                self.length.timed(len(draft), round_s,
-                                  max(f.forward_ms for f in frames.values()) / 1000.0)
+            if source == "member" and member is not None and g > 0:
+                frames, round_s = await self._member_round(step, msgs, ids, member[0], g)
+            else:
+                draft = draft[:g] if source == "lookup" else []
+                self._draft, self._kind = draft, kind
+                round_msg = self._tokens(msgs, ids, draft)
+                local = self.engine.step(self.session, ids, p.top_k, draft)
+                frames = await self._gather(step, lambda only, r=round_msg, m=msgs:
+                                            self._send_round(r, m, only), local)
+                round_s = time.perf_counter() - t_step
+                if not draft:             # every frame: one forward over one position
+                    for m, f in frames.items():
+                        self.length.timed_member(m, f.forward_ms / 1000.0)
+            self.stats.stepped(time.perf_counter() - t_step, frames)
+            verifiers = [f.forward_ms for m, f in frames.items() if m != self.drafter_node
+                         or self._kind != MEMBER]
+            if verifiers:
+                self.length.timed(len(self._draft), round_s, max(verifiers) / 1000.0)
             self._learn(frames, cur, ids[-1])
         return "length", text
+
+    def _tokens(self, msgs: list[Token], ids: list[int], draft: list[int],
+                final: bool = False, self_draft: int = 0) -> Tokens:
+        return Tokens(self.session, msgs[0].step, self._hash, [m.text for m in msgs], final,
+                      self.term, np.asarray(ids, np.uint32), np.asarray(draft, np.uint32),
+                      self_draft)
+
+    def _member_drafter(self) -> tuple[str, float] | None:
+        """The member that drafts (the fastest over one position, as measured in plain
+        rounds; before that, by its first frame's time; this node on a near tie, since it
+        drafts without a network round trip), and its forward time in seconds (None
+        before it is measured: auto leaves it out, `--drafter member` drafts anyway)."""
+        ids = [m.node_id for m in self.members]
+        if len(ids) < 2:
+            return None                   # alone, a member's draft would verify itself
+        timed = self.length.forward
+        known = timed if all(m in timed for m in ids) else self._prefill
+
+        def cost(m: str) -> float:
+            return known.get(m, float("inf")) * (NEAR_TIE if m == self.me.node_id else 1.0)
+        best = min(ids, key=cost)
+        t = timed.get(best)
+        if t is None and self.params.drafter != "member":
+            return None
+        return best, t if t is not None else 0.0
+
+    async def _member_round(self, step: int, msgs: list[Token], ids: list[int],
+                            drafter: str, g: int) -> tuple[dict[str, Frame], float]:
+        """A round drafted by a member, in two phases: the drafter appends the round's
+        tokens and drafts `g` more greedily (its frames at drafted positions come with
+        its draft), then the others get the same tokens with that draft and verify it in
+        one forward. A drafter that stays silent is dropped as any member is, and the
+        round goes on without a draft. Returns the frames and the time from the draft
+        being in to the last frame (the verification's part of the round)."""
+        p, me = self.params, self.me.node_id
+        self.drafter_node = drafter
+        if drafter == me:
+            out = await self.engine.step(self.session, ids, p.top_k, None, g)
+            self.own_out = out
+            got: dict[str, Frame] = {me: self._own(step, out)}
+        else:
+            ask = self._tokens(msgs, ids, [], self_draft=g)
+            got = await self._gather(
+                step, lambda only: self._send_round(ask, msgs, {drafter}, origin=False),
+                None, among=lambda: [drafter] if drafter in self._ids() else [])
+        t_drafted = time.perf_counter()
+        first = got.get(drafter)
+        draft = [int(t) for t in first.draft] if isinstance(first, DraftFrame) else []
+        if first is not None:
+            self.length.timed_member(drafter, first.forward_ms / 1000.0 / (len(draft) + 1))
+        self._draft, self._kind = draft, MEMBER
+        if self.deposed is not None:
+            return got, 0.0
+        verify = self._tokens(msgs, ids, draft)
+        others = {m.node_id for m in self.members} - {drafter}
+        local = (self.engine.step(self.session, ids, p.top_k, draft) if me in others
+                 else None)
+        frames = await self._gather(
+            step, lambda only: self._send_round(
+                verify, msgs, others if only is None else only & others,
+                had=set(got) - {me}),
+            local, preset=got)
+        return frames, time.perf_counter() - t_drafted
 
     def _count(self, took: int, rejected: bool) -> None:
         self.rounds += 1
         self.drafted += len(self._draft)
         self.accepted += took
         self.length.walked(took, rejected, self._kind)
+        if self._draft:
+            name = "member" if self._kind == MEMBER else self.drafter.name
+            tally = self.by_kind.setdefault(name, [0, 0, 0])
+            tally[0] += 1
+            tally[1] += len(self._draft)
+            tally[2] += took
 
-    def _send_round(self, round_msg: Tokens, msgs: list[Token], only: set[str] | None) -> None:
+    def _send_round(self, round_msg: Tokens, msgs: list[Token], only: set[str] | None,
+                    origin: bool = True, had: set[str] = frozenset()) -> None:
         """The round to the remote members (or those in `only`) as one `Tokens`, then its
         tokens one by one to the origin when it is not a member (members first, so an
-        origin never shows a token that no surviving member holds)."""
-        sent = set()
+        origin never shows a token that no surviving member holds; not while only the
+        drafter holds them, `origin` False). `had`: members that already got the round."""
+        sent = set(had)
         for m in self.members:
             if m.node_id != self.me.node_id and (only is None or m.node_id in only):
                 self.stats.wire_bytes += self.send(m.node_id, round_msg)
                 sent.add(m.node_id)
+        if not origin:
+            return
         for msg in msgs:
             if msg.step == len(self.sent):
                 self.sent.append(msg)
@@ -310,8 +300,16 @@ class SpecLeaderSession(LeaderSession):
 
     def summary_extra(self) -> dict[str, Any]:
         length = self.length
+        drafters = {name: {"rounds": r, "drafted": d, "accepted": a,
+                           "acceptance": a / d if d else 0.0}
+                    for name, (r, d, a) in self.by_kind.items()}
+        main = max(drafters, key=lambda n: drafters[n]["drafted"], default=(
+            "member" if self.params.drafter == "member" else self.drafter.name))
+        names = {m.node_id: m.name for m in self.members + self.dropped}
         return {"speculate": {
-            "drafter": self.drafter.name, "auto": length.auto, "gamma_last": length.gamma,
+            "drafter": main, "drafters": drafters,
+            "member_drafter": names.get(self.drafter_node) if self.drafter_node else None,
+            "auto": length.auto, "gamma_last": length.gamma,
             "rounds": self.rounds, "drafted": self.drafted, "accepted": self.accepted,
             "acceptance": self.accepted / self.drafted if self.drafted else 0.0,
             "tokens_per_round": len(self.tokens) / max(self.rounds, 1),

@@ -85,7 +85,7 @@ async def _run_generate(args: argparse.Namespace) -> dict[str, Any]:
     params = GenParams(max_tokens=args.max_tokens, temperature=args.temperature,
                        top_p=args.top_p, seed=args.seed, top_k=args.top_k, fuse=args.fuse,
                        weights=args.weights, stop=args.stop, chat=args.chat, mode=args.mode,
-                       speculate=args.speculate)
+                       speculate=args.speculate, drafter=args.drafter)
 
     def show(piece: str) -> None:
         print(piece, end="", flush=True)
@@ -115,8 +115,10 @@ def _speculated(summary: dict[str, Any]) -> str:
     spec = summary.get("speculate")
     if not isinstance(spec, dict):
         return ""
+    by = spec.get("member_drafter")
     return (f", {spec.get('tokens_per_round', 0):.2f} tokens a round, "
-            f"{spec.get('acceptance', 0):.0%} of drafted tokens accepted")
+            f"{spec.get('acceptance', 0):.0%} of drafted tokens accepted (drafter "
+            f"{spec.get('drafter')}{f' {by}' if by else ''})")
 
 
 async def _run_serve(args: argparse.Namespace) -> None:
@@ -155,7 +157,10 @@ def _run_models(_args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "drafter", "auto") != "auto" and not getattr(args, "speculate", 0):
+        parser.error("--drafter takes effect only with --speculate auto or N")
     _setup_logging(args.verbose)
     from dwarfmesh.models.registry import ModelError
     from dwarfmesh.ui.client import MeshError

@@ -18,7 +18,7 @@ from dwarfmesh.config import (
     MAX_TOP_K,
     default_node_name,
 )
-from dwarfmesh.wire.modes import REQUEST_MODES
+from dwarfmesh.wire.modes import DRAFTERS, REQUEST_MODES
 
 EXAMPLES = """\
 examples:
@@ -193,6 +193,12 @@ def _sampling_args(parser: argparse.ArgumentParser, *, max_tokens: int) -> None:
                         "by prompt lookup, which every member checks in one forward, and commit "
                         "as many as the fused choice agrees with; the same tokens as without "
                         "it. auto adapts N to what is accepted. Default off")
+    parser.add_argument("--drafter", choices=list(DRAFTERS), default="auto",
+                        help="who drafts speculative rounds: lookup (prompt lookup, free), "
+                        "member (the fastest member, greedily from its own model: a round "
+                        "then waits for its draft first), or auto (default: prompt lookup, "
+                        "and with --speculate auto the member wherever the measured costs "
+                        "say it pays)")
 
 
 def _speculate(text: str) -> int:

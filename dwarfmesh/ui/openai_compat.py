@@ -19,6 +19,7 @@ from typing import Any
 
 from dwarfmesh.config import MAX_DRAFT, MAX_NEW_TOKENS, MAX_PROMPT_TOKENS
 from dwarfmesh.ui.client import MeshError
+from dwarfmesh.wire.modes import DRAFTERS
 from dwarfmesh.wire.protocol import GenParams, ProtocolError
 
 ENSEMBLE_ID = "dwarfmesh"          # the model id that means "the whole mesh"
@@ -100,6 +101,14 @@ def _speculate(value: Any) -> int:
                    param="speculate", code="invalid_value")
 
 
+def _drafter(value: Any) -> str:
+    """dwarfmesh's own request key: who drafts speculative rounds."""
+    if value in DRAFTERS:
+        return value
+    raise ApiError(400, f"'drafter' must be one of {', '.join(DRAFTERS)}", param="drafter",
+                   code="invalid_value")
+
+
 def parse_request(body: Any, kind: str) -> GenRequest:
     """Validate an OpenAI chat/completions request body; raise ApiError (400) if wrong."""
     if not isinstance(body, dict):
@@ -118,7 +127,8 @@ def parse_request(body: Any, kind: str) -> GenRequest:
         temperature=_number(body, "temperature", float, 0.0, 0.0, 2.0),
         top_p=_number(body, "top_p", float, 1.0, 1e-9, 1.0),
         seed=None if seed is None else seed % (1 << 63),
-        stop=stop, speculate=_speculate(body.get("speculate", "off")))
+        stop=stop, speculate=_speculate(body.get("speculate", "off")),
+        drafter=_drafter(body.get("drafter", "auto")))
     try:
         params.check()                  # what the mesh itself will check on arrival
     except ProtocolError as exc:

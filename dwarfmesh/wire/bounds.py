@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from dwarfmesh.config import MAX_PROMPT_TOKENS
+from dwarfmesh.config import MAX_DRAFT, MAX_PROMPT_TOKENS
 from dwarfmesh.wire.messages import (
     Attach,
     Candidates,
@@ -210,6 +210,8 @@ def _draft_frame(msg: DraftFrame, limits: Limits) -> None:
 def _tokens(msg: Tokens, limits: Limits) -> None:
     _vocab(msg.token_ids, limits, "Tokens.token_ids")
     _vocab(msg.draft, limits, "Tokens.draft")
+    if not 0 <= msg.self_draft <= MAX_DRAFT or (msg.self_draft and len(msg.draft)):
+        raise ProtocolError("Tokens.self_draft: 0 to MAX_DRAFT, and never with a draft")
     if any(len(t) > TOKEN_TEXT_CHARS for t in msg.texts):
         raise ProtocolError("Tokens: text too long")
 

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from dwarfmesh.config import MAX_DRAFT, MAX_NEW_TOKENS, MAX_PROMPT_TOKENS, MAX_TOP_K
-from dwarfmesh.wire.modes import REQUEST_MODES
+from dwarfmesh.wire.modes import DRAFTERS, REQUEST_MODES
 
 MAX_STOPS = 16                  # stop strings per request ...
 MAX_STOP_CHARS = 256            # ... each at most this long (every one is searched per token)
@@ -49,6 +49,7 @@ class GenParams:
     chat: bool = False                # apply each member's chat template to the prompt
     mode: str = "auto"                # auto | fuse | rank (see membership.plan_session)
     speculate: int = 0                # id sessions: 0 off, N drafted tokens a round, -1 auto
+    drafter: str = "auto"             # who drafts: auto | lookup | member (see speculate.py)
 
     def check(self) -> None:
         if not 1 <= self.max_tokens <= MAX_NEW_TOKENS:
@@ -69,6 +70,9 @@ class GenParams:
         if not -1 <= self.speculate <= MAX_DRAFT:
             raise ProtocolError(f"speculate out of range: {self.speculate} (-1 = auto, 0 = "
                                 f"off, or 1 to {MAX_DRAFT} drafted tokens)")
+        if self.drafter not in DRAFTERS:
+            raise ProtocolError(f"unknown drafter {self.drafter!r} (one of "
+                                f"{', '.join(DRAFTERS)})")
         if len(self.stop) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in self.stop):
             raise ProtocolError(f"at most {MAX_STOPS} stop strings of at most "
                                 f"{MAX_STOP_CHARS} characters each")
@@ -199,7 +203,12 @@ class Tokens:
     `step` on (the accepted draft, then the fused choice) and the next draft, which a
     member appends in the same forward and answers with a `DraftFrame`. One message a
     round, so a member holds all of a round or none of it. The origin gets the same
-    tokens as `Token`s (a member that is also the origin reads them from this)."""
+    tokens as `Token`s (a member that is also the origin reads them from this).
+
+    With `self_draft` = n (and no `draft`) the member drafting for a round is asked to
+    draft n tokens itself, greedily from its own distribution, and to answer with them
+    as its `DraftFrame`'s draft; the leader then sends the others the same tokens with
+    that draft."""
 
     TAG: ClassVar[int] = 13
     session: str
@@ -210,6 +219,7 @@ class Tokens:
     term: int
     token_ids: np.ndarray = _array("<u4", MAX_DRAFT + 1)
     draft: np.ndarray = _array("<u4", MAX_DRAFT)
+    self_draft: int = 0        # draft this many tokens yourself (the member drafter)
 
 
 @dataclass(frozen=True)

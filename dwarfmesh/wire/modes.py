@@ -1,6 +1,7 @@
 """The kinds of session, under one name each, and their spellings at the edges.
 
-Owns: `Mode` (what a session runs), `REQUEST_MODES` (what a client may ask for) and
+Owns: `Mode` (what a session runs), `REQUEST_MODES` (what a client may ask for),
+`DRAFTERS` (who may draft a speculative round) and
 `TEXT_OPEN_MODES` (how `TextOpen` names a text session's mode on the wire). Does not
 decide which mode a session gets (`mesh.membership.plan_session` does).
 """
@@ -11,6 +12,7 @@ from enum import Enum
 
 REQUEST_MODES = ("auto", "fuse", "rank")   # GenParams.mode: auto picks by tokenizers
 TEXT_OPEN_MODES = ("rank", "fuse")         # TextOpen.mode
+DRAFTERS = ("auto", "lookup", "member")    # GenParams.drafter: who drafts a speculative round
 
 
 class Mode(str, Enum):
