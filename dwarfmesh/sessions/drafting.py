@@ -129,19 +129,20 @@ class DraftLength:
     def _best(self, kind: int | None, member: tuple[float, int] | None,
               only_member: bool) -> tuple[str, int]:
         plain = self.rate(0.0, 0)
-        best, choice = plain, ("lookup", 0)
+        # (rate, choice) in order of preference on a tie: plain, prompt lookup, member
+        options = [(plain, ("lookup", 0))]
         if kind is not None and not only_member:
-            for g in range(1, MAX_DRAFT + 1):
-                if self.rate(self.alpha(kind), g) > best:
-                    best, choice = self.rate(self.alpha(kind), g), ("lookup", g)
+            a = self.alpha(kind)
+            options += [(self.rate(a, g), ("lookup", g)) for g in range(1, MAX_DRAFT + 1)]
         if member is not None:
             t_draft, hops = member
 
             def member_rate(a: float, g: int) -> float:
                 return self.rate(a, g, (g + 1) * t_draft, 1 + hops)
-            for g in range(1, MAX_DRAFT + 1):
-                if member_rate(self.alpha(MEMBER), g) > best:
-                    best, choice = member_rate(self.alpha(MEMBER), g), ("member", g)
+            a = self.alpha(MEMBER)
+            options += [(member_rate(a, g), ("member", g)) for g in range(1, MAX_DRAFT + 1)]
+        choice = max(options, key=lambda option: option[0])[1]   # the first best
+        if member is not None:
             if (choice[1] == 0 and self.idle.get(MEMBER, 0) >= PROBE_EVERY
                     and member_rate(OPTIMISTIC, PROBE_DRAFT) > plain):
                 return "member", PROBE_DRAFT

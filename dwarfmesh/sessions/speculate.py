@@ -173,9 +173,13 @@ class SpecLeaderSession(LeaderSession):
             if reason is not None:
                 self._send_round(self._tokens(msgs, ids, [], final=True), msgs, None)
                 return reason, text
-            kind, draft = self.drafter.match(history[:held])
             drafter = self.params.drafter
-            member = self._member_drafter() if drafter != "lookup" else None
+            # only what this round may use: prompt lookup unless only a member drafts, a
+            # member when asked for or when auto may choose one
+            kind, draft = ((0, []) if drafter == "member"
+                           else self.drafter.match(history[:held]))
+            member = (self._member_drafter() if drafter == "member"
+                      or (drafter == "auto" and self.length.auto) else None)
             source, g = self.length.plan(
                 kind if draft else None,
                 None if member is None else (member[1], int(member[0] != self.me.node_id)),
