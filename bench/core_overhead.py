@@ -39,7 +39,7 @@ def one_answer(tokens: int, speculate: int) -> float:
     engines = [scripted_engine() for _ in range(3)]
     try:
         net = Net(engines)
-        params = GenParams(max_tokens=tokens, weights="equal", speculate=speculate)
+        params = GenParams(mode="stream", max_tokens=tokens, weights="equal", speculate=speculate)
 
         async def go() -> P.End:
             net.generate("node1", P.Generate("bench", PROMPT, params, [], "bench"))

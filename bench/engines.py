@@ -67,7 +67,7 @@ def one_node(name: str, engine: str, tokens: int, work: Path) -> dict:
     def before_stop(procs) -> None:
         peaks["node"] = peak_rss_mb(procs[0].pid)
 
-    params = GenParams(max_tokens=tokens, temperature=0.0, weights="equal")
+    params = GenParams(mode="stream", max_tokens=tokens, temperature=0.0, weights="equal")
     with running_mesh([name], work_dir=work / f"{name}-{engine}",
                       node_args=["--engine", engine], before_stop=before_stop) as addrs:
         out = timed_generate(addrs[0], PROMPT, params)
@@ -90,7 +90,7 @@ def one_node(name: str, engine: str, tokens: int, work: Path) -> dict:
 def ensemble(names: list[str], tokens: int, work: Path, repeat: int) -> dict:
     """One node per model on the llama.cpp engine, fused by id with online weights: its
     tokens/s beside each member's alone (one-node meshes), interleaved runs, medians."""
-    params = GenParams(max_tokens=tokens, temperature=0.0, weights="online")
+    params = GenParams(mode="stream", max_tokens=tokens, temperature=0.0, weights="online")
     runs: list[dict] = []
     alone: dict[str, list[float]] = {n: [] for n in names}
     for r in range(max(1, repeat)):

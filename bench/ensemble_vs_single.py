@@ -182,7 +182,8 @@ def run(args: argparse.Namespace, console) -> dict:
         # float32 on the CPU: the bytes of weights each decode step reads
         result["config"]["parameters"] = result["quality"].pop("parameters")
     if not args.skip_speed:
-        params = GenParams(max_tokens=args.speed_tokens, top_k=args.k, weights=args.weights,
+        params = GenParams(
+            mode="stream", max_tokens=args.speed_tokens, top_k=args.k, weights=args.weights,
                            fuse=args.fuse)
         prompt = docs[0].prompt
         sp: dict = {"max_tokens": args.speed_tokens, "top_k": args.k,

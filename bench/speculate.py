@@ -84,12 +84,13 @@ def run_system(models: list[str], items: list[dict], gammas: list[tuple[int, str
     work = OUT_DIR / time.strftime("%Y%m%d-%H%M%S") / "+".join(models)
     node_args = ["--engine", args.engine] + (["--no-repack"] if args.no_repack else [])
     with speed.running_mesh(models, work_dir=work, node_args=node_args) as addrs:
-        speed.answer(addrs[0], items[0]["prompt"], GenParams(max_tokens=8))     # warm-up
+        speed.answer(addrs[0], items[0]["prompt"], GenParams(
+            mode="stream", max_tokens=8))     # warm-up
         for n, item in enumerate(items):
             order = settings[n % len(settings):] + settings[:n % len(settings)]
             got = {}
             for g in order:
-                params = GenParams(max_tokens=args.max_tokens, temperature=0.0,
+                params = GenParams(mode="stream", max_tokens=args.max_tokens, temperature=0.0,
                                    stop=item["stop"], speculate=g[0], drafter=g[1])
                 got[g] = speed.answer(addrs[0], item["prompt"], params)
             for g in settings:

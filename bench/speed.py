@@ -88,11 +88,13 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 @contextmanager
 def running_mesh(models: list[str], *, work_dir: Path,
                  ready_deadline_s: float = READY_DEADLINE_S, node_args: list[str] = (),
-                 before_stop=None) -> Iterator[list[str]]:
+                 before_stop=None, pin: bool = False) -> Iterator[list[str]]:
     """One node per model (an mlx-lm dir or any `--model` spec); yield their addresses.
 
     `node_args` go to every node (e.g. `--engine llamacpp`); `before_stop(procs)` runs
-    while the nodes are still alive (e.g. to read their peak memory)."""
+    while the nodes are still alive (e.g. to read their peak memory). With `pin`, node i
+    runs on core i (mod the cores there are) alone, as if each had a machine of one core
+    (llama.cpp then runs one thread: it uses the cores it may run on)."""
     work_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, DWARFMESH_STATE=str(work_dir), PYTHONUNBUFFERED="1")
     if len(models) > 1:     # nodes sharing this machine's cores: llama.cpp's threads sleep
@@ -106,6 +108,9 @@ def running_mesh(models: list[str], *, work_dir: Path,
                    "--port", addr.rpartition(":")[2], "--no-mdns", *node_args]
             if i:
                 cmd += ["--peer", addrs[0]]
+            if pin:
+                cores = sorted(os.sched_getaffinity(0))
+                cmd = ["taskset", "-c", str(cores[i % len(cores)]), *cmd]
             with open(work_dir / f"bench{i}.log", "w") as out:
                 procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
                                               start_new_session=True,

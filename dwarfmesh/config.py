@@ -14,7 +14,7 @@ import socket
 from pathlib import Path
 
 PROTOCOL_ID = b"DWM1"          # first frame of every multipart message
-PROTOCOL_VERSION = 4            # a peer with another version is refused with a clear reason
+PROTOCOL_VERSION = 5            # a peer with another version is refused with a clear reason
 
 DEFAULT_PORT = 5757             # ROUTER port of a node
 DEFAULT_TOP_K = 64              # entries per top-k frame (goal: <= 512 B per frame at k=64)

@@ -28,7 +28,7 @@ def answer(address: str, max_tokens: int = TOKENS, prompt: str = PROMPT,
            conversation: str = "", request_id: str = "") -> dict:
     async def go():
         async with MeshClient(address) as c:
-            return (await c.generate(prompt, P.GenParams(max_tokens=max_tokens),
+            return (await c.generate(prompt, P.GenParams(mode="stream", max_tokens=max_tokens),
                                      conversation=conversation,
                                      request_id=request_id)).summary
     return asyncio.run(go())

@@ -39,9 +39,10 @@ SAMPLES = [
     P.Hello("n1", "mac-1", "qwen2.5-coder-1.5b", "abcd", 151936, 1, "10.0.0.2:5757", 1.0, ["s"],
             ["10.0.0.3:5757"]),
     P.Refuse("n1", "version mismatch"),
-    P.Start("s1", "n2", "def f(x):", P.GenParams(max_tokens=5, stop=["\n\n"], seed=3),
+    P.Start("s1", "n2", "def f(x):", P.GenParams(
+        mode="stream", max_tokens=5, stop=["\n\n"], seed=3),
             [{"role": "user", "content": "hi"}], True),
-    P.Open("s1", "n1", "n2", ["n1", "n2"], P.GenParams(), True,
+    P.Open("s1", "n1", "n2", ["n1", "n2"], P.GenParams(mode="stream"), True,
            np.array([1, 2, 3], dtype=np.uint32)),
     P.Resume("s1", "n2", 7),
     P.Attach("s1", "n3", 5),
@@ -56,7 +57,7 @@ SAMPLES = [
     P.Leave("s1", "n3", "busy"),
     P.PeersRequest("r1"),
     P.PeersReply("r1", [{"name": "a", "leader_of": []}]),
-    P.Generate("r1", "hello", P.GenParams(), [], ""),
+    P.Generate("r1", "hello", P.GenParams(mode="stream"), [], ""),
     P.Cancel("r1"),
     P.Error("r1", "no members"),
 ]

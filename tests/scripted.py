@@ -15,7 +15,11 @@ The tokenizer is bytes (ids 0-255) plus an end-of-text id that the model never f
 Variants (`variant=v`, 0-2) differ from the script where the prefix's length is v mod 3:
 there that variant alone prefers `QUIRK` (0.5 against 0.4), so any two variants pooled
 still follow the script, and one variant alone does not: a test can tell which members'
-frames a token was fused from.
+frames a token was fused from. `USELESS` is a model that knows nothing: nearly uniform,
+a little fonder of `QUIRK` than of anything else (what the worth policy must keep from
+deciding). `ONE_QUIRK` reads and writes like the script except at one position
+(`QUIRK_AT` ids), where it prefers `QUIRK`: as strong on a short prompt, one byte apart
+in its answer.
 """
 
 from __future__ import annotations
@@ -38,6 +42,9 @@ SCRIPT = (b"def quicksort(xs):\n    if len(xs) <= 1:\n        return xs\n"
 EOS = 256
 VOCAB = 257
 QUIRK = ord("~")         # never in SCRIPT
+USELESS = -1             # the variant that knows nothing
+ONE_QUIRK = -2           # the script but for one position
+QUIRK_AT = 24
 
 
 class ByteDetokenizer:
@@ -95,9 +102,14 @@ def script_logprobs(ids: list[int], variant: int | None = None) -> np.ndarray:
                                           digest_size=8).digest(), "little")
     rest = np.random.default_rng(seed).random(VOCAB).astype(np.float64) + 0.01
     rest[EOS] = 1e-6
+    if variant == USELESS:
+        p = rest / rest.sum()
+        p[QUIRK] += 0.05
+        return np.log(p / p.sum()).astype(np.float32)
     rest = 0.1 * rest / rest.sum()
     p = rest
-    if variant is not None and len(ids) % 3 == variant:
+    if (variant == ONE_QUIRK and len(ids) == QUIRK_AT) or (
+            variant is not None and variant >= 0 and len(ids) % 3 == variant):
         p[script_next(ids)] += 0.4
         p[QUIRK] += 0.5
     else:

@@ -33,6 +33,9 @@ from dwarfmesh.wire.protocol import GenParams
 pytestmark = pytest.mark.usefixtures("own_model_cache")   # tiny GGUFs' tokenizers
 
 QUESTION = [{"role": "user", "content": "def quicksort(xs):"}]
+# The answer token by token (the API's default, auto, writes whole answers and selects one
+# where the mesh has two members: test_api_default_is_select)
+STREAM = {"mode": "stream"}
 
 
 # --- pure ---------------------------------------------------------------------------------
@@ -52,6 +55,7 @@ QUESTION = [{"role": "user", "content": "def quicksort(xs):"}]
      "messages[0].content"),
     ({"messages": [{"role": "user", "content": "x" * 200_000}]}, "messages"),
     ({"messages": QUESTION, "speculate": 99}, "speculate"),
+    ({"messages": QUESTION, "mode": "vote"}, "mode"),
     ({"messages": QUESTION, "speculate": "yes"}, "speculate"),
     ({"messages": QUESTION, "drafter": "everyone"}, "drafter"),
 ])
@@ -71,6 +75,8 @@ def test_requests_map_onto_gen_params():
         "stop": "\n\n", "stream": True, "stream_options": {"include_usage": True}}, "chat")
     assert req.params == GenParams(max_tokens=7, temperature=0.5, top_p=0.9, seed=3,
                                    stop=["\n\n"])
+    assert req.params.mode == "auto"
+    assert parse_request({"prompt": "a", "mode": "stream"}, "text").params.mode == "stream"
     assert req.messages[0] == {"role": "system", "content": "be brief"}
     assert (req.model, req.stream, req.include_usage) == ("m1", True, True)
     text = parse_request({"prompt": ["abc"]}, "text")
@@ -194,11 +200,12 @@ def test_chat_streamed_and_not_give_the_mesh_greedy_answer(api_mesh):
     c = client_for(base)
 
     def run():
-        whole = c.chat.completions.create(model="dwarfmesh", messages=QUESTION, max_tokens=24)
-        text, chunks = collect_stream(c.chat.completions.create(
+        whole = c.chat.completions.create(
+            extra_body=STREAM, model="dwarfmesh", messages=QUESTION, max_tokens=24)
+        text, chunks = collect_stream(c.chat.completions.create(extra_body=STREAM,
             model="dwarfmesh", messages=QUESTION, max_tokens=24, stream=True,
             stream_options={"include_usage": True}))
-        mesh = direct(addrs[1], GenParams(max_tokens=24), messages=QUESTION)
+        mesh = direct(addrs[1], GenParams(mode="stream", max_tokens=24), messages=QUESTION)
         return (whole, text, chunks, mesh), [members(whole), stream_members(chunks),
                                              mesh["members"]]
 
@@ -220,19 +227,43 @@ def test_chat_streamed_and_not_give_the_mesh_greedy_answer(api_mesh):
 
 
 @pytest.mark.timeout(180)
+def test_api_default_is_select(api_mesh):
+    """Without a mode the mesh runs auto: two members, so whole answers, one kept; the
+    reply says who voted and whose answer won, and is the answer a client gets directly."""
+    base, addrs, _ = api_mesh
+    c = client_for(base)
+
+    def run():
+        whole = c.chat.completions.create(model="dwarfmesh", messages=QUESTION, max_tokens=24)
+        text, chunks = collect_stream(c.chat.completions.create(
+            model="dwarfmesh", messages=QUESTION, max_tokens=24, stream=True))
+        mesh = direct(addrs[1], GenParams(max_tokens=24), messages=QUESTION)
+        return (whole, text, mesh), [members(whole), stream_members(chunks), mesh["members"]]
+
+    whole, text, mesh = with_whole_mesh(run)
+    extra = whole.model_extra["dwarfmesh"]
+    assert extra["mode"] == mesh["mode"] == "select"
+    assert set(extra["voted"]) | set(extra["benched"]) == set(BOTH)
+    assert extra["select"]["chosen_by"] and set(extra["select"]["chosen_by"]) <= set(BOTH)
+    assert whole.choices[0].message.content == text == mesh["text"]
+
+
+@pytest.mark.timeout(180)
 def test_completions_and_stop_strings_agree_streamed_or_not(api_mesh):
     base, addrs, _ = api_mesh
     c = client_for(base)
     prompt = "The quick brown fox jumps over"
 
     def run():
-        full = c.completions.create(model="dwarfmesh", prompt=prompt, max_tokens=30)
-        mesh = direct(addrs[0], GenParams(max_tokens=30), prompt=prompt)
+        full = c.completions.create(
+            extra_body=STREAM, model="dwarfmesh", prompt=prompt, max_tokens=30)
+        mesh = direct(addrs[0], GenParams(mode="stream", max_tokens=30), prompt=prompt)
         text = full.choices[0].text
         assert len(text) >= 8, text
         stop = text[4:7]
-        cut = c.completions.create(model="m1", prompt=prompt, max_tokens=30, stop=[stop])
-        streamed, chunks = collect_stream(c.completions.create(
+        cut = c.completions.create(
+            extra_body=STREAM, model="m1", prompt=prompt, max_tokens=30, stop=[stop])
+        streamed, chunks = collect_stream(c.completions.create(extra_body=STREAM,
             model="dwarfmesh", prompt=prompt, max_tokens=30, stop=stop, stream=True))
         return (text, mesh, stop, cut, streamed), [members(full), mesh["members"],
                                                    members(cut), stream_members(chunks)]
@@ -249,10 +280,12 @@ def test_second_chat_turn_reuses_the_members_kv_cache(api_mesh):
     base, *_ = api_mesh
     c = client_for(base)
     turn1 = [{"role": "user", "content": "def quicksort(xs): " * 6}]
-    first = c.chat.completions.create(model="dwarfmesh", messages=turn1, max_tokens=10)
+    first = c.chat.completions.create(
+        extra_body=STREAM, model="dwarfmesh", messages=turn1, max_tokens=10)
     turn2 = [*turn1, {"role": "assistant", "content": first.choices[0].message.content},
              {"role": "user", "content": "The quick brown fox"}]
-    second = c.chat.completions.create(model="dwarfmesh", messages=turn2, max_tokens=10)
+    second = c.chat.completions.create(
+        extra_body=STREAM, model="dwarfmesh", messages=turn2, max_tokens=10)
     assert first.usage.prompt_tokens_details.cached_tokens == 0
     reused = second.usage.prompt_tokens_details.cached_tokens
     assert reused >= first.usage.prompt_tokens
@@ -269,7 +302,7 @@ def test_concurrent_requests_each_get_their_answer(api_mesh):
         results: list = [None] * 3
 
         def ask(i: int) -> None:
-            results[i] = client_for(base).chat.completions.create(
+            results[i] = client_for(base).chat.completions.create(extra_body=STREAM,
                 model="dwarfmesh", messages=QUESTION, max_tokens=16)
 
         threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
@@ -291,13 +324,13 @@ def test_errors_are_openai_style_with_proper_status(api_mesh):
     port = int(base.rsplit(":", 1)[1].split("/")[0])
     c = client_for(base)
     with pytest.raises(openai.NotFoundError) as err:
-        c.chat.completions.create(model="gpt-4o", messages=QUESTION)
+        c.chat.completions.create(extra_body=STREAM, model="gpt-4o", messages=QUESTION)
     assert err.value.body["code"] == "model_not_found" and err.value.body["param"] == "model"
     with pytest.raises(openai.BadRequestError) as err:
-        c.chat.completions.create(model="dwarfmesh", messages=[])
+        c.chat.completions.create(extra_body=STREAM, model="dwarfmesh", messages=[])
     assert err.value.body["param"] == "messages"
     with pytest.raises(openai.BadRequestError) as err:
-        c.completions.create(model="dwarfmesh", prompt="x" * 200_000)
+        c.completions.create(extra_body=STREAM, model="dwarfmesh", prompt="x" * 200_000)
     assert err.value.body["code"] == "context_length_exceeded"
     status, _, body = raw(port, "POST", "/v1/chat/completions", b'{"messages": [',
                           {"Content-Type": "application/json"})
@@ -345,11 +378,12 @@ def test_a_client_that_goes_away_mid_stream_cancels_its_answer(api_mesh):
     base, addrs, logs = api_mesh
     port = int(base.rsplit(":", 1)[1].split("/")[0])
     # a prompt the mesh does not end early: the answer would run to 8000 tokens (~40 s)
-    assert direct(addrs[0], GenParams(max_tokens=300), prompt="hello")["finish_reason"] == \
+    assert direct(addrs[0], GenParams(
+        mode="stream", max_tokens=300), prompt="hello")["finish_reason"] == \
         "length"
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     conn.request("POST", "/v1/completions", json.dumps({
-        "prompt": "hello", "max_tokens": 8000, "stream": True}).encode(),
+        "prompt": "hello", "max_tokens": 8000, "stream": True, **STREAM}).encode(),
         {"Content-Type": "application/json"})
     resp = conn.getresponse()
     assert resp.status == 200 and resp.getheader("Content-Type") == "text/event-stream"
@@ -379,7 +413,7 @@ def test_serve_command_proxies_a_live_mesh(api_mesh, tmp_path):
                             start_new_session=True)
     try:
         wait_http(port)
-        out = client_for(f"http://127.0.0.1:{port}/v1").chat.completions.create(
+        out = client_for(f"http://127.0.0.1:{port}/v1").chat.completions.create(extra_body=STREAM,
             model="m2", messages=QUESTION, max_tokens=5)
         assert out.usage.completion_tokens >= 1 and out.model == "m2"
     finally:

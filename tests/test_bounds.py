@@ -100,11 +100,12 @@ def test_candidates_are_bounded_in_count_and_bytes():
     refused(P.Candidates("s", 0, [" the" * 600] * 48, [False] * 48))    # was 3.2 GB
     refused(P.Candidates("s", 0, [" x"] * (bounds.MAX_CANDIDATES + 1),
                          [False] * (bounds.MAX_CANDIDATES + 1)))
-    side = bounds.CANDIDATE_BATCH_BYTES // 4
+    side = bounds.SCORE_BYTES // 4
     ok(P.Candidates("s", 0, ["a" * side] * 4, [False] * 4))
     refused(P.Candidates("s", 0, ["a" * side] * 5, [False] * 5), match="bytes")
+    refused(P.Candidates("s", 0, ["a" * (bounds.ANSWER_BYTES + 1)], [False]), match="bytes")
     refused(P.Candidates("s", 0, ["a"], []))
-    refused(P.Commit("s", 0, "x" * (bounds.PIECE_BYTES + 1), 0, False, 12))
+    refused(P.Commit("s", 0, "x" * (bounds.ANSWER_BYTES + 1), 0, False, 12))
 
 
 def test_generation_params_and_text_prompts_are_bounded():

@@ -53,7 +53,8 @@ def _ids(net: Net) -> dict[str, str]:
 
 
 def _request(session: str) -> P.Generate:
-    return P.Generate(session, PROMPT, GenParams(max_tokens=TOKENS, weights="equal"), [],
+    return P.Generate(session, PROMPT, GenParams(
+        mode="stream", max_tokens=TOKENS, weights="equal"), [],
                       session)
 
 
@@ -311,7 +312,8 @@ def test_a_completion_keeps_the_leading_space_of_its_first_token(engines, model)
                   if tok.decode(engine_greedy(model, p, 1)).startswith(" "))
     net = Net(engines)
     session = "completion-space"
-    req = P.Generate(session, prompt, GenParams(max_tokens=12, weights="equal"), [], "")
+    req = P.Generate(session, prompt, GenParams(
+        mode="stream", max_tokens=12, weights="equal"), [], "")
 
     async def go():
         net.generate("node0", req)

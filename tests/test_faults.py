@@ -72,7 +72,8 @@ def run_with_kill(address: str, session: str, victim, kill_after: int):
 
     async def go():
         async with MeshClient(address) as c:
-            return await c.generate(PROMPT, GenParams(max_tokens=TOKENS, weights="equal"),
+            return await c.generate(PROMPT, GenParams(
+                mode="stream", max_tokens=TOKENS, weights="equal"),
                                     on_text=on_text, conversation=session)
     result = asyncio.run(go())
     gaps = [b - a for a, b in zip(times, times[1:])]
@@ -152,7 +153,8 @@ def test_a_straggler_is_fused_around_and_catches_up(mlx_slow_model, mlx_referenc
 
         async def go():
             async with MeshClient(addrs[0]) as c:
-                return await c.generate(PROMPT, GenParams(max_tokens=TOKENS, weights="equal"),
+                return await c.generate(PROMPT, GenParams(
+                    mode="stream", max_tokens=TOKENS, weights="equal"),
                                         on_text=on_text, conversation=session)
         result = asyncio.run(go())
     s = result.summary
@@ -184,7 +186,8 @@ def test_a_paused_leader_is_deposed_when_it_wakes(slow_model, reference, tmp_pat
 
         async def go():
             async with MeshClient(addrs[0]) as c:
-                return await c.generate(PROMPT, GenParams(max_tokens=TOKENS, weights="equal"),
+                return await c.generate(PROMPT, GenParams(
+                    mode="stream", max_tokens=TOKENS, weights="equal"),
                                         on_text=on_text, conversation=session)
         result = asyncio.run(go())
         os.killpg(procs[1].pid, signal.SIGCONT)           # (if the answer beat the timer)
@@ -225,7 +228,8 @@ def test_a_leader_restarted_at_once_with_the_same_id_is_a_new_node(slow_model, r
 
         async def go():
             async with MeshClient(addrs[0]) as c:
-                return await c.generate(PROMPT, GenParams(max_tokens=TOKENS, weights="equal"),
+                return await c.generate(PROMPT, GenParams(
+                    mode="stream", max_tokens=TOKENS, weights="equal"),
                                         on_text=on_text, conversation=session)
         result = asyncio.run(go())
     s = result.summary
@@ -248,7 +252,8 @@ def test_the_client_goes_to_another_node_when_its_node_dies_before_the_first_tok
             loop = asyncio.get_running_loop()
             loop.call_later(0.2, stop, [procs[0]], signal.SIGKILL)
             async with MeshClient(addrs) as c:
-                return await c.generate(PROMPT, GenParams(max_tokens=TOKENS, weights="equal"),
+                return await c.generate(PROMPT, GenParams(
+                    mode="stream", max_tokens=TOKENS, weights="equal"),
                                         conversation=session)
         result = asyncio.run(go())
     assert result.summary["token_ids"] == reference

@@ -52,11 +52,11 @@ def test_ids_outside_the_vocabulary_or_context_are_dropped(hostile_mesh):
     s = Stranger(addr)
     try:
         attacks = [
-            P.Open("x", "g", "g", ["g"], P.GenParams(), False,
+            P.Open("x", "g", "g", ["g"], P.GenParams(mode="stream"), False,
                    np.array([1, 2_000_000_000], np.uint32)),          # was a SIGSEGV
-            P.Open("y", "g", "g", ["g"], P.GenParams(), False,
+            P.Open("y", "g", "g", ["g"], P.GenParams(mode="stream"), False,
                    np.array([1, VOCAB], np.uint32)),                  # just past the vocab
-            P.Open("z", "g", "g", ["g"], P.GenParams(), False,
+            P.Open("z", "g", "g", ["g"], P.GenParams(mode="stream"), False,
                    np.ones(CONTEXT + 1, np.uint32)),                  # past the context
             P.Token("x", 0, VOCAB, 0, "", False),
             P.Frame("x", 0, "g", 0, 0.5, None, -1, None, 1.0, np.array([VOCAB], np.uint32),
@@ -127,8 +127,8 @@ def test_candidates_too_big_to_score_are_dropped(hostile_mesh):
     before = count(dropped(addr), "malformed")
     s = Stranger(addr)
     try:
-        s.send(P.TextOpen("t1", "g", "g", ["g"], P.GenParams(), False, "rank", "hello", [],
-                          12))
+        s.send(P.TextOpen("t1", "g", "g", ["g"], P.GenParams(mode="stream"), False, "rank",
+                          "hello", [], 12))
         s.send(P.Candidates("t1", 0, [" the" * 600] * 48, [False] * 48))   # was 0.9 -> 3.2 GB
         s.send(P.Candidates("t1", 0, [" the"] * 33, [False] * 33))
         s.flush()

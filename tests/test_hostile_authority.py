@@ -197,7 +197,7 @@ def test_stranger_opens_do_not_hold_session_slots(authority_mesh):
     s = Stranger(authority_mesh["addrs"][0])
     try:
         for i in range(16):
-            s.send(P.Open(f"hog{i}", "g", "g", ["g"], P.GenParams(), False,
+            s.send(P.Open(f"hog{i}", "g", "g", ["g"], P.GenParams(mode="stream"), False,
                           np.array([1, 2, 3], np.uint32)))
         s.flush()
     finally:

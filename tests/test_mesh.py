@@ -120,7 +120,7 @@ def test_conversation_turns_reuse_the_kv_cache(tiny_ggufs_shared, tmp_path):
     from dwarfmesh.ui.client import MeshClient
     from dwarfmesh.wire.protocol import GenParams
 
-    params = GenParams(max_tokens=12, weights="equal")
+    params = GenParams(mode="stream", max_tokens=12, weights="equal")
     turn1 = [{"role": "user", "content": "def quicksort(xs): " * 8}]
 
     async def talk(address):

@@ -83,7 +83,7 @@ def test_text_messages_round_trip_the_codec():
             got = getattr(back, name)
             assert (np.array_equal(got, value) if isinstance(value, np.ndarray)
                     else got == value), name
-    assert GenParams().mode == "auto"
+    assert GenParams(mode="stream").mode == "auto"
     with pytest.raises(P.ProtocolError, match="unknown mode"):   # refused on arrival
         P.decode(P.encode(P.Generate("r", "p", GenParams(mode="vote"), [], "")))
 
@@ -221,7 +221,8 @@ def test_auto_mode_with_mixed_tokenizers_ranks_the_same_whoever_leads(mixed_mesh
 
     async def ask(session: str) -> dict:
         async with MeshClient(addrs[2]) as c:
-            return (await c.generate(PROMPT, GenParams(max_tokens=16), conversation=session)
+            return (await c.generate(PROMPT, GenParams(
+                mode="stream", max_tokens=16), conversation=session)
                     ).summary
     outs = [asyncio.run(ask(session_led_by(ids[name], list(ids.values()))))
             for name in ("node0", "node1")]

@@ -66,7 +66,8 @@ class Recorder:
 
 OTHERS = [      # the messages samples.py leaves out
     P.Deposed("s1", "n2", 1),
-    P.TextOpen("s1", "n1", "n2", ["n1", "n2"], P.GenParams(), False, "rank", "hi", [], 12),
+    P.TextOpen("s1", "n1", "n2", ["n1", "n2"], P.GenParams(mode="stream"), False, "rank", "hi",
+               [], 12),
     P.Proposal("s1", 0, "n2", 5, " there", False, 0, 0.5, 3.0),
     P.Candidates("s1", 0, [" there"], [False]),
     P.Scores("s1", 0, "n2", 5, [0.5], 3.0),

@@ -15,7 +15,7 @@ import time
 import pytest
 from inproc import CLIENT, Net
 from meshutil import session_led_by
-from scripted import SCRIPT, script_greedy, scripted_engine
+from scripted import ONE_QUIRK, QUIRK, SCRIPT, USELESS, script_greedy, scripted_engine
 
 from dwarfmesh.wire import protocol as P
 from dwarfmesh.wire.protocol import GenParams
@@ -44,7 +44,8 @@ def _ids(net: Net) -> dict[str, str]:
 
 
 def _request(session: str) -> P.Generate:
-    return P.Generate(session, PROMPT, GenParams(max_tokens=TOKENS, weights="equal"), [],
+    return P.Generate(session, PROMPT, GenParams(
+        mode="stream", max_tokens=TOKENS, weights="equal"), [],
                       session)
 
 
@@ -282,3 +283,63 @@ def test_a_new_text_leader_adopts_a_commit_that_reached_only_some(copies):
     assert s["adopted_steps"] == 1 and s["resumed_at_step"] == 2
     assert old_piece and pieces[1] == old_piece[0]
     assert "".join(pieces) == s["text"] and SCRIPT_TEXT.startswith(s["text"])
+
+
+def _auto(net: Net, via: str, session: str, **params) -> P.End:
+    async def go() -> P.End:
+        net.generate(via, P.Generate(session, PROMPT, GenParams(
+            max_tokens=TOKENS, **params), [], session))
+        return await asyncio.wait_for(net.end(FAST_S), FAST_S)
+    end = asyncio.run(go())
+    assert isinstance(end, P.End), end
+    return end
+
+
+@pytest.fixture()
+def strong_and_useless(tmp_path, monkeypatch):
+    monkeypatch.setenv("DWARFMESH_STATE", str(tmp_path))
+    out = [scripted_engine(), scripted_engine(variant=USELESS)]
+    yield out
+    for e in out:
+        e.shutdown(wait=True)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("leader", ["node0", "node1"])
+def test_auto_benches_a_useless_member_and_answers_as_the_strong_one(strong_and_useless,
+                                                                      leader):
+    """auto over two members is select; the useless member reads the prompt far worse
+    than the strong one, so it neither writes a candidate nor judges, whoever leads."""
+    net = Net(strong_and_useless)
+    ids = _ids(net)
+    s = _auto(net, "node1", session_led_by(ids[leader], list(ids.values()))).summary
+    assert s["mode"] == "select" and s["leader"] == leader
+    assert s["voted"] == ["node0"] and list(s["benched"]) == ["node1"]
+    assert s["strength_nll_per_byte"]["node1"] > 2 * s["strength_nll_per_byte"]["node0"]
+    assert s["text"] == SCRIPT_TEXT[:TOKENS]
+    assert s["select"]["chosen_by"] == ["node0"] and s["select"]["judges"] == ["node0"]
+    assert "".join(t.text for t in net.streamed()) == s["text"]
+
+
+@pytest.mark.timeout(30)
+def test_select_keeps_the_answer_every_judge_finds_likely(copies):
+    """Two copies of the script and one model that differs at one position read the
+    prompt equally well, so all three vote. The odd one's answer has a byte that the
+    copies find very unlikely; the script's answer is only a little less likely for the
+    odd one. The answer with the best worst judge is the script's."""
+    copies[2].backend.variant = ONE_QUIRK
+    net = Net(copies)
+    ids = _ids(net)
+    s = _auto(net, "node1", session_led_by(ids["node2"], list(ids.values())),
+              mode="select").summary
+    assert s["mode"] == "select" and s["leader"] == "node2"
+    assert sorted(s["voted"]) == ["node0", "node1", "node2"] and s["benched"] == {}
+    cands = s["select"]["candidates"]
+    assert sorted(map(sorted, (c["by"] for c in cands))) == [["node0", "node1"], ["node2"]]
+    assert sorted(s["select"]["judges"]) == ["node0", "node1", "node2"]
+    assert sorted(s["select"]["chosen_by"]) == ["node0", "node1"]
+    assert s["text"] == SCRIPT_TEXT[:TOKENS] and chr(QUIRK) not in s["text"]
+    odd = next(c for c in cands if c["by"] == ["node2"])
+    assert chr(QUIRK) not in s["text"] and odd["bytes"] == TOKENS
+    assert s["select"]["margin_nats_per_byte"] > 0
+    assert odd["worst_nll_per_byte"] > odd["nll_per_byte"]["node2"]

@@ -283,7 +283,8 @@ def _answer(engines, speculate: int, session: str = "s1", drop=None, kill=None,
 
     async def go() -> P.End:
         net.generate("node2", P.Generate(
-            session, PROMPT, GenParams(max_tokens=TOKENS, speculate=speculate, weights=weights,
+            session, PROMPT, GenParams(
+                mode="stream", max_tokens=TOKENS, speculate=speculate, weights=weights,
                                        drafter=drafter), [], session))
         return await asyncio.wait_for(net.end(90), 90)
 
@@ -360,7 +361,7 @@ def test_a_sampled_speculative_answer_is_seeded(engines3, drafter):
         net = Net(engines3)
 
         async def go() -> P.End:
-            net.generate("node2", P.Generate(session, PROMPT, GenParams(
+            net.generate("node2", P.Generate(session, PROMPT, GenParams(mode="stream",
                 max_tokens=TOKENS, speculate=speculate, temperature=1.5, seed=seed,
                 drafter=drafter), [], ""))
             return await asyncio.wait_for(net.end(90), 90)
@@ -511,7 +512,7 @@ def test_a_member_that_dies_or_diverges_mid_answer_is_left_out(engines3, fault, 
     session = session_led_by(ids["node0"], list(ids.values()))
 
     async def go() -> P.End:
-        net.generate("node1", P.Generate(session, PROMPT, GenParams(
+        net.generate("node1", P.Generate(session, PROMPT, GenParams(mode="stream",
             max_tokens=TOKENS, speculate=4, weights="equal", drafter=drafter), [], session))
         return await asyncio.wait_for(net.end(90), 90)
 

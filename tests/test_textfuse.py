@@ -152,13 +152,22 @@ def member(i: int, fp: str) -> Member:
 
 
 @pytest.mark.parametrize("mode, fps, kind, n", [
-    ("auto", "aaa", "fuse-ids", 3),       # one tokenizer: today's id path, unchanged
+    ("auto", "aaa", "select", 3),         # two members or more: whole answers, selected
+    ("auto", "aab", "select", 3),
+    ("auto", "a", "fuse-ids", 1),         # alone: the member itself, streamed
+    ("select", "a", "select", 1),
+    ("stream", "aaa", "fuse-ids", 3),     # one tokenizer: the id path
     ("fuse", "aaa", "fuse-ids", 3),
     ("rank", "aaa", "rank", 3),
-    ("auto", "aab", "rank", 3),           # mixed: everyone, ranked by text
+    ("stream", "aab", "rank", 3),         # mixed: everyone, ranked by text
     ("fuse", "aab", "fuse-text", 3),
     ("rank", "abc", "rank", 3),
 ])
 def test_plan_session(mode, fps, kind, n):
     plan = plan_session(GenParams(mode=mode), [member(i, fp) for i, fp in enumerate(fps)])
     assert plan.kind == kind and len(plan.group) == n and plan.excluded == []
+
+
+def test_auto_keeps_the_id_path_when_the_request_speculates():
+    plan = plan_session(GenParams(speculate=4), [member(i, "a") for i in range(2)])
+    assert plan.kind == "fuse-ids"

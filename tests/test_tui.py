@@ -167,7 +167,7 @@ def pick(address: str, history: list, candidates: list[str], max_tokens: int, wa
         async with MeshClient(address) as c:
             seen = []
             for q in candidates:
-                r = await c.generate("", GenParams(max_tokens=max_tokens), messages=[
+                r = await c.generate("", GenParams(mode="stream", max_tokens=max_tokens), messages=[
                     *history, {"role": "user", "content": q}])
                 whole = len(r.summary["members"]) == 2      # not a CPU-starved moment
                 if r.summary["finish_reason"] in want and r.text.strip() and whole:

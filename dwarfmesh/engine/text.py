@@ -30,12 +30,13 @@ from dwarfmesh.engine.kv import (
     common_prefix,
     top_k,
 )
-from dwarfmesh.fusion.textcut import complete_text, proposal_cut, utf8_len
+from dwarfmesh.fusion.textcut import complete_text, proposal_cut, stop_at, utf8_len
 
 if TYPE_CHECKING:
     from dwarfmesh.engine.worker import Engine
 
 UTF8_TAIL_TOKENS = 8    # tokens a proposal may run past its budget to finish a character
+SCORE_BATCH_TOKENS = 2048   # candidates x longest candidate scored in one padded batch
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,14 @@ class TextSessions:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        # Sessions whose answer is over (End, cancel) while a whole answer may still be
+        # being written: `propose` stops at its next token. Set from the event loop's
+        # thread (a set's add is atomic), read here on the engine's.
+        self.interrupted: set[str] = set()
+
+    def interrupt(self, session: str) -> None:
+        """Stop a whole answer that `session` is writing (select) at its next token."""
+        self.interrupted.add(session)
 
     @property
     def _tok(self) -> Any:
@@ -112,6 +121,7 @@ class TextSessions:
             eng._drop(session)
             s = eng._new_session(session)
         s.active, s.templated, s.text = True, templated, text
+        self.interrupted.discard(session)
         self._advance(s, self._encode(text, templated))
         return TextLogp(sum(s.token_logp), utf8_len(text), (time.perf_counter() - t0) * 1000.0)
 
@@ -172,9 +182,12 @@ class TextSessions:
         return self._tok.decode(ids, clean_up_tokenization_spaces=False)
 
     def propose(self, session: str, max_tokens: int, temperature: float = 0.0,
-                seed: list[int] | None = None) -> Proposed:
+                seed: list[int] | None = None, whole: bool = False,
+                stop: tuple[str, ...] | list[str] = ()) -> Proposed:
         """Generate up to max_tokens from the session's text, cut at a word or line
-        boundary (textcut.proposal_cut); the cache is trimmed back afterwards.
+        boundary (textcut.proposal_cut); the cache is trimmed back afterwards. With
+        `whole` (select mode), the whole answer instead: up to max_tokens, an end of
+        text or the first stop string (kept: the leader cuts there).
 
         A proposal holds at least one whole character (or ends the answer): when the
         budget ends inside one (byte tokens of a multi-byte character), generation runs
@@ -189,9 +202,11 @@ class TextSessions:
         context = s.tokens[-DECODE_CONTEXT:]
         base = self._tok.decode(context, clean_up_tokenization_spaces=False)
         rng = np.random.default_rng(seed or [0]) if temperature > 0 else None
-        logprobs, gen, fed, eos, text = s.logprobs, [], 0, False, ""
+        logprobs, gen, fed, eos, text, stopped = s.logprobs, [], 0, False, "", False
         try:
             while len(gen) < max_tokens + UTF8_TAIL_TOKENS:
+                if session in self.interrupted:
+                    break
                 if rng is None:
                     tok = int(np.argmax(logprobs))
                 else:
@@ -202,16 +217,23 @@ class TextSessions:
                     eos = True
                     break
                 gen.append(tok)
+                piece_at = len(text)
                 text = self._decode_tail(context, base, gen)
-                if proposal_cut(text, done=False) is not None or (
-                        len(gen) >= max_tokens and complete_text(text)):
+                if whole:       # (the leader cuts at the stop string: one rule, one place)
+                    if stop and stop_at(text, max(len(text) - piece_at, 1), stop) is not None:
+                        stopped = True
+                        break
+                elif proposal_cut(text, done=False) is not None:
+                    break
+                if len(gen) >= max_tokens and complete_text(text):
                     break
                 logprobs, _ = backend.forward(s.cache, [tok])
                 fed += 1
         finally:
             backend.trim(s.cache, fed)
-        text = complete_text(text) or text     # (nothing whole: keep the U+FFFD)
-        if not eos:
+        if not stopped:
+            text = complete_text(text) or text     # (nothing whole: keep the U+FFFD)
+        if not eos and not whole:
             text = text[:proposal_cut(text, done=True) or 0]
         return Proposed(text, eos, len(gen), (time.perf_counter() - t0) * 1000.0)
 
@@ -224,7 +246,11 @@ class TextSessions:
         commons = [common_prefix(s.tokens, f) for f in fulls]
         keep = max(min(commons) - 1, 0)
         rows = [f[keep:] for f in fulls]
-        scored = self.engine.backend.score(s.cache, len(s.tokens), keep, rows)
+        backend = self.engine.backend
+        if len(rows) * max(len(r) for r in rows) <= SCORE_BATCH_TOKENS:
+            scored = backend.score(s.cache, len(s.tokens), keep, rows)
+        else:       # whole answers (select): one row at a time keeps the logits small
+            scored = [backend.score(s.cache, len(s.tokens), keep, [r])[0] for r in rows]
         out = []
         for (got, last), full, common, ends in zip(scored, fulls, commons, eos):
             got = np.maximum(got.astype(np.float64), LOGP_FLOOR)

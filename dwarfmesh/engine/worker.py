@@ -433,8 +433,10 @@ class Engine:
         return await self._run(self.text_extend_sync, session, piece)
 
     async def propose(self, session: str, max_tokens: int, temperature: float = 0.0,
-                      seed: list[int] | None = None):
-        return await self._run(self.propose_sync, session, max_tokens, temperature, seed)
+                      seed: list[int] | None = None, whole: bool = False,
+                      stop: list[str] | tuple[str, ...] = ()):
+        return await self._run(self.propose_sync, session, max_tokens, temperature, seed,
+                               whole, stop)
 
     async def score(self, session: str, texts: list[str], eos: list[bool]) -> list[float]:
         return await self._run(self.score_sync, session, texts, eos)
@@ -452,8 +454,9 @@ class Engine:
         return self.text.tokens(session)
 
     def propose_sync(self, session: str, max_tokens: int, temperature: float = 0.0,
-                     seed: list[int] | None = None):
-        return self.text.propose(session, max_tokens, temperature, seed)
+                     seed: list[int] | None = None, whole: bool = False,
+                     stop: list[str] | tuple[str, ...] = ()):
+        return self.text.propose(session, max_tokens, temperature, seed, whole, stop)
 
     def score_sync(self, session: str, texts: list[str], eos: list[bool]) -> list[float]:
         return self.text.score(session, texts, eos)

@@ -8,7 +8,8 @@ and sessions spread evenly over the mesh.
 
 Same-vocabulary sessions fuse token ids, so only members whose tokenizer fingerprint
 matches can join one; `fusion_group` picks that group and says why others are left out.
-`plan_session` decides a session's path: id fusion, or (mixed tokenizers) a
+`plan_session` decides a session's path: whole answers selected by every member's
+likelihood (auto's choice with two members or more), id fusion, or (mixed tokenizers) a
 text-level rank or fuse session over every live member.
 
 Owns: pure state and pure decisions about peers and sessions' leaders. Does not: send
@@ -187,7 +188,7 @@ def fusion_group(members: list[Member]) -> tuple[list[Member], list[tuple[Member
     return group, left_out
 
 
-AUTO_MIXED_MODE = Mode.RANK    # what auto mode runs when members' tokenizers differ
+STREAM_MIXED_MODE = Mode.RANK   # what stream mode runs when members' tokenizers differ
 
 
 @dataclass(frozen=True)
@@ -199,13 +200,23 @@ class SessionPlan:
 
 
 def plan_session(params: GenParams, alive: list[Member]) -> SessionPlan:
-    """Which path a session takes, with whom, and why (pure)."""
+    """Which path a session takes, with whom, and why (pure).
+
+    auto: one member runs alone (ids, streamed); two or more write whole answers and the
+    most likely is kept (select: on HumanEval it is the mode that beats the best member,
+    see docs/bench.md), unless the request speculates, which only the id path does.
+    stream: ids fusion with one tokenizer, rank across tokenizers."""
     tokenizers = len({m.fingerprint for m in alive})
+    if params.mode == "select" or (params.mode == "auto" and len(alive) > 1
+                                   and not params.speculate):
+        why = "select requested" if params.mode == "select" else \
+            f"auto: {len(alive)} members write whole answers, the most likely is kept"
+        return SessionPlan(Mode.SELECT, list(alive), [], why)
     if params.mode == "rank":
         return SessionPlan(Mode.RANK, list(alive), [], "rank mode requested")
     if tokenizers <= 1:
         group, excluded = fusion_group(alive)
         return SessionPlan(Mode.IDS, group, excluded, "one tokenizer: fusing token ids")
-    kind = Mode.FUSE_TEXT if params.mode == "fuse" else AUTO_MIXED_MODE
+    kind = Mode.FUSE_TEXT if params.mode == "fuse" else STREAM_MIXED_MODE
     return SessionPlan(kind, list(alive), [],
                        f"{tokenizers} tokenizers among {len(alive)} members: {kind.value} by text")

@@ -47,8 +47,10 @@ from dwarfmesh.fusion.textcut import stop_at
 from dwarfmesh.sessions.deadlines import reply_bound, resend_interval
 from dwarfmesh.sessions.lead import Lead
 from dwarfmesh.sessions.round import Round, Trigger
+from dwarfmesh.sessions.select import Selecting
 from dwarfmesh.sessions.stats import text_summary
 from dwarfmesh.sessions.text_resume import TextFailover, TextResume
+from dwarfmesh.wire.bounds import PIECE_BYTES, TEXT_LOGP_SLACK
 from dwarfmesh.wire.modes import Mode
 from dwarfmesh.wire.protocol import (
     Candidates,
@@ -67,7 +69,7 @@ TRACE_STEPS = 32            # steps of per-member detail kept in the summary's "
 
 
 
-class TextLeaderSession(TextFailover, Lead):
+class TextLeaderSession(Selecting, TextFailover, Lead):
     """Runs one answer as leader of a text-level session over `members` (this node too)."""
 
     OWN_REPLY_LOCAL = False   # its own member answers through the node, like the others
@@ -106,7 +108,7 @@ class TextLeaderSession(TextFailover, Lead):
                 self._catch_up(msg)
             return
         problem = ("its text diverged" if msg.text_hash != self._hash
-                   else _malformed(msg, self._n_candidates))
+                   else _malformed(msg, self._n_candidates, self.kind))
         if problem:
             log.warning("session %s: %s: %s; leaving it out", self.session,
                         self.names.get(msg.sender), problem)
@@ -151,17 +153,20 @@ class TextLeaderSession(TextFailover, Lead):
             self._to_members(msg, origin_too=origin_too and only is None, only=only)
         return send
 
-    async def _gather(self, kind: type, step: int, send: Trigger,
-                      phase: str) -> dict[str, Any]:
-        """Expect `kind` replies for `step`, send what triggers them, and wait as a `Round`
-        does (silent members are dropped; with --step-deadline, late ones are counted)."""
+    async def _gather(self, kind: type, step: int, send: Trigger, phase: str,
+                      among: Callable[[], list[str]] | None = None,
+                      limit: float | None = None) -> dict[str, Any]:
+        """Expect `kind` replies for `step` (from every member, or those `among` returns),
+        send what triggers them, and wait as a `Round` does (silent members are dropped;
+        with --step-deadline, late ones are counted)."""
         t0 = time.perf_counter()
         self._want = (kind, step)
-        self._round = rnd = Round(self._ids, send, me=self.me.node_id)
+        self._round = rnd = Round(among or self._ids, send, me=self.me.node_id)
         rnd.open()
         first = step == 0 and kind is not Scores
-        limit = PREFILL_TIMEOUT_S if first else reply_bound(self._slowest_s,
-                                                            self.step_timeout_s)
+        if limit is None:
+            limit = PREFILL_TIMEOUT_S if first else reply_bound(self._slowest_s,
+                                                                self.step_timeout_s)
         outcome = await rnd.close(limit, OPEN_RESEND_S if first
                                   else resend_interval(self._slowest_s),
                                   None if first else self.step_deadline_s)
@@ -188,15 +193,17 @@ class TextLeaderSession(TextFailover, Lead):
         prompt, templated = self.engine.render_prompt(self.prompt, self.messages, p.chat)
         self.prompt_tokens = len(self.engine.tokenizer.encode(
             prompt, add_special_tokens=not templated))
+        budget = p.max_tokens if self.kind is Mode.SELECT else RANK_CHUNK_TOKENS
         open_msg = TextOpen(self.session, self.me.node_id, self.origin,
                             [m.node_id for m in self.members], p, self.keep,
                             self.kind.text_open, self.prompt,
-                            self.messages, RANK_CHUNK_TOKENS, self.term)
-        start = self._restore(RANK_CHUNK_TOKENS) if self.resume else 0
-        loop = self._rank if self.kind is Mode.RANK else self._fuse
+                            self.messages, budget, self.term)
+        start = self._restore(budget) if self.resume else 0
+        loop = {Mode.RANK: self._rank, Mode.SELECT: self._select}.get(self.kind, self._fuse)
         reason = await loop(self._send_resume() if self.resume
                             else self._trigger(open_msg), start)
         summary = text_summary(self, reason)
+        summary.extra.update(self.worth_summary())
         if self.resume:     # the first step this leader decided; adopted: see adopt()
             summary.extra.update(resumed_at_step=start + self.adopted,
                                  adopted_steps=self.adopted)
@@ -340,10 +347,17 @@ class TextLeaderSession(TextFailover, Lead):
                                       PERPLEXITY_TAU)
 
 
-def _malformed(msg: Any, n_candidates: int) -> str:
+def _malformed(msg: Any, n_candidates: int, kind: Mode) -> str:
     """Why a reply cannot be used in this round. What a message can say about itself
     (lengths, finite values, signs: a TextFrame's strings and log-probs) is checked when
     it is decoded (`wire.bounds`); this checks it against the round."""
     if isinstance(msg, Scores) and len(msg.nll) != n_candidates:
         return "scores for the wrong number of candidates"
+    if isinstance(msg, Scores) and not all(np.isfinite(v) and v >= -TEXT_LOGP_SLACK
+                                           for v in msg.nll):
+        # (re-encoding the text may gain a little; nothing gains more than the slack)
+        return "scores must be finite NLLs"
+    if isinstance(msg, Proposal) and kind is not Mode.SELECT and (
+            textfuse.utf8_len(msg.text) > PIECE_BYTES):
+        return "a proposal longer than a rank round's piece"
     return ""

@@ -5,7 +5,8 @@ raw prompt) plus the committed answer. The engine keeps the matching ids and KV 
 (`Engine.text_open` / `text_extend`: re-encode, trim to the common prefix, prefill the
 tail). Per message from the leader, in arrival order (one lock):
 
-- `TextOpen`: render and prefill the prompt, then answer for step 0;
+- `TextOpen`: render and prefill the prompt, then answer for step 0 (in select mode
+  the Proposal is the member's whole answer, written here without a round trip);
 - `Candidates` (rank): score every candidate in one batched forward -> `Scores`;
 - `Commit`: check the text hash, append the committed text, then answer for the next
   step: a `Proposal` (rank: a continuation up to a word or line boundary) or a
@@ -130,7 +131,7 @@ class TextMemberSession:
     async def commit(self, msg: Commit) -> None:
         async with self._lock:
             if not self.closed and msg.step == self.step - 1:
-                return self.again(Proposal if self.mode is Mode.RANK else TextFrame, self.step)
+                return self.again(Proposal if self.mode.proposes else TextFrame, self.step)
             if self.closed or msg.step != self.step:
                 return
             expected = textfuse.text_hash(self.hash, msg.text)
@@ -151,6 +152,7 @@ class TextMemberSession:
                 await self._answer(msg.propose_tokens, out.logp, None, out.forward_ms)
 
     async def end(self) -> None:
+        self.engine.text.interrupt(self.session)     # a whole answer being written: stop
         async with self._lock:
             await self._close(keep=self.keep)
 
@@ -195,14 +197,16 @@ class TextMemberSession:
         """What the leader wants for `self.step`: a Proposal (rank) or a TextFrame (fuse)."""
         p = self.params
         try:
-            if self.mode is Mode.RANK:
+            if self.mode.proposes:
                 # max_tokens counts each member's own tokens: the leader ends the answer
                 # when one member's count reaches it, whoever leads.
                 used = len(self.engine.tokenizer.encode(self.answer, add_special_tokens=False)
                            ) if self.answer else 0
                 budget = min(propose_tokens, p.max_tokens - used)
                 seed = [p.seed or 0, self.step, zlib.crc32(self.me.encode())]
-                out = (await self.engine.propose(self.session, budget, p.temperature, seed)
+                whole = self.mode is Mode.SELECT      # the whole answer at once
+                out = (await self.engine.propose(self.session, budget, p.temperature, seed,
+                                                 whole, p.stop if whole else ())
                        if budget > 0 else None)
                 msg: Any = Proposal(self.session, self.step, self.me, self.hash,
                                     out.text if out else "", out.eos if out else False, used,

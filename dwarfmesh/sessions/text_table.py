@@ -20,7 +20,6 @@ from dwarfmesh.sessions.member import leader_died
 from dwarfmesh.sessions.ports import NodePort, RolesPort
 from dwarfmesh.sessions.text_leader import TextLeaderSession
 from dwarfmesh.sessions.text_member import TextMemberSession
-from dwarfmesh.wire.modes import Mode
 from dwarfmesh.wire.protocol import (
     Attach,
     Candidates,
@@ -157,7 +156,7 @@ class TextTable:
         if current is not None and not current.closed:
             if (current.leader, current.term) == (msg.leader, msg.term):
                 current.last_heard = time.monotonic()
-                current.again(Proposal if current.mode is Mode.RANK else TextFrame, 0)
+                current.again(Proposal if current.mode.proposes else TextFrame, 0)
                 return
             if not outranks(msg.session, (msg.term, msg.leader),
                             (current.term, current.leader)):

@@ -99,7 +99,7 @@ async def _run_generate(args: argparse.Namespace) -> dict[str, Any]:
         sys.stderr.write(f"[{_pace(s)}, leader {s.get('leader')}, members "
                          f"{', '.join(s.get('members', []))}, disagreement "
                          f"{s.get('disagreement_rate', 0):.0%}, mode {s.get('mode')}"
-                         f"{_speculated(s)}]\n")
+                         f"{_speculated(s)}{_voted(s)}]\n")
     return result.summary
 
 
@@ -109,6 +109,17 @@ def _pace(summary: dict[str, Any]) -> str:
     if s.get("mode") == Mode.IDS.value:
         return f"{s.get('steps', 0)} tokens, {s.get('tokens_per_s', 0):.1f} tok/s"
     return f"{s.get('steps', 0)} rounds, {s.get('committed_bytes', 0)} bytes"
+
+
+def _voted(summary: dict[str, Any]) -> str:
+    """Who voted, who was benched (and why), whose answer select kept."""
+    if "voted" not in summary:
+        return ""
+    out = f", voted {', '.join(summary['voted'])}"
+    for name, why in (summary.get("benched") or {}).items():
+        out += f", benched {name} ({why})"
+    chosen = (summary.get("select") or {}).get("chosen_by")
+    return out + (f", kept the answer of {' and '.join(chosen)}" if chosen else "")
 
 
 def _speculated(summary: dict[str, Any]) -> str:

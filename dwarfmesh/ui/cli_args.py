@@ -129,9 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(g, max_tokens=128)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--mode", choices=REQUEST_MODES, default="auto",
-                   help="auto (default): fuse token ids when every member shares a tokenizer, "
-                        "else rank continuations; fuse: token-level fusion (by text across "
-                        "tokenizers); rank: rank whole continuations by the members' NLL")
+                   help="auto (default): with two members or more, select; alone, the member "
+                        "itself. select: every voting member writes its whole answer, every "
+                        "voter scores every answer, the most likely is kept (members far "
+                        "weaker on the prompt do not vote). stream: token by token, shown as "
+                        "it is written (token-id fusion with one tokenizer, else rank). fuse: "
+                        "token-level fusion (by text across tokenizers). rank: members' "
+                        "continuations ranked word by word by every member's NLL")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object with the result")
     _key_arg(g)

@@ -19,7 +19,7 @@ from typing import Any
 
 from dwarfmesh.config import MAX_DRAFT, MAX_NEW_TOKENS, MAX_PROMPT_TOKENS
 from dwarfmesh.ui.client import MeshError
-from dwarfmesh.wire.modes import DRAFTERS
+from dwarfmesh.wire.modes import DRAFTERS, REQUEST_MODES
 from dwarfmesh.wire.protocol import GenParams, ProtocolError
 
 ENSEMBLE_ID = "dwarfmesh"          # the model id that means "the whole mesh"
@@ -109,6 +109,14 @@ def _drafter(value: Any) -> str:
                    code="invalid_value")
 
 
+def _mode(value: Any) -> str:
+    """dwarfmesh's own request key: how the mesh answers (auto by default)."""
+    if value in REQUEST_MODES:
+        return value
+    raise ApiError(400, f"'mode' must be one of {', '.join(REQUEST_MODES)}", param="mode",
+                   code="invalid_value")
+
+
 def parse_request(body: Any, kind: str) -> GenRequest:
     """Validate an OpenAI chat/completions request body; raise ApiError (400) if wrong."""
     if not isinstance(body, dict):
@@ -128,7 +136,7 @@ def parse_request(body: Any, kind: str) -> GenRequest:
         top_p=_number(body, "top_p", float, 1.0, 1e-9, 1.0),
         seed=None if seed is None else seed % (1 << 63),
         stop=stop, speculate=_speculate(body.get("speculate", "off")),
-        drafter=_drafter(body.get("drafter", "auto")))
+        drafter=_drafter(body.get("drafter", "auto")), mode=_mode(body.get("mode", "auto")))
     try:
         params.check()                  # what the mesh itself will check on arrival
     except ProtocolError as exc:
@@ -234,8 +242,9 @@ def mesh_info(summary: dict[str, Any], conversation: str = "") -> dict[str, Any]
     keys = ("leader", "members", "models", "weights", "agreement", "disagreement_rate",
             "excluded", "prompt_tokens_reused", "ttft_ms", "tokens_per_s")
     info = {k: summary.get(k) for k in keys}
-    if "speculate" in summary:
-        info["speculate"] = summary["speculate"]
+    for extra in ("mode", "voted", "benched", "select", "speculate"):
+        if extra in summary:      # who voted, who was benched and why; select's verdict
+            info[extra] = summary[extra]
     if conversation:
         info["conversation"] = conversation
     return info

@@ -299,14 +299,18 @@ def weights_table(state: ChatState) -> RenderableType:
         return Text(f"weights: {state.params.weights} (no answer yet to show them)")
     table = Table(title=f"last answer: weights ({state.params.weights}) and agreement",
                   title_justify="left")
-    for col in ("member", "model", "weight", "own top = fused"):
+    for col in ("member", "model", "weight", "own top = fused", "vote"):
         table.add_column(col)
     models = s.get("models", {})
+    benched = s.get("benched") or {}
+    chosen = (s.get("select") or {}).get("chosen_by") or []
     for name in s.get("members", []):
         w = s.get("weights", {}).get(name)
         agree = s.get("agreement", {}).get(name)
+        vote = (f"benched: {benched[name]}" if name in benched
+                else "its answer kept" if name in chosen else "voted")
         table.add_row(name, models.get(name, ""), "–" if w is None else f"{w:.3f}",
-                      "–" if agree is None else f"{agree:.0%}")
+                      "–" if agree is None else f"{agree:.0%}", vote)
     return table
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from dwarfmesh.config import MAX_DRAFT, MAX_PROMPT_TOKENS
+from dwarfmesh.config import MAX_DRAFT, MAX_NEW_TOKENS, MAX_PROMPT_TOKENS
 from dwarfmesh.wire.messages import (
     Attach,
     Candidates,
@@ -62,14 +62,16 @@ MAX_WEIGHT = 1e6
 MAX_TURNS = 1024               # chat turns in one request
 ROLE_CHARS = 32
 MAX_PROPOSE_TOKENS = 64        # a rank proposal's token budget
-PIECE_BYTES = 512              # UTF-8 bytes of one proposal, candidate or committed piece
+PIECE_BYTES = 512              # UTF-8 bytes of one rank proposal or committed piece
+# select: a proposal, candidate or commit is a whole answer (at most MAX_NEW_TOKENS of
+# its writer's tokens; honest code runs at 3-5 bytes a token).
+ANSWER_BYTES = 8 * MAX_NEW_TOKENS
+# Everything one Candidates asks a member to score: a whole answer from each of a few
+# members. The engine scores rows longer than one small batch one at a time, so this
+# bounds work, not memory.
+SCORE_BYTES = 4 * ANSWER_BYTES
 TOPK_TEXT_BYTES = 256          # UTF-8 bytes of one string in a fuse-mode TextFrame
 MAX_CANDIDATES = 32
-# A member scores every candidate in one padded batch: its logits are
-# candidates x longest candidate x vocabulary floats. Bounding the padded size in bytes
-# (a UTF-8 byte is at most one token) bounds that batch; honest rounds are far below
-# (a few members, a word or a line each).
-CANDIDATE_BATCH_BYTES = 2048
 # A prompt sent as text (Start, Generate, TextOpen) is tokenized by the receiver: at most
 # this many characters (the HTTP API's limit too), and, where the receiver's context is
 # known, at most TEXT_BYTES_PER_TOKEN UTF-8 bytes per token of it (honest text runs at
@@ -226,12 +228,14 @@ def _token(msg: Token, limits: Limits) -> None:
 def _text_open(msg: TextOpen, limits: Limits) -> None:
     _text_prompt(msg, limits)
     _ids(msg.members, MAX_MEMBERS, "TextOpen.members")
-    if msg.mode not in TEXT_OPEN_MODES or not 1 <= msg.propose_tokens <= MAX_PROPOSE_TOKENS:
+    budget = MAX_NEW_TOKENS if msg.mode == "select" else MAX_PROPOSE_TOKENS
+    if msg.mode not in TEXT_OPEN_MODES or not 1 <= msg.propose_tokens <= budget:
         raise ProtocolError("TextOpen: mode or propose_tokens out of range")
 
 
 def _proposal(msg: Proposal, _limits: Limits) -> None:
-    if _utf8(msg.text) > PIECE_BYTES or msg.answer_tokens < 0:
+    # (a whole answer in select mode; the leader holds a rank proposal to PIECE_BYTES)
+    if _utf8(msg.text) > ANSWER_BYTES or msg.answer_tokens < 0:
         raise ProtocolError("Proposal: text too long or answer_tokens negative")
     _nll(msg.prompt_nll, "Proposal.prompt_nll")
 
@@ -240,7 +244,7 @@ def _candidates(msg: Candidates, _limits: Limits) -> None:
     sizes = [_utf8(t) for t in msg.texts]
     if not sizes or len(sizes) > MAX_CANDIDATES or len(msg.eos) != len(sizes):
         raise ProtocolError(f"Candidates: 1 to {MAX_CANDIDATES}, with one eos flag each")
-    if max(sizes) > PIECE_BYTES or len(sizes) * max(sizes) > CANDIDATE_BATCH_BYTES:
+    if max(sizes) > ANSWER_BYTES or sum(sizes) > SCORE_BYTES:
         raise ProtocolError("Candidates: too many bytes to score")
 
 
@@ -265,7 +269,7 @@ def _text_frame(msg: TextFrame, _limits: Limits) -> None:
 
 
 def _commit(msg: Commit, _limits: Limits) -> None:
-    if _utf8(msg.text) > PIECE_BYTES or not 0 <= msg.propose_tokens <= MAX_PROPOSE_TOKENS:
+    if _utf8(msg.text) > ANSWER_BYTES or not 0 <= msg.propose_tokens <= MAX_NEW_TOKENS:
         raise ProtocolError("Commit: text too long or propose_tokens out of range")
 
 
