@@ -80,9 +80,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "%(default)s)")
     p.add_argument("--fuse", choices=["linear", "loglinear"], default="linear",
                    help="the pool `ensemble.bpb` and the speed run use (default %(default)s)")
-    p.add_argument("--modes", nargs="+", choices=["auto", "fuse", "rank"], default=None,
-                   help="session modes the ensemble is timed in (default: auto, i.e. id-level "
-                        "fusion, for one tokenizer; rank and fuse for mixed tokenizers)")
+    p.add_argument("--modes", nargs="+", choices=["auto", "stream", "fuse", "rank", "select"],
+                   default=None,
+                   help="session modes the ensemble is timed in (default: stream, i.e. "
+                        "id-level fusion, for one tokenizer; rank and fuse for mixed "
+                        "tokenizers)")
     p.add_argument("--speed-tokens", type=int, default=None,
                    help=f"greedy tokens per speed run (default {FULL['speed_tokens']}, "
                         f"--quick {QUICK['speed_tokens']})")
@@ -182,9 +184,8 @@ def run(args: argparse.Namespace, console) -> dict:
         # float32 on the CPU: the bytes of weights each decode step reads
         result["config"]["parameters"] = result["quality"].pop("parameters")
     if not args.skip_speed:
-        params = GenParams(
-            mode="stream", max_tokens=args.speed_tokens, top_k=args.k, weights=args.weights,
-                           fuse=args.fuse)
+        params = GenParams(mode="stream", max_tokens=args.speed_tokens, top_k=args.k,
+                           weights=args.weights, fuse=args.fuse)
         prompt = docs[0].prompt
         sp: dict = {"max_tokens": args.speed_tokens, "top_k": args.k,
                     "weights": args.weights, "fuse": args.fuse, "single": {}}
@@ -193,7 +194,7 @@ def run(args: argparse.Namespace, console) -> dict:
         # node logs: git-ignored whatever --json says, one directory per run
         work = OUT_DIR / "nodes" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         sp["node_logs"] = str(work)
-        modes = args.modes or (["rank", "fuse"] if _mixed(result, paths) else ["auto"])
+        modes = args.modes or (["rank", "fuse"] if _mixed(result, paths) else ["stream"])
         sp["modes"] = {}
         try:
             for mode in modes if len(paths) > 1 else []:

@@ -6,7 +6,8 @@ this process only asks and records when each piece arrived):
 
     {"op": "peers", "address": A} -> {"op": "peers", "nodes": [...]} or {"error": ...}
     {"op": "generate", "address" (or "addresses": every node, the first tried first),
-     "session", "prompt", "tokens", "fault_after", "mode" (default auto),
+     "session", "prompt", "tokens", "fault_after", "mode" (default stream: the
+     step-by-step path, exact token by token across a failover),
      "timeout" (default 60 s)} ->
         {"event": "sent", "at": T}  just before the request leaves,
         {"event": "fault", "at": T} once `fault_after` pieces streamed (0: never),
@@ -56,7 +57,8 @@ async def generate(req: dict[str, Any], pieces: list[str], times: list[float]) -
         if len(pieces) == req["fault_after"]:
             emit({"event": "fault", "at": times[-1]})
 
-    params = GenParams(max_tokens=req["tokens"], weights="equal", mode=req.get("mode", "auto"))
+    params = GenParams(max_tokens=req["tokens"], weights="equal",
+                       mode=req.get("mode", "stream"))
     async with MeshClient(req.get("addresses") or req["address"]) as c:
         emit({"event": "sent", "at": time.monotonic()})
         return await asyncio.wait_for(

@@ -45,7 +45,7 @@ class TrialContext:
     @classmethod
     def warm_up(cls, sk: str, mesh: FaultMesh, model: str, args: Any, runs: int,
                 err: Any) -> TrialContext:
-        ctx = cls(sk, mesh, args, PROMPTS[0], ["auto"] if sk == "id" else ["rank", "fuse"])
+        ctx = cls(sk, mesh, args, PROMPTS[0], ["stream"] if sk == "id" else ["rank", "fuse"])
         if sk == "id":
             ctx._id_reference(model)
         for mode in ctx.modes:
@@ -95,7 +95,7 @@ class TrialContext:
             if best is None or key < best[0]:
                 best = (key, prompt, ids, "".join(segments))
         _key, self.prompt, self.ref_ids, text = best
-        self.ref_text["auto"] = text
+        self.ref_text["stream"] = text
         self.eos = set(int(i) for i in tok.eos_token_ids)
 
     @property
@@ -103,7 +103,7 @@ class TrialContext:
         return self.args.tokens if self.sk == "id" else self.args.text_tokens
 
     def text_of_reference(self) -> str:
-        return self.ref_text.get("auto", "")
+        return self.ref_text.get("stream", "")
 
     def request(self, session: str, mode: str, fault_after: int) -> dict[str, Any]:
         return {"session": session, "prompt": self.prompt, "tokens": self.tokens,

@@ -11,7 +11,8 @@ member's forward, plus fusion), the same with one node, and rank mode's ms per c
 byte. Every run's figures are in the JSON too: the spread between rounds is the noise.
 
 Arguments after `--` go to ensemble_vs_single.py instead of the default (two copies of
-Qwen2.5-Coder-0.5B, `--modes auto rank`, 64 tokens, no quality run, no llama.cpp peer).
+Qwen2.5-Coder-0.5B, `--modes fuse rank`: fuse is the id path for one tokenizer in every
+version; 64 tokens, no quality run, no llama.cpp peer).
 Owns the alternation and the comparison; measures nothing itself.
 """
 
@@ -28,7 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ARGS = ["--skip-quality", "--skip-llama-cpp", "--models", "qwen2.5-coder-0.5b",
-                "qwen2.5-coder-0.5b", "--modes", "auto", "rank", "--speed-tokens", "64"]
+                "qwen2.5-coder-0.5b", "--modes", "fuse", "rank", "--speed-tokens", "64"]
 
 
 def figures(result: dict) -> dict[str, float | None]:

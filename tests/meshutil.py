@@ -95,8 +95,13 @@ def mesh(models: list, cache: Path, extra=()):
         stop(procs)
 
 
-def generate_cli(address: str, prompt: str, *args: str, cache: Path, timeout=300) -> dict:
-    """Run `dwarfmesh generate --json` as a user would; return the parsed JSON."""
+def generate_cli(address: str, prompt: str, *args: str, cache: Path, timeout=300,
+                 mode: str = "stream") -> dict:
+    """Run `dwarfmesh generate --json` as a user would; return the parsed JSON. `mode`
+    (unless `args` names one): stream, the step-by-step path most tests are about; the
+    tests of the default pass "auto"."""
+    if "--mode" not in args:
+        args = (*args, "--mode", mode)
     out = subprocess.run(
         [sys.executable, "-m", "dwarfmesh", "generate", "--connect", address, "--prompt", prompt,
          "--json", *args], env=node_env(cache), capture_output=True, text=True, timeout=timeout,

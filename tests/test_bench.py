@@ -103,7 +103,7 @@ def test_bench_runs_end_to_end_and_its_figures_hold(tiny_models, tmp_path):
     f = same_run.figures(r)
     assert f["mesh_overhead_ms_per_token"] == d["mesh_overhead_ms_per_token"]
     assert f["single_node_overhead_ms_per_token"] == d["single_node_overhead_ms_per_token"]
-    assert f["auto_step_p50_ms"] == sp["modes"]["auto"]["timing_ms"]["step_p50"] > 0
+    assert f["stream_step_p50_ms"] == sp["modes"]["stream"]["timing_ms"]["step_p50"] > 0
 
 
 @pytest.mark.timeout(120)

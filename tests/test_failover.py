@@ -544,7 +544,7 @@ def test_an_origin_never_ends_a_stream_with_a_hole(engines, reference, lost):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("mode", ["auto", "rank"])      # an id session; a text session
+@pytest.mark.parametrize("mode", ["stream", "rank"])    # an id session; a text session
 def test_a_member_cut_off_with_a_minority_keeps_its_session_until_the_sweep(
         engines, mode, monkeypatch):
     """One rule for id and text sessions: the leader and another member die together;
@@ -568,7 +568,7 @@ def test_a_member_cut_off_with_a_minority_keeps_its_session_until_the_sweep(
 
     net.drop = drop
     node2 = net.node("node2")
-    tables = node2.roles.member_of if mode == "auto" else node2.roles.text.members
+    tables = node2.roles.member_of if mode == "stream" else node2.roles.text.members
 
     async def go() -> tuple[bool, bool, bool]:
         net.generate("node0", P.Generate(session, PROMPT, GenParams(

@@ -53,7 +53,8 @@ def test_three_hosts_find_each_other_by_mdns_and_generate(bridged_netns_factory,
                               stdin=None, stdout=log, stderr=log, env=env))
     nodes = wait_nodes(hosts[0], 3, env)
     assert sorted(n["address"] for n in nodes) == sorted(f"{h.address}:5757" for h in hosts)
-    out = cli(hosts[1], "generate", "--prompt", PROMPT, "--max-tokens", "8", "--json", env=env)
+    out = cli(hosts[1], "generate", "--prompt", PROMPT, "--max-tokens", "8", "--json",
+              "--mode", "stream", env=env)
     assert sorted(out["members"]) == ["host0", "host1", "host2"]
     assert out["steps"] == 8
     procs[2].send_signal(signal.SIGTERM)              # a clean stop sends an mDNS goodbye

@@ -83,7 +83,7 @@ def test_text_messages_round_trip_the_codec():
             got = getattr(back, name)
             assert (np.array_equal(got, value) if isinstance(value, np.ndarray)
                     else got == value), name
-    assert GenParams(mode="stream").mode == "auto"
+    assert GenParams().mode == "auto"
     with pytest.raises(P.ProtocolError, match="unknown mode"):   # refused on arrival
         P.decode(P.encode(P.Generate("r", "p", GenParams(mode="vote"), [], "")))
 
@@ -215,7 +215,7 @@ def test_rank_mode_commits_a_proposal_per_round_scored_exactly(mixed_mesh, direc
 
 
 @pytest.mark.timeout(300)
-def test_auto_mode_with_mixed_tokenizers_ranks_the_same_whoever_leads(mixed_mesh):
+def test_stream_mode_with_mixed_tokenizers_ranks_the_same_whoever_leads(mixed_mesh):
     addrs, _cache = mixed_mesh
     ids = {n["name"]: n["node_id"] for n in peers_of(addrs[2])}
 
@@ -294,11 +294,11 @@ def test_a_text_session_stops_at_the_earliest_stop_string_as_an_id_session_does(
     assert out["text"] == text[:text.find(early)]
 
 
-# --- one tokenizer: auto is today's id path --------------------------------------------------
+# --- one tokenizer: stream is the id path ------------------------------------------------------
 
 
 @pytest.mark.timeout(300)
-def test_same_tokenizer_auto_mode_takes_the_id_path_unchanged(tiny_ggufs_shared, tmp_path):
+def test_same_tokenizer_stream_mode_takes_the_id_path_unchanged(tiny_ggufs_shared, tmp_path):
     from dwarfmesh.engine.choose import make_engine
 
     k, n = 16, 12

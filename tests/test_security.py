@@ -85,8 +85,9 @@ def test_only_holders_of_the_key_join_and_strangers_are_counted(tiny_ggufs_share
             peers_with(a0, None)                       # a client without the key
         out = subprocess.run([sys.executable, "-m", "dwarfmesh", "generate", "--connect", a1,
                               "--prompt", PROMPT, "--max-tokens", "6", "--json",
-                              "--mesh-key", str(key_file)], capture_output=True, text=True,
-                             timeout=120, env=node_env(tmp_path), cwd=ROOT)
+                              "--mode", "stream", "--mesh-key", str(key_file)],
+                             capture_output=True, text=True, timeout=120,
+                             env=node_env(tmp_path), cwd=ROOT)
         assert out.returncode == 0, out.stderr
         assert '"steps": 6' in out.stdout and '"stranger"' not in out.stdout
     finally:

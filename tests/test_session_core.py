@@ -343,3 +343,40 @@ def test_select_keeps_the_answer_every_judge_finds_likely(copies):
     assert chr(QUIRK) not in s["text"] and odd["bytes"] == TOKENS
     assert s["select"]["margin_nats_per_byte"] > 0
     assert odd["worst_nll_per_byte"] > odd["nll_per_byte"]["node2"]
+
+
+@pytest.mark.timeout(30)
+def test_a_cancelled_select_answer_stops_its_writers(copies):
+    """A client that cancels while the members write their whole answers gets its End at
+    once, and the members stop writing (the End interrupts the engine's loop): the next
+    answer is not queued behind the rest of the cancelled one."""
+    slow_from = len(PROMPT) + 4
+    for e in copies:
+        for pos in range(slow_from, slow_from + TOKENS):
+            e.backend.delay(pos, 0.1)            # a whole answer takes 4 s per member
+    net = Net(copies)
+    ids = _ids(net)
+    session = session_led_by(ids["node0"], list(ids.values()))
+
+    async def go() -> tuple[P.End, float, P.End, float]:
+        net.generate("node1", P.Generate(session, PROMPT, GenParams(
+            max_tokens=TOKENS, mode="select"), [], session))
+        await asyncio.sleep(0.3)
+        t0 = time.perf_counter()
+        net.node("node1")._dispatch(P.Cancel(session), Origin("router", CLIENT, "127.0.0.1",
+                                                              None, 100))
+        first = await asyncio.wait_for(net.end(FAST_S), FAST_S)
+        cancelled_s = time.perf_counter() - t0
+        net.client.clear()
+        t1 = time.perf_counter()
+        net.generate("node1", P.Generate("again", PROMPT, GenParams(
+            max_tokens=3, mode="select"), [], "again"))
+        second = await asyncio.wait_for(net.end(FAST_S), FAST_S)
+        return first, cancelled_s, second, time.perf_counter() - t1
+
+    first, cancelled_s, second, again_s = asyncio.run(go())
+    assert isinstance(first, P.End) and first.reason == "cancelled"
+    assert cancelled_s < 1.0
+    assert isinstance(second, P.End) and second.reason == "length"
+    assert second.summary["text"] == SCRIPT_TEXT[:3]
+    assert again_s < 2.0                      # not behind 3+ s of a cancelled answer

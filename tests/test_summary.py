@@ -46,11 +46,13 @@ def _answer(engines, mode: str) -> dict:
 
 @pytest.mark.timeout(120)
 def test_id_and_text_sessions_end_with_the_same_summary_keys(engines):
-    ids, text = _answer(engines, "auto"), _answer(engines, "rank")
+    ids, text = _answer(engines, "stream"), _answer(engines, "rank")
+    sel = _answer(engines, "select")
     assert ids["mode"] == Mode.IDS.value and text["mode"] == Mode.RANK.value
+    assert sel["mode"] == Mode.SELECT.value and sel["voted"] and "select" in sel
     common = {f for f in SessionSummary.__dataclass_fields__ if f != "extra"} | {
         "wire_bytes_per_token", "wire_bytes_per_byte"}
-    assert common <= set(ids) and common <= set(text)
+    assert common <= set(ids) and common <= set(text) and common <= set(sel)
     for key in common:
         assert type(ids[key]) is type(text[key]) or {type(ids[key]), type(text[key])} <= {
             int, float}, key

@@ -191,7 +191,7 @@ def test_chat_in_a_terminal(tiny_ggufs_shared, tmp_path):
     max_tokens, port = 600, free_port()
     env = {**node_env(tmp_path), "DWARFMESH_CACHE": str(tmp_path / "cache")}
     term = Tmux([sys.executable, "-m", "dwarfmesh", "chat", "--connect", f"127.0.0.1:{port}",
-                 "--max-tokens", str(max_tokens)], ROOT, env)
+                 "--max-tokens", str(max_tokens), "--mode", "stream"], ROOT, env)
     procs = []
     try:
         # No node yet: the chat says so and keeps trying.

@@ -36,10 +36,10 @@ def smollm2_gguf():
 @pytest.mark.timeout(600)
 def test_a_useless_member_changes_nothing(smollm2_gguf, mixed_ggufs, tmp_path):
     with mesh(["smollm2-135m"], tmp_path) as (addrs, _procs):
-        alone = [generate_cli(addrs[0], p, "--max-tokens", TOKENS, cache=tmp_path)
+        alone = [generate_cli(addrs[0], p, "--max-tokens", TOKENS, cache=tmp_path, mode="auto")
                  for p in PROMPTS]
     with mesh(["smollm2-135m", str(mixed_ggufs[1])], tmp_path) as (addrs, _procs):
-        pair = [generate_cli(addrs[1], p, "--max-tokens", TOKENS, cache=tmp_path)
+        pair = [generate_cli(addrs[1], p, "--max-tokens", TOKENS, cache=tmp_path, mode="auto")
                 for p in PROMPTS]
     for prompt, one, two in zip(PROMPTS, alone, pair):
         assert one["mode"] == "fuse-ids" and one["members"] == ["node0"]

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from dwarfmesh.config import (
+    MAX_PROMPT_TOKENS,
     OPEN_RESEND_S,
     PERPLEXITY_TAU,
     PREFILL_TIMEOUT_S,
@@ -46,6 +47,7 @@ from dwarfmesh.fusion import text as textfuse
 from dwarfmesh.fusion.textcut import stop_at
 from dwarfmesh.sessions.deadlines import reply_bound, resend_interval
 from dwarfmesh.sessions.lead import Lead
+from dwarfmesh.sessions.leader import PromptTooLong
 from dwarfmesh.sessions.round import Round, Trigger
 from dwarfmesh.sessions.select import Selecting
 from dwarfmesh.sessions.stats import text_summary
@@ -193,6 +195,10 @@ class TextLeaderSession(Selecting, TextFailover, Lead):
         prompt, templated = self.engine.render_prompt(self.prompt, self.messages, p.chat)
         self.prompt_tokens = len(self.engine.tokenizer.encode(
             prompt, add_special_tokens=not templated))
+        limit = min(MAX_PROMPT_TOKENS, self.engine.context_length or MAX_PROMPT_TOKENS)
+        if self.prompt_tokens + 1 > limit:
+            raise PromptTooLong(f"prompt too long: {self.prompt_tokens} tokens, this mesh "
+                                f"takes at most {limit - 1}")
         budget = p.max_tokens if self.kind is Mode.SELECT else RANK_CHUNK_TOKENS
         open_msg = TextOpen(self.session, self.me.node_id, self.origin,
                             [m.node_id for m in self.members], p, self.keep,

@@ -16,6 +16,7 @@ import time
 
 from dwarfmesh.mesh.membership import SessionPlan, outranks
 from dwarfmesh.sessions.deadlines import MEMBER_IDLE_S
+from dwarfmesh.sessions.leader import PromptTooLong
 from dwarfmesh.sessions.member import leader_died
 from dwarfmesh.sessions.ports import NodePort, RolesPort
 from dwarfmesh.sessions.text_leader import TextLeaderSession
@@ -63,7 +64,10 @@ class TextTable:
         try:
             await leader.run()
         except Exception as exc:  # noqa: BLE001 - report any failure to the client, then log it
-            log.exception("session %s failed", session)
+            if isinstance(exc, PromptTooLong):
+                log.warning("session %s: %s", session, exc)
+            else:
+                log.exception("session %s failed", session)
             leader._to_members(End(session, f"error: {exc}", {}, leader.term), origin_too=True,
                                dropped_too=True)
         finally:

@@ -128,14 +128,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True, help="the prompt text")
     _sampling_args(g, max_tokens=128)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    g.add_argument("--mode", choices=REQUEST_MODES, default="auto",
-                   help="auto (default): with two members or more, select; alone, the member "
-                        "itself. select: every voting member writes its whole answer, every "
-                        "voter scores every answer, the most likely is kept (members far "
-                        "weaker on the prompt do not vote). stream: token by token, shown as "
-                        "it is written (token-id fusion with one tokenizer, else rank). fuse: "
-                        "token-level fusion (by text across tokenizers). rank: members' "
-                        "continuations ranked word by word by every member's NLL")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object with the result")
     _key_arg(g)
@@ -150,8 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--force", action="store_true", help="replace an existing key file")
 
     c = sub.add_parser("chat", help="chat with the mesh in the terminal",
-                       description="Interactive chat: answers stream token by token, a panel "
-                                   "shows the mesh. Type /help inside for the commands.")
+                       description="Interactive chat: a panel shows the mesh; with two "
+                                   "members or more the default mode (auto) shows each answer "
+                                   "once the members' answers are written and one is kept; "
+                                   "--mode stream shows it token by token. Type /help inside "
+                                   "for the commands.")
     c.add_argument("--connect", type=_address, metavar="HOST:PORT",
                    help="talk to this node (default: find one by mDNS)")
     _sampling_args(c, max_tokens=512)
@@ -197,6 +192,14 @@ def _sampling_args(parser: argparse.ArgumentParser, *, max_tokens: int) -> None:
                         "by prompt lookup, which every member checks in one forward, and commit "
                         "as many as the fused choice agrees with; the same tokens as without "
                         "it. auto adapts N to what is accepted. Default off")
+    parser.add_argument("--mode", choices=REQUEST_MODES, default="auto",
+                   help="auto (default): with two members or more, select; alone, the member "
+                        "itself. select: every voting member writes its whole answer, every "
+                        "voter scores every answer, the most likely is kept (members far "
+                        "weaker on the prompt do not vote). stream: token by token, shown as "
+                        "it is written (token-id fusion with one tokenizer, else rank). fuse: "
+                        "token-level fusion (by text across tokenizers). rank: members' "
+                        "continuations ranked word by word by every member's NLL")
     parser.add_argument("--drafter", choices=list(DRAFTERS), default="auto",
                         help="who drafts speculative rounds: lookup (prompt lookup, free), "
                         "member (the fastest member, greedily from its own model: a round "

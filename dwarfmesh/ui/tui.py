@@ -61,7 +61,7 @@ class ChatApp:
         params = GenParams(max_tokens=args.max_tokens, temperature=args.temperature,
                            top_p=args.top_p, seed=args.seed, top_k=args.top_k, fuse=args.fuse,
                            weights=args.weights, speculate=args.speculate,
-                           drafter=args.drafter)
+                           drafter=args.drafter, mode=args.mode)
         self.state = R.ChatState(new_conversation(), params, address=args.connect or "",
                                  system=args.system)
 
