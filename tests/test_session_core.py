@@ -380,3 +380,14 @@ def test_a_cancelled_select_answer_stops_its_writers(copies):
     assert isinstance(second, P.End) and second.reason == "length"
     assert second.summary["text"] == SCRIPT_TEXT[:3]
     assert again_s < 2.0                      # not behind 3+ s of a cancelled answer
+
+
+@pytest.mark.timeout(30)
+def test_a_select_answer_that_is_all_stop_string_is_empty(copies):
+    """Every member writes the script, which a stop string cuts at once: the answer is
+    empty and ends with reason stop (no candidate is left to judge)."""
+    net = Net(copies)
+    ids = _ids(net)
+    end = _auto(net, "node1", session_led_by(ids["node0"], list(ids.values())),
+                mode="select", stop=[SCRIPT_TEXT[:6]])
+    assert end.reason == "stop" and end.summary["text"] == ""

@@ -77,6 +77,10 @@ class Selecting:
         answers = [(t if c is None else t[:c], e and c is None)
                    for (t, e), c in zip(answers, cut)]
         cands, index = textfuse.unique_candidates(answers)
+        if not cands:          # every answer was a stop string at once: the answer is empty
+            commit, _ = self._commit(start, "", False, steps_left=0)
+            self._to_members(commit, origin_too=True)
+            return "stop"
         judges = voters
         nll = np.zeros((0, len(cands)))
         if len(cands) > 1:
