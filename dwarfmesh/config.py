@@ -37,7 +37,7 @@ FAILOVER_GRACE_S = 10.0         # an origin waits this long for a new leader aft
 CLIENT_TIMEOUT_S = 900.0        # a client waits this long for the whole answer
 MESH_SETTLE_S = 3.0             # `generate` without --connect browses mDNS this long
 
-# Online weights (Bayesian mixture with fixed share; ../shared/notes/EVAL.md)
+# Online weights (Bayesian mixture with fixed share; README, "What it is worth")
 ONLINE_ETA = 0.5                # learning rate on log p(token)
 ONLINE_ALPHA = 0.05             # share of uniform mixed back in after each token
 PERPLEXITY_TAU = 1.0            # temperature of PackLLM weights softmax(-NLL/tau)

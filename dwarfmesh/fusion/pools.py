@@ -172,7 +172,8 @@ class OnlineWeights:
 
     After each committed token t: w_i <- w_i * p_i(t)^eta, normalise; then
     w <- (1 - alpha) * w + alpha / N, so a member that was bad for one passage can win
-    the next one back quickly (../shared/notes/EVAL.md: this is what beat the best member).
+    the next one back quickly (on held-out text this is what beat the best member: README,
+    "What it is worth").
     """
 
     def __init__(self, prior: np.ndarray, *, eta: float, alpha: float) -> None:
