@@ -371,6 +371,7 @@ class Engine:
 
     def close_sync(self, session: str, keep: bool = False) -> None:
         """End a session's turn: free its cache, or keep it (idle) for the next turn."""
+        self.text.interrupted.discard(session)      # its whole answer, if any, is over
         s = self._sessions.get(session)
         if s is None:
             return

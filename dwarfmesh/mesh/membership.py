@@ -204,7 +204,7 @@ def plan_session(params: GenParams, alive: list[Member]) -> SessionPlan:
 
     auto: one member runs alone (ids, streamed); two or more write whole answers and the
     most likely is kept (select: on HumanEval it is the mode that beats the best member,
-    see docs/bench.md), unless the request speculates, which only the id path does.
+    see docs/worth.md), unless the request speculates, which only the id path does.
     stream: ids fusion with one tokenizer, rank across tokenizers."""
     tokenizers = len({m.fingerprint for m in alive})
     if params.mode == "select" or (params.mode == "auto" and len(alive) > 1
